@@ -1,0 +1,187 @@
+"""Command line: the only place that prints results and maps errors to exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from builder import __version__
+from builder.errors import ApplianceError, InputError
+from builder.keys import State
+from builder.progress import Progress
+from builder.site import Site, load_site
+
+Handler = Callable[[argparse.Namespace], int]
+COMMANDS: dict[str, Handler] = {}
+
+
+def _site_and_state(args: argparse.Namespace) -> tuple[Site, State]:
+    site = load_site(args.site)
+    return site, State.for_site(site, args.state)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    site = load_site(args.site)
+    kinds = sum(1 for p in site.peers if p.is_site)
+    print(f"{args.site}: ok: appliance {site.name}, {len(site.peers)} peers "
+          f"({len(site.peers) - kinds} road warriors, {kinds} site-to-site), {site.wireguard.mode} mode")
+    return 0
+
+
+def write_files(out: Path, files: dict[str, bytes], secret: set[str]) -> list[str]:
+    """Write what changed (atomically, secrets 0600 from the start); return changed names."""
+    out.mkdir(parents=True, exist_ok=True)
+    changed = []
+    for name, data in files.items():
+        path = out / name
+        mode = 0o600 if name in secret else 0o644
+        if path.exists() and path.read_bytes() == data and (path.stat().st_mode & 0o777) == mode:
+            continue
+        tmp = out / f".{name}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+        changed.append(name)
+    return changed
+
+
+def render_to(site: Site, state: State, out: Path) -> tuple[list[str], str]:
+    """Render the seed into `out`; returns (changed file names, seed digest)."""
+    from builder.render import render_seed, seed_digest
+    from builder.seediso import make_iso
+
+    keys = state.keys_for(site)
+    seed = render_seed(site, keys)
+    files = {name: text.encode() for name, text in seed.items()}
+    files["seed.iso"] = make_iso(seed)
+    changed = write_files(out, files, secret={"user-data", "seed.iso"})
+    return changed, seed_digest(seed)
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    site, state = _site_and_state(args)
+    out = Path(args.out) if args.out else state.path / "seed"
+    changed, digest = render_to(site, state, out)
+    result = {"out": str(out), "changed": changed, "seed_digest": digest,
+              "files": ["user-data", "meta-data", "network-config", "seed.iso"]}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        what = ", ".join(changed) if changed else "nothing changed"
+        print(f"rendered {site.name} into {out}/ ({what})")
+        print(f"next: wg-appliance deploy --site {args.site}")
+    return 0
+
+
+def cmd_peer_config(args: argparse.Namespace) -> int:
+    from builder.render import render_peer_config
+
+    site, state = _site_and_state(args)
+    peer = site.peer(args.name)
+    keys = state.keys_for(site)
+    text = render_peer_config(site, keys, peer, full_tunnel=args.full_tunnel)
+    sys.stdout.write(text)
+    if args.qr:
+        import segno
+
+        qr = segno.make(text, error="l")
+        if args.qr == "-":
+            qr.terminal(out=sys.stdout, compact=True)
+        else:
+            qr_path = Path(args.qr)
+            fd = os.open(qr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                qr.save(f, kind="png", scale=6)
+            print(f"# QR code written to {qr_path} (it holds the private key: keep it private)",
+                  file=sys.stderr)
+    return 0
+
+
+def cmd_image(args: argparse.Namespace) -> int:
+    from builder.image import build_image, default_cache_dir
+
+    progress = Progress(quiet=args.quiet)
+    image = build_image(
+        out=Path(args.out) if args.out else None,
+        cache=Path(args.cache) if args.cache else default_cache_dir(),
+        mirror=args.mirror,
+        progress=progress,
+        force=args.force,
+    )
+    info = {"path": str(image.path), "manifest": str(image.manifest_path),
+            "digest": image.digest, "sha256": image.sha256, "size": image.size}
+    if args.json:
+        print(json.dumps(info))
+    else:
+        print(f"image {image.path} ({image.size / 1e6:.1f} MB, recipe {image.digest[:12]})")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="wg-appliance",
+        description="A WireGuard gateway VM appliance for IPFire and other libvirt hosts, "
+        "from one site file.",
+        epilog="example: wg-appliance check --site site.toml",
+    )
+    p.add_argument("--version", action="version", version=f"wg-appliance {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, example: str, handler: Handler,
+                site: bool = True) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help,
+                            epilog=f"example: {example}",
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        if site:
+            sp.add_argument("--site", required=True, metavar="FILE", help="the site file (TOML)")
+            sp.add_argument("--state", metavar="DIR",
+                            help="state dir with keys (default: .wg-appliance/NAME beside the site)")
+        COMMANDS[name] = handler
+        return sp
+
+    command("check", "validate a site file and change nothing",
+            "wg-appliance check --site site.toml", cmd_check)
+
+    sp = command("render", "render the cloud-init seed (user-data, meta-data, network-config, "
+                 "seed.iso)", "wg-appliance render --site site.toml --out seed/", cmd_render)
+    sp.add_argument("--out", metavar="DIR", help="output folder (default: STATE/seed)")
+    sp.add_argument("--json", action="store_true", help="machine-readable result")
+
+    sp = command("peer-config", "print a wg-quick config for one peer",
+                 "wg-appliance peer-config --site site.toml laptop --qr -", cmd_peer_config)
+    sp.add_argument("name", help="peer name from the site file")
+    sp.add_argument("--qr", metavar="PNG|-", help="also write a QR code PNG, or '-' for the terminal")
+    sp.add_argument("--full-tunnel", action="store_true",
+                    help="route everything through the tunnel (AllowedIPs 0.0.0.0/0, ::/0)")
+
+    sp = command("image", "build the appliance disk image (cached by recipe digest)",
+                 "wg-appliance image --out appliance.qcow2", cmd_image, site=False)
+    sp.add_argument("--out", metavar="FILE", help="also copy the qcow2 here")
+    sp.add_argument("--cache", metavar="DIR", help="image cache folder")
+    sp.add_argument("--mirror", metavar="URL", help="Debian mirror (default: the host's apt sources)")
+    sp.add_argument("--force", action="store_true", help="rebuild even when cached")
+    sp.add_argument("--quiet", action="store_true", help="no progress output")
+    sp.add_argument("--json", action="store_true", help="machine-readable result")
+
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except ApplianceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to finish", file=sys.stderr)
+        return 130

@@ -1,0 +1,94 @@
+"""Rendering: site + keys in, file contents out. Pure, so it is fast and golden-testable."""
+
+from __future__ import annotations
+
+import hashlib
+from functools import cache
+from pathlib import Path
+
+import jinja2
+
+from builder.keys import Keys
+from builder.site import Peer, Site
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "cloud-init"
+SEED_FILES = ("user-data", "meta-data", "network-config")
+
+
+@cache
+def _env() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+
+
+def _render(template: str, **context) -> str:
+    return _env().get_template(template).render(**context)
+
+
+def render_wg_conf(site: Site, keys: Keys) -> str:
+    return _render("wg0.conf.j2", site=site, keys=keys)
+
+
+def render_nftables(site: Site) -> str:
+    return _render("nftables.conf.j2", site=site)
+
+
+def render_sysctl(site: Site) -> str:
+    ipv6 = any(a.version == 6 for a in site.wireguard.addresses)
+    return _render("sysctl.conf.j2", ipv6=ipv6)
+
+
+def render_seed(site: Site, keys: Keys) -> dict[str, str]:
+    """The three NoCloud files. instance-id follows the content, so a changed
+    seed makes cloud-init apply it again on the next boot."""
+    user_data = _render(
+        "user-data.j2",
+        site=site,
+        keys=keys,
+        wg_conf=render_wg_conf(site, keys),
+        nftables_conf=render_nftables(site),
+        sysctl_conf=render_sysctl(site),
+    )
+    network_config = _render("network-config.j2", site=site)
+    digest = hashlib.sha256((user_data + "\0" + network_config).encode()).hexdigest()[:16]
+    meta_data = _render("meta-data.j2", site=site, instance_id=f"{site.name}-{digest}")
+    return {"user-data": user_data, "meta-data": meta_data, "network-config": network_config}
+
+
+def seed_digest(files: dict[str, str]) -> str:
+    h = hashlib.sha256()
+    for name in SEED_FILES:
+        h.update(name.encode() + b"\0" + files[name].encode() + b"\0")
+    return h.hexdigest()
+
+
+def client_allowed_ips(site: Site, peer: Peer, full_tunnel: bool = False) -> list[str]:
+    """What a peer routes into the tunnel: tunnel subnets, the LAN, the other sites."""
+    if full_tunnel:
+        return ["0.0.0.0/0", "::/0"]
+    nets = [str(n) for n in site.wireguard.networks]
+    nets.append(str(site.lan.address.network))
+    nets += [str(n) for p in site.peers if p.name != peer.name for n in p.networks]
+    return nets
+
+
+def render_peer_config(site: Site, keys: Keys, peer: Peer, full_tunnel: bool = False) -> str:
+    """A wg-quick config for one peer (a road warrior, or the remote gateway of a site)."""
+    pk = keys.peers[peer.name]
+    keepalive = peer.keepalive if peer.keepalive is not None else 25
+    return _render(
+        "peer.conf.j2",
+        site=site,
+        keys=keys,
+        peer=peer,
+        private_key=pk.private,
+        public_key=pk.public,
+        psk=pk.psk,
+        dns=list(site.wireguard.client_dns),
+        keepalive=keepalive,
+        allowed_ips=client_allowed_ips(site, peer, full_tunnel),
+    )

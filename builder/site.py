@@ -1,0 +1,600 @@
+"""The site model: one TOML file read once into frozen dataclasses.
+
+Pure: knows nothing of libvirt, SSH or the state dir. Every problem is an
+InputError carrying the file and the key path, raised before anything happens.
+Keys are declared once in FIELDS tables, so the parser, the unknown-key hint
+and the README reference come from the same place.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import difflib
+import hashlib
+import ipaddress
+import re
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
+from pathlib import Path
+from typing import Any
+
+from builder.errors import InputError
+
+IPInterface = IPv4Interface | IPv6Interface
+IPNetwork = IPv4Network | IPv6Network
+
+MODES = ("masquerade", "routed")
+HOSTNAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+PEER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+SSH_KEY_TYPES = (
+    "ssh-ed25519",
+    "ssh-rsa",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+    "sk-ssh-ed25519@openssh.com",
+    "sk-ecdsa-sha2-nistp256@openssh.com",
+)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Appliance:
+    name: str
+    memory_mib: int = 512
+    vcpus: int = 1
+    disk_gib: int = 2
+
+
+@dataclass(frozen=True)
+class Host:
+    uri: str = "qemu:///system"
+    bridge: str = "green0"
+    pool: str = "wg-appliance"
+    pool_path: str = "/var/lib/libvirt/images/wg-appliance"
+
+
+@dataclass(frozen=True)
+class Lan:
+    address: IPv4Interface
+    gateway: IPv4Address
+    dns: tuple[IPv4Address, ...]
+    mac: str
+
+
+@dataclass(frozen=True)
+class Ssh:
+    user: str
+    authorized_keys: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class WireGuard:
+    addresses: tuple[IPInterface, ...]
+    listen_port: int
+    mode: str
+    mtu: int
+    endpoint: Endpoint
+    client_dns: tuple[str, ...]
+
+    @property
+    def networks(self) -> tuple[IPNetwork, ...]:
+        return tuple(a.network for a in self.addresses)
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str
+    addresses: tuple[IPInterface, ...]
+    public_key: str | None
+    networks: tuple[IPNetwork, ...]
+    endpoint: Endpoint | None
+    keepalive: int | None
+    preshared_key: bool
+
+    @property
+    def is_site(self) -> bool:
+        """A site-to-site peer has networks behind it; a road warrior has none."""
+        return bool(self.networks)
+
+    @property
+    def allowed_ips(self) -> tuple[IPNetwork, ...]:
+        return tuple(a.network for a in self.addresses) + self.networks
+
+
+@dataclass(frozen=True)
+class Site:
+    path: Path
+    appliance: Appliance
+    host: Host
+    lan: Lan
+    ssh: Ssh
+    wireguard: WireGuard
+    peers: tuple[Peer, ...]
+
+    @property
+    def name(self) -> str:
+        return self.appliance.name
+
+    def peer(self, name: str) -> Peer:
+        for p in self.peers:
+            if p.name == name:
+                return p
+        known = ", ".join(p.name for p in self.peers) or "none"
+        raise InputError(self.path.name, "peers", f"no peer named {name!r} (peers: {known})")
+
+    def default_state_dir(self) -> Path:
+        return self.path.parent / ".wg-appliance" / self.name
+
+
+# --- field parsers: each takes (value, ctx) and returns the typed value ---------------------
+
+
+class _Ctx:
+    """Where we are in the file, for error messages."""
+
+    def __init__(self, file: str, base: Path):
+        self.file = file
+        self.base = base
+
+    def fail(self, key: str, message: str) -> InputError:
+        return InputError(self.file, key, message)
+
+
+Parser = Callable[[Any, _Ctx, str], Any]
+
+
+def _typed(kind: type, name: str) -> Parser:
+    def parse(value: Any, ctx: _Ctx, key: str) -> Any:
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ctx.fail(key, f"expected {name}, got {_type_name(value)}")
+        return value
+
+    return parse
+
+
+def _type_name(value: Any) -> str:
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a table",
+    }.get(type(value), type(value).__name__)
+
+
+def _int_range(lo: int, hi: int) -> Parser:
+    def parse(value: Any, ctx: _Ctx, key: str) -> int:
+        value = _typed(int, "an integer")(value, ctx, key)
+        if not lo <= value <= hi:
+            raise ctx.fail(key, f"{value} is out of range ({lo}..{hi})")
+        return value
+
+    return parse
+
+
+def _str(value: Any, ctx: _Ctx, key: str) -> str:
+    value = _typed(str, "a string")(value, ctx, key)
+    if not value.strip():
+        raise ctx.fail(key, "must not be empty")
+    return value
+
+
+def _hostname(value: Any, ctx: _Ctx, key: str) -> str:
+    value = _str(value, ctx, key)
+    if not HOSTNAME_RE.match(value):
+        raise ctx.fail(
+            key,
+            f"{value!r} is not a valid host name (lower-case letters, digits and '-', "
+            "at most 63 characters, not starting or ending with '-')",
+        )
+    return value
+
+
+def _peer_name(value: Any, ctx: _Ctx, key: str) -> str:
+    value = _str(value, ctx, key)
+    if not PEER_NAME_RE.match(value):
+        raise ctx.fail(
+            key,
+            f"{value!r} is not a valid peer name (letters, digits, '.', '_', '-', "
+            "at most 63 characters)",
+        )
+    return value
+
+
+def _list_of(item: Parser, min_items: int = 0) -> Parser:
+    """A list, or a single value standing for a list of one."""
+
+    def parse(value: Any, ctx: _Ctx, key: str) -> tuple:
+        values = value if isinstance(value, list) else [value]
+        if len(values) < min_items:
+            raise ctx.fail(key, f"needs at least {min_items} item(s)")
+        return tuple(item(v, ctx, f"{key}[{i}]") for i, v in enumerate(values))
+
+    return parse
+
+
+def _list_only(item: Parser) -> Parser:
+    def parse(value: Any, ctx: _Ctx, key: str) -> tuple:
+        if not isinstance(value, list):
+            raise ctx.fail(key, f"expected a list, got {_type_name(value)}")
+        return _list_of(item)(value, ctx, key)
+
+    return parse
+
+
+def _interface(value: Any, ctx: _Ctx, key: str) -> IPInterface:
+    value = _str(value, ctx, key)
+    if "/" not in value:
+        raise ctx.fail(key, f"{value!r} has no prefix length (write e.g. {value}/24)")
+    try:
+        return ipaddress.ip_interface(value)
+    except ValueError:
+        raise ctx.fail(key, f"{value!r} is not a valid address with prefix") from None
+
+
+def _ipv4_interface(value: Any, ctx: _Ctx, key: str) -> IPv4Interface:
+    iface = _interface(value, ctx, key)
+    if not isinstance(iface, IPv4Interface):
+        raise ctx.fail(key, f"{value!r} must be an IPv4 address with prefix")
+    if iface.network.prefixlen < 31 and iface.ip in (
+        iface.network.network_address,
+        iface.network.broadcast_address,
+    ):
+        raise ctx.fail(key, f"{value!r} is the network or broadcast address of its subnet")
+    return iface
+
+
+def _host_interface(value: Any, ctx: _Ctx, key: str) -> IPInterface:
+    iface = _interface(value, ctx, key)
+    if iface.network.prefixlen != iface.max_prefixlen:
+        raise ctx.fail(
+            key, f"{value!r} must be a single address (/{iface.max_prefixlen}), it is a subnet"
+        )
+    return iface
+
+
+def _network(value: Any, ctx: _Ctx, key: str) -> IPNetwork:
+    value = _str(value, ctx, key)
+    if "/" not in value:
+        raise ctx.fail(key, f"{value!r} has no prefix length (write e.g. {value}/24)")
+    try:
+        return ipaddress.ip_network(value)
+    except ValueError:
+        try:
+            iface = ipaddress.ip_interface(value)
+        except ValueError:
+            raise ctx.fail(key, f"{value!r} is not a valid network in CIDR form") from None
+        raise ctx.fail(key, f"{value!r} has host bits set (did you mean {iface.network}?)") from None
+
+
+def _ipv4(value: Any, ctx: _Ctx, key: str) -> IPv4Address:
+    value = _str(value, ctx, key)
+    try:
+        return IPv4Address(value)
+    except ValueError:
+        raise ctx.fail(key, f"{value!r} is not a valid IPv4 address") from None
+
+
+def _ip_str(value: Any, ctx: _Ctx, key: str) -> str:
+    value = _str(value, ctx, key)
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise ctx.fail(key, f"{value!r} is not a valid IP address") from None
+
+
+def _mac(value: Any, ctx: _Ctx, key: str) -> str:
+    value = _str(value, ctx, key).lower()
+    if not re.fullmatch(r"([0-9a-f]{2}:){5}[0-9a-f]{2}", value):
+        raise ctx.fail(key, f"{value!r} is not a MAC address (aa:bb:cc:dd:ee:ff)")
+    if int(value[:2], 16) & 1:
+        raise ctx.fail(key, f"{value!r} is a multicast MAC address")
+    return value
+
+
+def _endpoint(value: Any, ctx: _Ctx, key: str) -> Endpoint:
+    value = _str(value, ctx, key)
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)", value) or re.fullmatch(
+        r"([A-Za-z0-9.-]+):(\d+)", value
+    )
+    if not m:
+        raise ctx.fail(key, f"{value!r} is not host:port or [ipv6]:port")
+    host, port = m.group(1), int(m.group(2))
+    if value.startswith("["):
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ctx.fail(key, f"{host!r} is not a valid IPv6 address") from None
+    elif not all(
+        re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?", label)
+        for label in host.split(".")
+    ):
+        raise ctx.fail(key, f"{host!r} is not a valid host name or IPv4 address")
+    if not 1 <= port <= 65535:
+        raise ctx.fail(key, f"port {port} is out of range (1..65535)")
+    return Endpoint(host, port)
+
+
+def _wg_key(value: Any, ctx: _Ctx, key: str) -> str:
+    value = _str(value, ctx, key).strip()
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    if len(raw) != 32 or len(value) != 44:
+        raise ctx.fail(key, "is not a WireGuard key (32 bytes in base64, 44 characters)")
+    return value
+
+
+def _ssh_key(value: Any, ctx: _Ctx, key: str) -> str:
+    """A public key line, or a path (relative to the site file) to a .pub file."""
+    value = _str(value, ctx, key).strip()
+    if not value.split()[0] in SSH_KEY_TYPES:
+        path = (ctx.base / value).expanduser()
+        if "\n" in value or not (value.endswith(".pub") or "/" in value or path.exists()):
+            raise ctx.fail(key, f"is neither an SSH public key line nor a path: {value[:40]!r}")
+        try:
+            value = path.read_text().strip()
+        except OSError as e:
+            raise ctx.fail(key, f"cannot read {path}: {e.strerror}") from None
+        lines = [ln for ln in value.splitlines() if ln.strip() and not ln.startswith("#")]
+        if len(lines) != 1:
+            raise ctx.fail(key, f"{path} must hold exactly one public key line")
+        value = lines[0].strip()
+    parts = value.split()
+    if len(parts) < 2 or parts[0] not in SSH_KEY_TYPES:
+        raise ctx.fail(key, f"not an SSH public key (type must be one of {', '.join(SSH_KEY_TYPES[:3])}, ...)")
+    try:
+        blob = base64.b64decode(parts[1], validate=True)
+    except (binascii.Error, ValueError):
+        raise ctx.fail(key, "the SSH public key's base64 part is malformed") from None
+    n = int.from_bytes(blob[:4], "big")
+    if blob[4 : 4 + n].decode(errors="replace") != parts[0]:
+        raise ctx.fail(key, f"the SSH public key's data does not match its type {parts[0]}")
+    return value
+
+
+def _mode(value: Any, ctx: _Ctx, key: str) -> str:
+    value = _str(value, ctx, key)
+    if value not in MODES:
+        raise ctx.fail(key, f"unknown mode {value!r} (choose {' or '.join(MODES)})")
+    return value
+
+
+REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Field:
+    key: str
+    parse: Parser
+    default: Any
+    help: str
+
+
+# The whole site file schema: section -> fields. README's reference follows this table.
+FIELDS: dict[str, tuple[Field, ...]] = {
+    "appliance": (
+        Field("name", _hostname, REQUIRED, "host name of the VM and the libvirt domain"),
+        Field("memory_mib", _int_range(256, 65536), 512, "memory in MiB"),
+        Field("vcpus", _int_range(1, 64), 1, "virtual CPUs"),
+        Field("disk_gib", _int_range(1, 1024), 2, "disk size in GiB (root grows to it)"),
+    ),
+    "host": (
+        Field("uri", _str, "qemu:///system", "libvirt URI, e.g. qemu+ssh://root@ipfire:222/system"),
+        Field("bridge", _str, "green0", "host bridge the appliance's NIC joins"),
+        Field("pool", _str, "wg-appliance", "libvirt storage pool (made if missing)"),
+        Field("pool_path", _str, "/var/lib/libvirt/images/wg-appliance", "folder of a new pool"),
+    ),
+    "lan": (
+        Field("address", _ipv4_interface, REQUIRED, "appliance LAN address with prefix"),
+        Field("gateway", _ipv4, REQUIRED, "LAN default gateway (the IPFire GREEN address)"),
+        Field("dns", _list_of(_ipv4), (), "DNS servers for the appliance"),
+        Field("mac", _mac, None, "NIC MAC; default derived from the name"),
+    ),
+    "ssh": (
+        Field("user", _hostname, "wgadmin", "login user on the appliance"),
+        Field("authorized_keys", _list_only(_ssh_key), (), "public key lines or .pub paths"),
+    ),
+    "wireguard": (
+        Field("address", _list_of(_interface, 1), REQUIRED, "appliance tunnel address(es), CIDR"),
+        Field("listen_port", _int_range(1, 65535), 51820, "UDP port"),
+        Field("mode", _mode, "masquerade", "masquerade or routed"),
+        Field("mtu", _int_range(1280, 9000), 1420, "tunnel MTU"),
+        Field("endpoint", _endpoint, REQUIRED, "host:port clients dial"),
+        Field("client_dns", _list_of(_ip_str), (), "DNS servers put in client configs"),
+    ),
+    "peers": (
+        Field("name", _peer_name, REQUIRED, "peer name (unique)"),
+        Field("address", _list_of(_host_interface, 1), REQUIRED, "tunnel address(es), /32 or /128"),
+        Field("public_key", _wg_key, None, "peer public key; generated when absent"),
+        Field("networks", _list_only(_network), (), "LANs behind a site-to-site peer"),
+        Field("endpoint", _endpoint, None, "where the appliance dials this peer"),
+        Field("keepalive", _int_range(0, 65535), None, "PersistentKeepalive seconds"),
+        Field("preshared_key", _typed(bool, "a boolean"), True, "add a preshared key"),
+    ),
+}
+
+
+def _closest(key: str, known: list[str]) -> str:
+    match = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+    return f" (did you mean {match[0]!r}?)" if match else f" (known: {', '.join(known)})"
+
+
+def _section(table: Any, section: str, ctx: _Ctx, prefix: str) -> dict[str, Any]:
+    """Parse one table against FIELDS[section]: unknown keys, required keys, types."""
+    if not isinstance(table, dict):
+        raise ctx.fail(prefix, f"expected a table, got {_type_name(table)}")
+    fields = {f.key: f for f in FIELDS[section]}
+    for key in table:
+        if key not in fields:
+            raise ctx.fail(f"{prefix}.{key}", "unknown key" + _closest(key, list(fields)))
+    out: dict[str, Any] = {}
+    for f in fields.values():
+        if f.key in table:
+            out[f.key] = f.parse(table[f.key], ctx, f"{prefix}.{f.key}")
+        elif f.default is REQUIRED:
+            raise ctx.fail(f"{prefix}.{f.key}", "is required")
+        else:
+            out[f.key] = f.default
+    return out
+
+
+def default_mac(name: str) -> str:
+    """A stable, unicast, locally administered MAC derived from the appliance name."""
+    h = bytearray(hashlib.sha256(b"wg-appliance:" + name.encode()).digest()[:6])
+    h[0] = (h[0] & 0xFC) | 0x02
+    return ":".join(f"{b:02x}" for b in h)
+
+
+def load_site(path: str | Path) -> Site:
+    """Read and validate a site file. Raises InputError naming the file and key path."""
+    path = Path(path)
+    file = str(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(file, "", "no such file") from None
+    except OSError as e:
+        raise InputError(file, "", f"cannot read: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise InputError(file, "", "not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as e:
+        m = re.search(r"\(at line (\d+), column (\d+)\)", str(e))
+        msg = re.sub(r"\s*\(at line.*\)", "", str(e))
+        line = int(m.group(1)) if m else None
+        col = f" (column {m.group(2)})" if m else ""
+        raise InputError(file, "", f"TOML syntax error: {msg}{col}", line=line) from None
+    return parse_site(data, path)
+
+
+def parse_site(data: dict[str, Any], path: Path) -> Site:
+    ctx = _Ctx(str(path), path.parent)
+    sections = list(FIELDS)
+    for key in data:
+        if key not in sections:
+            raise ctx.fail(key, "unknown section" + _closest(key, sections))
+    for required in ("appliance", "lan", "wireguard"):
+        if required not in data:
+            raise ctx.fail(required, f"section [{required}] is required")
+
+    appliance = Appliance(**_section(data["appliance"], "appliance", ctx, "appliance"))
+    host = Host(**_section(data.get("host", {}), "host", ctx, "host"))
+    lan_d = _section(data["lan"], "lan", ctx, "lan")
+    ssh_d = _section(data.get("ssh", {}), "ssh", ctx, "ssh")
+    wg_d = _section(data["wireguard"], "wireguard", ctx, "wireguard")
+
+    lan = Lan(
+        address=lan_d["address"],
+        gateway=lan_d["gateway"],
+        dns=lan_d["dns"],
+        mac=lan_d["mac"] or default_mac(appliance.name),
+    )
+    if lan.gateway not in lan.address.network:
+        raise ctx.fail("lan.gateway", f"{lan.gateway} is outside the LAN subnet {lan.address.network}")
+    if lan.gateway == lan.address.ip:
+        raise ctx.fail("lan.gateway", "is the appliance's own address")
+
+    wg = WireGuard(
+        addresses=wg_d["address"],
+        listen_port=wg_d["listen_port"],
+        mode=wg_d["mode"],
+        mtu=wg_d["mtu"],
+        endpoint=wg_d["endpoint"],
+        client_dns=wg_d["client_dns"],
+    )
+    _check_wireguard(wg, lan, ctx)
+
+    raw_peers = data.get("peers", [])
+    if not isinstance(raw_peers, list):
+        raise ctx.fail("peers", "expected [[peers]] entries (an array of tables)")
+    peers = tuple(_peer(p, i, ctx) for i, p in enumerate(raw_peers))
+    _check_peers(peers, wg, lan, ctx)
+
+    return Site(
+        path=path,
+        appliance=appliance,
+        host=host,
+        lan=lan,
+        ssh=Ssh(user=ssh_d["user"], authorized_keys=ssh_d["authorized_keys"]),
+        wireguard=wg,
+        peers=peers,
+    )
+
+
+def _check_wireguard(wg: WireGuard, lan: Lan, ctx: _Ctx) -> None:
+    seen_versions: set[int] = set()
+    for i, addr in enumerate(wg.addresses):
+        key = "wireguard.address" + (f"[{i}]" if len(wg.addresses) > 1 else "")
+        if addr.version in seen_versions:
+            raise ctx.fail(key, f"more than one IPv{addr.version} tunnel address")
+        seen_versions.add(addr.version)
+        if addr.network.prefixlen == addr.max_prefixlen:
+            raise ctx.fail(key, f"{addr} is a single address; give the tunnel subnet (e.g. /24)")
+        if addr.ip == addr.network.network_address:
+            raise ctx.fail(key, f"{addr} is the subnet's network address")
+        if addr.network.overlaps(lan.address.network):
+            raise ctx.fail(key, f"{addr.network} overlaps the LAN subnet {lan.address.network}")
+
+
+def _peer(raw: Any, i: int, ctx: _Ctx) -> Peer:
+    d = _section(raw, "peers", ctx, f"peers[{i}]")
+    return Peer(
+        name=d["name"],
+        addresses=d["address"],
+        public_key=d["public_key"],
+        networks=d["networks"],
+        endpoint=d["endpoint"],
+        keepalive=d["keepalive"],
+        preshared_key=d["preshared_key"],
+    )
+
+
+def _check_peers(peers: tuple[Peer, ...], wg: WireGuard, lan: Lan, ctx: _Ctx) -> None:
+    names: dict[str, int] = {}
+    addrs: dict[Any, int] = {}
+    keys: dict[str, int] = {}
+    nets: list[tuple[IPNetwork, str]] = []
+    own = {a.ip for a in wg.addresses}
+    for i, p in enumerate(peers):
+        if p.name in names:
+            raise ctx.fail(f"peers[{i}].name", f"duplicate peer name {p.name!r} (also peers[{names[p.name]}])")
+        names[p.name] = i
+        if p.public_key:
+            if p.public_key in keys:
+                raise ctx.fail(f"peers[{i}].public_key", f"same key as peers[{keys[p.public_key]}]")
+            keys[p.public_key] = i
+        for j, a in enumerate(p.addresses):
+            key = f"peers[{i}].address" + (f"[{j}]" if len(p.addresses) > 1 else "")
+            if not any(a.ip in n for n in wg.networks):
+                subnets = ", ".join(str(n) for n in wg.networks)
+                raise ctx.fail(key, f"{a.ip} is outside the wireguard subnets ({subnets})")
+            if a.ip in own:
+                raise ctx.fail(key, f"{a.ip} is the appliance's own tunnel address")
+            if a.ip in addrs:
+                raise ctx.fail(key, f"duplicate address {a.ip} (also peers[{addrs[a.ip]}])")
+            addrs[a.ip] = i
+        for j, n in enumerate(p.networks):
+            key = f"peers[{i}].networks[{j}]"
+            for wn in wg.networks:
+                if n.overlaps(wn):
+                    raise ctx.fail(key, f"{n} overlaps the wireguard subnet {wn}")
+            if n.overlaps(lan.address.network):
+                raise ctx.fail(key, f"{n} overlaps the LAN subnet {lan.address.network}")
+            for other, where in nets:
+                if n.overlaps(other):
+                    raise ctx.fail(key, f"{n} overlaps {other} ({where})")
+            nets.append((n, key))
