@@ -1,0 +1,145 @@
+"""The appliance's libvirt domain XML, built from a DomainSpec, and its metadata read back.
+
+Pure: no libvirt connection. The metadata in our own XML namespace is how `destroy` and
+`status` know which domain and which volumes the tool owns.
+"""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+
+XMLNS = "https://wg-appliance.invalid/xmlns/1"
+PREFIX = "wga"
+ROOT_TAG = "appliance"
+
+# Metadata keys the deploy step writes and destroy reads.
+META_SITE = "site"
+META_IMAGE_DIGEST = "image-digest"
+META_SEED_DIGEST = "seed-digest"
+META_POOL = "pool"
+META_VOLUMES = "volumes"  # space-separated names of volumes this domain owns (disk, seed)
+
+VIRT_TYPES = ("kvm", "qemu")
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_KEY = re.compile(r"^[a-z][a-z0-9-]*$")
+
+ET.register_namespace(PREFIX, XMLNS)
+
+
+@dataclass(frozen=True)
+class DomainSpec:
+    """What the domain XML needs; paths are as the libvirt host sees them."""
+
+    name: str
+    memory_mib: int
+    vcpus: int
+    virt_type: str
+    disk_path: str
+    seed_path: str | None
+    bridge: str
+    mac: str
+    serial_log_path: str
+    metadata: dict[str, str]
+
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.name):
+            raise ValueError(f"domain name {self.name!r}: letters, digits, '_.-', at most 64")
+        if self.virt_type not in VIRT_TYPES:
+            raise ValueError(f"virt_type {self.virt_type!r}: one of {', '.join(VIRT_TYPES)}")
+        if not _MAC.match(self.mac):
+            raise ValueError(f"mac {self.mac!r}: six lower-case hex pairs separated by ':'")
+        if self.memory_mib < 64 or self.vcpus < 1:
+            raise ValueError("memory_mib must be >= 64 and vcpus >= 1")
+        for key in self.metadata:
+            if not _KEY.match(key):
+                raise ValueError(f"metadata key {key!r}: lower-case letters, digits and '-'")
+
+
+def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
+    el = ET.SubElement(parent, tag, attrs)
+    if text is not None:
+        el.text = text
+    return el
+
+
+def domain_xml(spec: DomainSpec) -> str:
+    """The domain XML: pc machine, virtio disk, IDE cdrom seed, bridged virtio NIC, logged
+    serial console, virtio-rng, and our metadata."""
+    dom = ET.Element("domain", type=spec.virt_type)
+    _sub(dom, "name", spec.name)
+    site = spec.metadata.get(META_SITE, spec.name)
+    _sub(dom, "description", f"WireGuard gateway for site {site}; managed by wg-appliance")
+    meta = _sub(dom, "metadata")
+    meta.append(metadata_element(spec.metadata))
+    _sub(dom, "memory", str(spec.memory_mib), unit="MiB")
+    _sub(dom, "vcpu", str(spec.vcpus))
+    os_ = _sub(dom, "os")
+    _sub(os_, "type", "hvm", arch="x86_64", machine="pc")
+    _sub(os_, "boot", dev="hd")
+    features = _sub(dom, "features")
+    _sub(features, "acpi")
+    _sub(features, "apic")
+    if spec.virt_type == "kvm":
+        # WireGuard's ChaCha20 wants the host's vector instructions.
+        _sub(dom, "cpu", mode="host-passthrough")
+    _sub(dom, "clock", offset="utc")
+    _sub(dom, "on_poweroff", "destroy")
+    _sub(dom, "on_reboot", "restart")
+    _sub(dom, "on_crash", "restart")
+
+    dev = _sub(dom, "devices")
+    disk = _sub(dev, "disk", type="file", device="disk")
+    _sub(disk, "driver", name="qemu", type="qcow2", discard="unmap")
+    _sub(disk, "source", file=spec.disk_path)
+    _sub(disk, "target", dev="vda", bus="virtio")
+    if spec.seed_path is not None:
+        # The Debian cloud kernel finds the NoCloud seed on `pc` only as an IDE cdrom.
+        cd = _sub(dev, "disk", type="file", device="cdrom")
+        _sub(cd, "driver", name="qemu", type="raw")
+        _sub(cd, "source", file=spec.seed_path)
+        _sub(cd, "target", dev="hdc", bus="ide")
+        _sub(cd, "readonly")
+    nic = _sub(dev, "interface", type="bridge")
+    _sub(nic, "mac", address=spec.mac)
+    _sub(nic, "source", bridge=spec.bridge)
+    _sub(nic, "model", type="virtio")
+    # A pty keeps `virsh console` working; the log keeps the boot for later reading.
+    serial = _sub(dev, "serial", type="pty")
+    _sub(serial, "target", port="0")
+    _sub(serial, "log", file=spec.serial_log_path, append="off")
+    console = _sub(dev, "console", type="pty")
+    _sub(console, "target", type="serial", port="0")
+    rng = _sub(dev, "rng", model="virtio")
+    _sub(rng, "backend", "/dev/urandom", model="random")
+    _sub(dev, "memballoon", model="none")
+    ET.indent(dom)
+    return ET.tostring(dom, encoding="unicode")
+
+
+def metadata_element(values: dict[str, str]) -> ET.Element:
+    """`<wga:appliance>` with one child per key, in our namespace."""
+    root = ET.Element(f"{{{XMLNS}}}{ROOT_TAG}")
+    for key, value in values.items():
+        ET.SubElement(root, f"{{{XMLNS}}}{key}").text = value
+    return root
+
+
+def parse_metadata(xml: str) -> dict[str, str] | None:
+    """The tool's metadata from a domain's XML, or None when the domain is not the tool's."""
+    root = ET.fromstring(xml)
+    el = root.find(f"metadata/{{{XMLNS}}}{ROOT_TAG}")
+    if el is None:
+        return None
+    prefix = f"{{{XMLNS}}}"
+    return {
+        child.tag.removeprefix(prefix): child.text or ""
+        for child in el
+        if child.tag.startswith(prefix)
+    }
+
+
+def owned_volumes(metadata: dict[str, str]) -> list[str]:
+    return metadata.get(META_VOLUMES, "").split()
