@@ -27,8 +27,11 @@ def _site_and_state(args: argparse.Namespace) -> tuple[Site, State]:
 def cmd_check(args: argparse.Namespace) -> int:
     site = load_site(args.site)
     kinds = sum(1 for p in site.peers if p.is_site)
-    print(f"{args.site}: ok: appliance {site.name}, {len(site.peers)} peers "
-          f"({len(site.peers) - kinds} road warriors, {kinds} site-to-site), {site.wireguard.mode} mode")
+    print(
+        f"{args.site}: ok: appliance {site.name}, {len(site.peers)} peers "
+        f"({len(site.peers) - kinds} road warriors, {kinds} site-to-site), "
+        f"{site.wireguard.mode} mode"
+    )
     return 0
 
 
@@ -68,8 +71,12 @@ def cmd_render(args: argparse.Namespace) -> int:
     site, state = _site_and_state(args)
     out = Path(args.out) if args.out else state.path / "seed"
     changed, digest = render_to(site, state, out)
-    result = {"out": str(out), "changed": changed, "seed_digest": digest,
-              "files": ["user-data", "meta-data", "network-config", "seed.iso"]}
+    result = {
+        "out": str(out),
+        "changed": changed,
+        "seed_digest": digest,
+        "files": ["user-data", "meta-data", "network-config", "seed.iso"],
+    }
     if args.json:
         print(json.dumps(result))
     else:
@@ -98,8 +105,10 @@ def cmd_peer_config(args: argparse.Namespace) -> int:
             fd = os.open(qr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "wb") as f:
                 qr.save(f, kind="png", scale=6)
-            print(f"# QR code written to {qr_path} (it holds the private key: keep it private)",
-                  file=sys.stderr)
+            print(
+                f"# QR code written to {qr_path} (it holds the private key: keep it private)",
+                file=sys.stderr,
+            )
     return 0
 
 
@@ -114,8 +123,13 @@ def cmd_image(args: argparse.Namespace) -> int:
         progress=progress,
         force=args.force,
     )
-    info = {"path": str(image.path), "manifest": str(image.manifest_path),
-            "digest": image.digest, "sha256": image.sha256, "size": image.size}
+    info = {
+        "path": str(image.path),
+        "manifest": str(image.manifest_path),
+        "digest": image.digest,
+        "sha256": image.sha256,
+        "size": image.size,
+    }
     if args.json:
         print(json.dumps(info))
     else:
@@ -133,38 +147,70 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"wg-appliance {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, help: str, example: str, handler: Handler,
-                site: bool = True) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help, description=help,
-                            epilog=f"example: {example}",
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    def command(
+        name: str, help: str, example: str, handler: Handler, site: bool = True
+    ) -> argparse.ArgumentParser:
+        sp = sub.add_parser(
+            name,
+            help=help,
+            description=help,
+            epilog=f"example: {example}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         if site:
             sp.add_argument("--site", required=True, metavar="FILE", help="the site file (TOML)")
-            sp.add_argument("--state", metavar="DIR",
-                            help="state dir with keys (default: .wg-appliance/NAME beside the site)")
+            sp.add_argument(
+                "--state",
+                metavar="DIR",
+                help="state dir with keys (default: .wg-appliance/NAME beside the site)",
+            )
         COMMANDS[name] = handler
         return sp
 
-    command("check", "validate a site file and change nothing",
-            "wg-appliance check --site site.toml", cmd_check)
+    command(
+        "check",
+        "validate a site file and change nothing",
+        "wg-appliance check --site site.toml",
+        cmd_check,
+    )
 
-    sp = command("render", "render the cloud-init seed (user-data, meta-data, network-config, "
-                 "seed.iso)", "wg-appliance render --site site.toml --out seed/", cmd_render)
+    sp = command(
+        "render",
+        "render the cloud-init seed (user-data, meta-data, network-config, seed.iso)",
+        "wg-appliance render --site site.toml --out seed/",
+        cmd_render,
+    )
     sp.add_argument("--out", metavar="DIR", help="output folder (default: STATE/seed)")
     sp.add_argument("--json", action="store_true", help="machine-readable result")
 
-    sp = command("peer-config", "print a wg-quick config for one peer",
-                 "wg-appliance peer-config --site site.toml laptop --qr -", cmd_peer_config)
+    sp = command(
+        "peer-config",
+        "print a wg-quick config for one peer",
+        "wg-appliance peer-config --site site.toml laptop --qr -",
+        cmd_peer_config,
+    )
     sp.add_argument("name", help="peer name from the site file")
-    sp.add_argument("--qr", metavar="PNG|-", help="also write a QR code PNG, or '-' for the terminal")
-    sp.add_argument("--full-tunnel", action="store_true",
-                    help="route everything through the tunnel (AllowedIPs 0.0.0.0/0, ::/0)")
+    sp.add_argument(
+        "--qr", metavar="PNG|-", help="also write a QR code PNG, or '-' for the terminal"
+    )
+    sp.add_argument(
+        "--full-tunnel",
+        action="store_true",
+        help="route everything through the tunnel (AllowedIPs 0.0.0.0/0, ::/0)",
+    )
 
-    sp = command("image", "build the appliance disk image (cached by recipe digest)",
-                 "wg-appliance image --out appliance.qcow2", cmd_image, site=False)
+    sp = command(
+        "image",
+        "build the appliance disk image (cached by recipe digest)",
+        "wg-appliance image --out appliance.qcow2",
+        cmd_image,
+        site=False,
+    )
     sp.add_argument("--out", metavar="FILE", help="also copy the qcow2 here")
     sp.add_argument("--cache", metavar="DIR", help="image cache folder")
-    sp.add_argument("--mirror", metavar="URL", help="Debian mirror (default: the host's apt sources)")
+    sp.add_argument(
+        "--mirror", metavar="URL", help="Debian mirror (default: the host's apt sources)"
+    )
     sp.add_argument("--force", action="store_true", help="rebuild even when cached")
     sp.add_argument("--quiet", action="store_true", help="no progress output")
     sp.add_argument("--json", action="store_true", help="machine-readable result")

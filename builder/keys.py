@@ -54,9 +54,11 @@ def ssh_genkey() -> str:
 
 def ssh_pubkey(private: str, comment: str = "") -> str:
     key = serialization.load_ssh_private_key(private.encode(), password=None)
-    line = key.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-    ).decode()
+    line = (
+        key.public_key()
+        .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        .decode()
+    )
     return f"{line} {comment}".strip()
 
 
@@ -129,8 +131,10 @@ class State:
             self.path.mkdir(parents=True, exist_ok=True)
             os.chmod(self.path, 0o700)
         except OSError as e:
-            raise HostError(f"cannot create state dir {self.path}: {e.strerror}",
-                            "pass --state DIR with a writable folder") from None
+            raise HostError(
+                f"cannot create state dir {self.path}: {e.strerror}",
+                "pass --state DIR with a writable folder",
+            ) from None
 
     def _read(self) -> dict:
         f = self.path / KEYS_FILE
@@ -139,8 +143,11 @@ class State:
         try:
             return json.loads(f.read_text())
         except (OSError, ValueError) as e:
-            raise HostError(f"cannot read {f}: {e}", "restore it from a backup; "
-                            "deleting it makes new keys and every client must be re-issued") from None
+            raise HostError(
+                f"cannot read {f}: {e}",
+                "restore it from a backup; "
+                "deleting it makes new keys and every client must be re-issued",
+            ) from None
 
     def load(self) -> Keys | None:
         """Keys as stored, without making any; None when the state dir is empty."""
@@ -192,8 +199,11 @@ class State:
         )
         self._ensure_dir()
         _write_if_changed(self.path / ADMIN_KEY_FILE, keys.admin_key, secret=True)
-        _write_if_changed(self.path / KNOWN_HOSTS_FILE,
-                          f"{site.lan.address.ip} {keys.host_public}\n", secret=False)
+        _write_if_changed(
+            self.path / KNOWN_HOSTS_FILE,
+            f"{site.lan.address.ip} {keys.host_public}\n",
+            secret=False,
+        )
         return keys
 
     @property

@@ -19,7 +19,9 @@ class Progress:
 
     def say(self, message: str) -> None:
         if not self.quiet:
-            print(f"[{time.monotonic() - self.start:6.1f}s] {message}", file=self.stream, flush=True)
+            print(
+                f"[{time.monotonic() - self.start:6.1f}s] {message}", file=self.stream, flush=True
+            )
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -37,8 +39,12 @@ class Progress:
         text = f"{label}: {done / 1e6:.1f}/{total / 1e6:.1f} MB ({pct}%)"
         if self.stream.isatty():
             end = "\n" if done >= total else ""
-            print(f"\r[{time.monotonic() - self.start:6.1f}s] {text}", end=end, file=self.stream,
-                  flush=True)
+            print(
+                f"\r[{time.monotonic() - self.start:6.1f}s] {text}",
+                end=end,
+                file=self.stream,
+                flush=True,
+            )
         elif done >= total or pct // 10 != getattr(self, "_last_decile", -1):
             self._last_decile = pct // 10
             self.say(text)

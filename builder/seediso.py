@@ -35,13 +35,15 @@ def _iso_name(name: str) -> str:
 def make_iso(files: dict[str, str | bytes]) -> bytes:
     with _fixed_clock(SOURCE_DATE_EPOCH):
         iso = pycdlib.PyCdlib()
-        iso.new(interchange_level=3, joliet=3, rock_ridge="1.09", vol_ident="cidata",
-                sys_ident="LINUX")
+        iso.new(
+            interchange_level=3, joliet=3, rock_ridge="1.09", vol_ident="cidata", sys_ident="LINUX"
+        )
         for name in sorted(files):
             data = files[name]
             raw = data.encode() if isinstance(data, str) else data
-            iso.add_fp(io.BytesIO(raw), len(raw), _iso_name(name), rr_name=name,
-                       joliet_path=f"/{name}")
+            iso.add_fp(
+                io.BytesIO(raw), len(raw), _iso_name(name), rr_name=name, joliet_path=f"/{name}"
+            )
         out = io.BytesIO()
         iso.write_fp(out)
         iso.close()

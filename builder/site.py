@@ -277,7 +277,9 @@ def _network(value: Any, ctx: _Ctx, key: str) -> IPNetwork:
             iface = ipaddress.ip_interface(value)
         except ValueError:
             raise ctx.fail(key, f"{value!r} is not a valid network in CIDR form") from None
-        raise ctx.fail(key, f"{value!r} has host bits set (did you mean {iface.network}?)") from None
+        raise ctx.fail(
+            key, f"{value!r} has host bits set (did you mean {iface.network}?)"
+        ) from None
 
 
 def _ipv4(value: Any, ctx: _Ctx, key: str) -> IPv4Address:
@@ -342,7 +344,7 @@ def _wg_key(value: Any, ctx: _Ctx, key: str) -> str:
 def _ssh_key(value: Any, ctx: _Ctx, key: str) -> str:
     """A public key line, or a path (relative to the site file) to a .pub file."""
     value = _str(value, ctx, key).strip()
-    if not value.split()[0] in SSH_KEY_TYPES:
+    if value.split()[0] not in SSH_KEY_TYPES:
         path = (ctx.base / value).expanduser()
         if "\n" in value or not (value.endswith(".pub") or "/" in value or path.exists()):
             raise ctx.fail(key, f"is neither an SSH public key line nor a path: {value[:40]!r}")
@@ -356,7 +358,9 @@ def _ssh_key(value: Any, ctx: _Ctx, key: str) -> str:
         value = lines[0].strip()
     parts = value.split()
     if len(parts) < 2 or parts[0] not in SSH_KEY_TYPES:
-        raise ctx.fail(key, f"not an SSH public key (type must be one of {', '.join(SSH_KEY_TYPES[:3])}, ...)")
+        raise ctx.fail(
+            key, f"not an SSH public key (type must be one of {', '.join(SSH_KEY_TYPES[:3])}, ...)"
+        )
     try:
         blob = base64.b64decode(parts[1], validate=True)
     except (binascii.Error, ValueError):
@@ -504,7 +508,9 @@ def parse_site(data: dict[str, Any], path: Path) -> Site:
         mac=lan_d["mac"] or default_mac(appliance.name),
     )
     if lan.gateway not in lan.address.network:
-        raise ctx.fail("lan.gateway", f"{lan.gateway} is outside the LAN subnet {lan.address.network}")
+        raise ctx.fail(
+            "lan.gateway", f"{lan.gateway} is outside the LAN subnet {lan.address.network}"
+        )
     if lan.gateway == lan.address.ip:
         raise ctx.fail("lan.gateway", "is the appliance's own address")
 
@@ -571,7 +577,9 @@ def _check_peers(peers: tuple[Peer, ...], wg: WireGuard, lan: Lan, ctx: _Ctx) ->
     own = {a.ip for a in wg.addresses}
     for i, p in enumerate(peers):
         if p.name in names:
-            raise ctx.fail(f"peers[{i}].name", f"duplicate peer name {p.name!r} (also peers[{names[p.name]}])")
+            raise ctx.fail(
+                f"peers[{i}].name", f"duplicate peer name {p.name!r} (also peers[{names[p.name]}])"
+            )
         names[p.name] = i
         if p.public_key:
             if p.public_key in keys:

@@ -1,0 +1,50 @@
+"""Run every benchmark, print a table, write bench/results.json.
+
+Goals (from the issues): render 1000 peers < 1 s; image <= 80 MB, cold build < 120 s,
+cache hit < 1 s; verify < 2 s; sync < 2 s.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+from bench import figures
+
+RESULTS = Path(__file__).resolve().parent / "results.json"
+GOALS = {
+    "render_1000_peers_first_s": 1.0,
+    "render_1000_peers_rerun_s": 1.0,
+}
+
+
+def main() -> int:
+    results: dict[str, float] = {}
+    for fn in figures.ALL:
+        t0 = time.monotonic()
+        print(f"== {fn.__name__} ...", flush=True)
+        results.update(fn())
+        print(f"   done in {time.monotonic() - t0:.1f}s", flush=True)
+    print(f"\n{'figure':<52} {'value':>12} {'goal':>8}")
+    for key, value in results.items():
+        goal = GOALS.get(key)
+        mark = "" if goal is None else ("ok" if value <= goal else "MISSED")
+        print(f"{key:<52} {value:>12} {goal if goal is not None else '':>8} {mark}")
+    doc = {
+        "machine": {
+            "cpus": __import__("os").cpu_count(),
+            "python": platform.python_version(),
+            "accel": "tcg",
+        },
+        "goals": GOALS,
+        "results": results,
+    }
+    RESULTS.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"\nwritten to {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

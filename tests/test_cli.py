@@ -1,0 +1,87 @@
+"""The command line as a user meets it: exit codes, one-line errors, nothing leaked."""
+
+from __future__ import annotations
+
+import json
+import stat
+
+import pytest
+
+from tests.conftest import wg_cli
+
+
+def test_help_on_every_command():
+    r = wg_cli("--help")
+    assert r.returncode == 0
+    commands = ["check", "render", "peer-config", "image"]
+    for c in commands:
+        assert c in r.stdout
+        h = wg_cli(c, "--help")
+        assert h.returncode == 0 and "example: wg-appliance " + c in h.stdout, c
+
+
+def test_check_ok(site_dir):
+    r = wg_cli("check", "--site", str(site_dir / "site.toml"))
+    assert r.returncode == 0, r.stderr
+    assert "3 peers" in r.stdout
+    assert not (site_dir / ".wg-appliance").exists(), "check must not write anything"
+
+
+@pytest.mark.parametrize("command", ["check", "render", "peer-config"])
+def test_bad_input_is_exit_2_one_line_nothing_written(site_dir, command):
+    site = site_dir / "site.toml"
+    site.write_text(
+        site.read_text().replace('address = "10.77.0.3/32"', 'address = "10.78.0.3/32"')
+    )
+    args = [command, "--site", str(site)] + (["phone"] if command == "peer-config" else [])
+    if command == "render":
+        args += ["--out", str(site_dir / "out")]
+    r = wg_cli(*args)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith(f"error: {site}: peers[1].address: 10.78.0.3 is outside")
+    assert sorted(p.name for p in site_dir.iterdir()) == ["site.toml"]
+
+
+def test_render_writes_private_files_and_is_idempotent(site_dir):
+    out = site_dir / "out"
+    r = wg_cli("render", "--site", str(site_dir / "site.toml"), "--out", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert sorted(result["changed"]) == ["meta-data", "network-config", "seed.iso", "user-data"]
+    assert stat.S_IMODE((out / "user-data").stat().st_mode) == 0o600
+    assert stat.S_IMODE((out / "seed.iso").stat().st_mode) == 0o600
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    r = wg_cli("render", "--site", str(site_dir / "site.toml"), "--out", str(out), "--json")
+    assert json.loads(r.stdout)["changed"] == []
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+
+
+def test_no_secret_is_printed(site_dir):
+    site = str(site_dir / "site.toml")
+    outputs = [
+        wg_cli("render", "--site", site, "--out", str(site_dir / "o")),
+        wg_cli("check", "--site", site),
+    ]
+    keys = json.loads((site_dir / ".wg-appliance" / "wg-gw" / "keys.json").read_text())
+    secrets = [keys["wg_private"]] + [p["private"] for p in keys["peers"].values() if p["private"]]
+    secrets += [p["psk"] for p in keys["peers"].values() if p["psk"]]
+    for r in outputs:
+        for s in secrets:
+            assert s not in r.stdout + r.stderr
+
+
+def test_peer_config_and_qr(site_dir):
+    site = str(site_dir / "site.toml")
+    r = wg_cli("peer-config", "--site", site, "laptop", "--qr", str(site_dir / "laptop.png"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("# laptop: road warrior")
+    png = site_dir / "laptop.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert stat.S_IMODE(png.stat().st_mode) == 0o600
+    r = wg_cli("peer-config", "--site", site, "laptop", "--qr", "-")
+    assert "█" in r.stdout or "▀" in r.stdout
+    r = wg_cli("peer-config", "--site", site, "nobody")
+    assert r.returncode == 2 and "no peer named 'nobody'" in r.stderr
