@@ -1,0 +1,405 @@
+"""The libvirt host: connect, preflight, storage pool and volumes, the appliance domain.
+
+Small functions over libvirt-python, against `qemu:///system` on the host or
+`qemu+ssh://root@HOST:222/system` from a workstation. Everything moves through the libvirt
+API (volume uploads are streams), so remote hosts need nothing but libvirtd.
+
+Virtualisation type: libvirt can say whether it offers KVM, but not whether KVM works. Nested
+KVM can be offered and still stop the guest with "KVM internal error ... emulation failure";
+qemu then pauses the domain. So `start_domain` watches a KVM guest for a few seconds and, if
+qemu pauses it, restarts it under TCG (`type='qemu'`) with a warning. The environment variable
+WG_APPLIANCE_VIRT_TYPE=kvm|qemu overrides the choice (and with `kvm` turns the fallback into
+an error).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import replace
+from pathlib import Path
+
+import libvirt
+
+from builder.domain import META_POOL, DomainSpec, domain_xml, owned_volumes, parse_metadata
+from builder.errors import ConnectError, HostError, InputError
+from builder.progress import Progress
+
+ENV_VIRT_TYPE = "WG_APPLIANCE_VIRT_TYPE"
+MIB = 1024**2
+GIB = 1024**3
+CHUNK = 4 * MIB
+URI_FIX = "use qemu:///system on the host itself or qemu+ssh://root@HOST:222/system"
+BRIDGE_FIX = (
+    "put GREEN in bridge mode in the IPFire web UI (Network > Zone Configuration), "
+    "or name an existing bridge"
+)
+
+
+def _quiet(_ctx: object, _err: object) -> None:
+    """libvirt prints every error to stderr unless a handler is set; we raise them instead."""
+
+
+libvirt.registerErrorHandler(_quiet, None)
+
+
+# --- connection and preflight -------------------------------------------------
+
+
+def connect(uri: str) -> libvirt.virConnect:
+    """Open `uri`, turning libvirt's errors into what to do about them."""
+    scheme = uri.split(":", 1)[0]
+    if scheme.split("+")[0] not in ("qemu", "test") or "://" not in uri:
+        raise HostError(f"{uri} is not a libvirt URI for qemu guests", URI_FIX)
+    try:
+        return libvirt.open(uri)
+    except libvirt.libvirtError as e:
+        msg = str(e)
+        if "ssh" in scheme:
+            raise ConnectError(
+                f"cannot reach libvirt at {uri}: {msg} (check host and port 222, enable SSH key "
+                "authentication in the IPFire web UI and load the key into ssh-agent)"
+            ) from e
+        if e.get_error_code() == libvirt.VIR_ERR_NO_CONNECT or "URI" in msg:
+            raise HostError(f"no libvirt driver for {uri}: {msg}", URI_FIX) from e
+        if "Failed to connect socket" in msg or "No such file" in msg:
+            raise HostError(
+                f"libvirtd is not running for {uri}: {msg}",
+                "start libvirtd and virtlogd on the host (`libvirtd -d; virtlogd -d` without "
+                "an init system)",
+            ) from e
+        raise HostError(f"cannot connect to {uri}: {msg}", URI_FIX) from e
+
+
+def kvm_offered(conn: libvirt.virConnect) -> bool:
+    """Whether libvirt offers KVM for x86_64 `pc` guests (it may still fail when nested)."""
+    try:
+        conn.getDomainCapabilities(None, "x86_64", "pc", "kvm", 0)
+    except libvirt.libvirtError:
+        return False
+    return True
+
+
+def choose_virt_type(conn: libvirt.virConnect) -> tuple[str, str]:
+    """(virt_type, why): the environment override, else KVM when libvirt offers it."""
+    forced = os.environ.get(ENV_VIRT_TYPE, "")
+    if forced:
+        if forced not in ("kvm", "qemu"):
+            raise InputError("environment", ENV_VIRT_TYPE, f"{forced!r}: use kvm or qemu")
+        return forced, f"{ENV_VIRT_TYPE}={forced}"
+    if kvm_offered(conn):
+        return "kvm", "libvirt offers KVM"
+    return "qemu", "libvirt offers no KVM; the appliance runs under TCG (slow)"
+
+
+def check_bridge(conn: libvirt.virConnect, bridge: str) -> None:
+    """Raise when libvirt knows `bridge` is missing or not a bridge; pass when it cannot tell
+    (no interface driver), since start_domain then explains the start error."""
+    try:
+        iface = conn.interfaceLookupByName(bridge)
+    except libvirt.libvirtError as e:
+        if e.get_error_code() == libvirt.VIR_ERR_NO_INTERFACE:
+            raise HostError(f"the host has no interface {bridge}", BRIDGE_FIX) from e
+        return
+    kind = ET.fromstring(iface.XMLDesc(0)).get("type")
+    if kind != "bridge":
+        raise HostError(f"{bridge} on the host is a {kind} interface, not a bridge", BRIDGE_FIX)
+
+
+def available_memory_mib(conn: libvirt.virConnect) -> int:
+    """Memory the host can give a new guest: free plus page cache."""
+    try:
+        stats = conn.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS, 0)
+    except libvirt.libvirtError:
+        return conn.getFreeMemory() // MIB
+    kib = sum(stats.get(k, 0) for k in ("free", "buffers", "cached"))
+    return kib // 1024
+
+
+def check_memory(conn: libvirt.virConnect, need_mib: int) -> None:
+    have = available_memory_mib(conn)
+    if have < need_mib:
+        raise HostError(
+            f"the host has {have} MiB available, the appliance needs {need_mib} MiB",
+            "lower appliance.memory_mib in the site file or free memory on the host",
+        )
+
+
+# --- storage ------------------------------------------------------------------
+
+
+def pool_xml(name: str, path: str) -> str:
+    pool = ET.Element("pool", type="dir")
+    ET.SubElement(pool, "name").text = name
+    target = ET.SubElement(pool, "target")
+    ET.SubElement(target, "path").text = path
+    return ET.tostring(pool, encoding="unicode")
+
+
+def volume_xml(
+    name: str, capacity: int, fmt: str, backing_path: str | None = None, backing_fmt: str = ""
+) -> str:
+    vol = ET.Element("volume", type="file")
+    ET.SubElement(vol, "name").text = name
+    ET.SubElement(vol, "capacity", unit="bytes").text = str(capacity)
+    target = ET.SubElement(vol, "target")
+    ET.SubElement(target, "format", type=fmt)
+    if backing_path is not None:
+        backing = ET.SubElement(vol, "backingStore")
+        ET.SubElement(backing, "path").text = backing_path
+        ET.SubElement(backing, "format", type=backing_fmt)
+    return ET.tostring(vol, encoding="unicode")
+
+
+def _pool_path(pool: libvirt.virStoragePool) -> str:
+    return ET.fromstring(pool.XMLDesc(0)).findtext("target/path", "")
+
+
+def find_pool(conn: libvirt.virConnect, name: str) -> libvirt.virStoragePool | None:
+    try:
+        return conn.storagePoolLookupByName(name)
+    except libvirt.libvirtError as e:
+        if e.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_POOL:
+            return None
+        raise HostError(f"cannot look up storage pool {name}: {e}") from e
+
+
+def ensure_pool(conn: libvirt.virConnect, name: str, path: str) -> libvirt.virStoragePool:
+    """Pool `name` (or an admin's pool on the same directory), active and autostarted.
+
+    IPFire defines no pool, so the first deploy makes a `dir` pool; libvirt refuses two pools
+    on one directory, hence the reuse.
+    """
+    pool = find_pool(conn, name)
+    if pool is None:
+        pool = next((p for p in conn.listAllStoragePools(0) if _pool_path(p) == path), None)
+    try:
+        if pool is None:
+            pool = conn.storagePoolDefineXML(pool_xml(name, path), 0)
+            pool.build(0)
+        if not pool.isActive():
+            pool.create(0)
+        if not pool.autostart():
+            pool.setAutostart(1)
+        pool.refresh(0)
+    except libvirt.libvirtError as e:
+        raise HostError(f"storage pool {name} at {path}: {e}", "check the directory") from e
+    return pool
+
+
+def find_volume(pool: libvirt.virStoragePool, name: str) -> libvirt.virStorageVol | None:
+    try:
+        return pool.storageVolLookupByName(name)
+    except libvirt.libvirtError as e:
+        if e.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_VOL:
+            return None
+        raise HostError(f"cannot look up volume {name}: {e}") from e
+
+
+def volume_file_size(vol: libvirt.virStorageVol) -> int:
+    """Bytes of the volume's file (`physical`; capacity where libvirt reports no physical)."""
+    root = ET.fromstring(vol.XMLDesc(0))
+    physical = root.findtext("physical")
+    return int(physical if physical is not None else root.findtext("capacity", "0"))
+
+
+def upload_volume(
+    pool: libvirt.virStoragePool,
+    name: str,
+    local_file: Path,
+    progress: Progress | None = None,
+) -> libvirt.virStorageVol:
+    """Upload `local_file` as volume `name` through a libvirt stream (works over SSH).
+
+    Names carry the content digest, so a volume of that name and size is the same content and
+    is kept; one of another size is a broken earlier upload and is replaced.
+    """
+    size = local_file.stat().st_size
+    vol = find_volume(pool, name)
+    if vol is not None:
+        if volume_file_size(vol) == size:
+            if progress:
+                progress.say(f"volume {name} is already on the host")
+            return vol
+        vol.delete(0)
+    vol = pool.createXML(volume_xml(name, size, "raw"), 0)
+    stream = pool.connect().newStream(0)
+    try:
+        vol.upload(stream, 0, size, 0)
+        done = 0
+        with local_file.open("rb") as f:
+            while chunk := f.read(CHUNK):
+                sent = 0
+                while sent < len(chunk):
+                    sent += stream.send(chunk[sent:])
+                done += len(chunk)
+                if progress:
+                    progress.bytes(f"upload {name}", done, size)
+        stream.finish()
+    except BaseException as e:
+        _abort_upload(stream, vol)
+        if isinstance(e, libvirt.libvirtError):
+            raise HostError(f"uploading {local_file} as {name} failed: {e}") from e
+        raise
+    pool.refresh(0)
+    return pool.storageVolLookupByName(name)
+
+
+def _abort_upload(stream: libvirt.virStream, vol: libvirt.virStorageVol) -> None:
+    """Leave no half volume behind: the next run would take it for a good one."""
+    for undo in (stream.abort, lambda: vol.delete(0)):
+        with contextlib.suppress(libvirt.libvirtError):
+            undo()
+
+
+def create_disk(
+    pool: libvirt.virStoragePool,
+    name: str,
+    base: libvirt.virStorageVol,
+    disk_gib: int,
+    backing: bool = True,
+) -> libvirt.virStorageVol:
+    """The appliance's own qcow2 of `disk_gib`: an overlay on `base` (fast, small, but `base`
+    must stay) or a full copy (independent). An existing volume `name` is reused."""
+    existing = find_volume(pool, name)
+    if existing is not None:
+        return existing
+    capacity = disk_gib * GIB
+    base_capacity = base.info()[1]
+    if capacity < base_capacity:
+        raise HostError(
+            f"disk_gib {disk_gib} is smaller than the image ({base_capacity / GIB:.1f} GiB)",
+            "raise appliance.disk_gib in the site file",
+        )
+    try:
+        if backing:
+            xml = volume_xml(name, capacity, "qcow2", base.path(), "qcow2")
+            return pool.createXML(xml, 0)
+        vol = pool.createXMLFrom(volume_xml(name, capacity, "qcow2"), base, 0)
+        if vol.info()[1] < capacity:
+            vol.resize(capacity, 0)
+        return vol
+    except libvirt.libvirtError as e:
+        raise HostError(f"creating disk {name} from {base.name()}: {e}") from e
+
+
+# --- the domain ---------------------------------------------------------------
+
+
+def find_domain(conn: libvirt.virConnect, name: str) -> libvirt.virDomain | None:
+    try:
+        return conn.lookupByName(name)
+    except libvirt.libvirtError as e:
+        if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return None
+        raise HostError(f"cannot look up domain {name}: {e}") from e
+
+
+def domain_metadata(dom: libvirt.virDomain) -> dict[str, str] | None:
+    """The tool's metadata of `dom`, or None when the tool did not make it."""
+    return parse_metadata(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+
+
+def define_domain(conn: libvirt.virConnect, spec: DomainSpec) -> libvirt.virDomain:
+    """Define (or redefine) the appliance; never take over a domain the tool did not make."""
+    existing = find_domain(conn, spec.name)
+    if existing is not None and domain_metadata(existing) is None:
+        raise HostError(
+            f"the host already has a domain {spec.name} that wg-appliance did not make",
+            "choose another appliance name, or remove that domain yourself",
+        )
+    try:
+        return conn.defineXML(domain_xml(spec))
+    except libvirt.libvirtError as e:
+        raise HostError(f"libvirt rejected the domain {spec.name}: {e}") from e
+
+
+def _create(dom: libvirt.virDomain, spec: DomainSpec) -> None:
+    try:
+        dom.create()
+    except libvirt.libvirtError as e:
+        if f"'{spec.bridge}'" in str(e) or "bridge" in str(e).lower():
+            raise HostError(f"starting {spec.name} failed at {spec.bridge}: {e}", BRIDGE_FIX) from e
+        raise HostError(f"starting {spec.name} failed: {e}") from e
+
+
+def stopped_by_qemu(dom: libvirt.virDomain, watch_s: float) -> bool:
+    """True when qemu pauses or crashes the guest within `watch_s` seconds, as nested KVM does
+    in the guest kernel's decompressor."""
+    deadline = time.monotonic() + watch_s
+    while time.monotonic() < deadline:
+        state, reason = dom.state()
+        if state == libvirt.VIR_DOMAIN_CRASHED:
+            return True
+        if state == libvirt.VIR_DOMAIN_PAUSED and reason != libvirt.VIR_DOMAIN_PAUSED_USER:
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def start_domain(
+    conn: libvirt.virConnect,
+    spec: DomainSpec,
+    progress: Progress | None = None,
+    kvm_watch_s: float = 15.0,
+) -> libvirt.virDomain:
+    """Define, start and autostart the appliance; fall back from KVM to TCG when qemu stops
+    the guest under KVM (unless WG_APPLIANCE_VIRT_TYPE=kvm insists)."""
+    dom = define_domain(conn, spec)
+    if dom.isActive():
+        dom.destroy()
+    _create(dom, spec)
+    if spec.virt_type == "kvm" and kvm_watch_s > 0 and stopped_by_qemu(dom, kvm_watch_s):
+        dom.destroy()
+        if os.environ.get(ENV_VIRT_TYPE) == "kvm":
+            raise HostError(
+                f"qemu stopped {spec.name} under KVM (nested virtualisation?)",
+                f"unset {ENV_VIRT_TYPE} or set it to qemu",
+            )
+        if progress:
+            progress.say(
+                f"warning: KVM stopped the guest; running {spec.name} under TCG (slow). "
+                f"Set {ENV_VIRT_TYPE}=qemu to skip this probe."
+            )
+        spec = replace(spec, virt_type="qemu")
+        dom = define_domain(conn, spec)
+        _create(dom, spec)
+    dom.setAutostart(1)
+    return dom
+
+
+def destroy_domain(conn: libvirt.virConnect, name: str) -> list[str]:
+    """Stop and remove domain `name` and the volumes its metadata names; nothing else.
+
+    Returns what was removed. A missing domain is no error (destroy runs twice safely).
+    """
+    dom = find_domain(conn, name)
+    if dom is None:
+        return []
+    meta = domain_metadata(dom)
+    if meta is None:
+        raise HostError(
+            f"domain {name} was not made by wg-appliance; leaving it alone",
+            "remove it yourself if it should go",
+        )
+    removed = []
+    try:
+        if dom.isActive():
+            dom.destroy()
+        dom.setAutostart(0)
+        dom.undefineFlags(
+            libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+            | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+        )
+        removed.append(f"domain {name}")
+        pool = find_pool(conn, meta[META_POOL]) if meta.get(META_POOL) else None
+        for vol_name in owned_volumes(meta) if pool is not None else []:
+            vol = find_volume(pool, vol_name)
+            if vol is not None:
+                vol.delete(0)
+                removed.append(f"volume {vol_name}")
+    except libvirt.libvirtError as e:
+        raise HostError(f"removing {name}: {e}") from e
+    return removed

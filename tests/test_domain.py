@@ -1,0 +1,113 @@
+"""The appliance's domain XML: valid for libvirt, shaped for IPFire, metadata round-trips."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+import xml.etree.ElementTree as ET
+from dataclasses import replace
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from builder.domain import XMLNS, DomainSpec, domain_xml, owned_volumes, parse_metadata
+from builder.run import run
+
+META = {
+    "site": "home",
+    "image-digest": "sha256:" + "ab" * 32,
+    "seed-digest": "sha256:" + "cd" * 32,
+    "pool": "wg-appliance",
+    "volumes": "home-disk.qcow2 home-seed.iso",
+}
+
+
+def spec(**changes: object) -> DomainSpec:
+    base = DomainSpec(
+        name="wga-home",
+        memory_mib=512,
+        vcpus=1,
+        virt_type="kvm",
+        disk_path="/var/lib/libvirt/images/home-disk.qcow2",
+        seed_path="/var/lib/libvirt/images/home-seed.iso",
+        bridge="green0",
+        mac="52:54:00:12:34:56",
+        serial_log_path="/var/log/libvirt/qemu/wga-home-serial.log",
+        metadata=dict(META),
+    )
+    return replace(base, **changes)
+
+
+@pytest.mark.skipif(shutil.which("virt-xml-validate") is None, reason="needs libvirt-clients")
+@pytest.mark.parametrize("virt_type", ["kvm", "qemu"])
+def test_xml_passes_virt_xml_validate(tmp_path: Path, virt_type: str) -> None:
+    path = tmp_path / "domain.xml"
+    path.write_text(domain_xml(spec(virt_type=virt_type)))
+    run(["virt-xml-validate", path, "domain"])
+
+
+def test_xml_has_what_ipfire_and_the_debian_kernel_need() -> None:
+    dom = ET.fromstring(domain_xml(spec()))
+    assert dom.get("type") == "kvm"
+    assert dom.find("os/type").get("machine") == "pc"
+    disk, cdrom = dom.findall("devices/disk")
+    assert disk.find("target").attrib == {"dev": "vda", "bus": "virtio"}
+    assert disk.find("driver").get("type") == "qcow2"
+    assert cdrom.get("device") == "cdrom"
+    assert cdrom.find("target").get("bus") == "ide"
+    assert cdrom.find("readonly") is not None
+    nic = dom.find("devices/interface")
+    assert nic.get("type") == "bridge"
+    assert nic.find("source").get("bridge") == "green0"
+    assert nic.find("mac").get("address") == "52:54:00:12:34:56"
+    assert nic.find("model").get("type") == "virtio"
+    assert dom.find("devices/serial/log").get("file").endswith("wga-home-serial.log")
+    assert dom.find("devices/rng").get("model") == "virtio"
+
+
+def test_tcg_guest_gets_no_host_cpu_and_no_seed_means_no_cdrom() -> None:
+    dom = ET.fromstring(domain_xml(spec(virt_type="qemu", seed_path=None)))
+    assert dom.get("type") == "qemu"
+    assert dom.find("cpu") is None
+    assert [d.get("device") for d in dom.findall("devices/disk")] == ["disk"]
+
+
+def test_metadata_round_trips() -> None:
+    assert parse_metadata(domain_xml(spec())) == META
+    assert owned_volumes(META) == ["home-disk.qcow2", "home-seed.iso"]
+
+
+def test_foreign_domain_has_no_metadata() -> None:
+    assert parse_metadata("<domain type='kvm'><name>x</name></domain>") is None
+    other = "<domain><name>x</name><metadata><a:x xmlns:a='urn:other'/></metadata></domain>"
+    assert parse_metadata(other) is None
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"virt_type": "xen"},
+        {"mac": "52:54:00:12:34"},
+        {"name": "has space"},
+        {"memory_mib": 16},
+        {"metadata": {"Bad Key": "x"}},
+    ],
+)
+def test_bad_spec_is_refused(changes: dict) -> None:
+    with pytest.raises(ValueError):
+        spec(**changes)
+
+
+def test_libvirt_keeps_our_metadata_through_define() -> None:
+    """libvirt parses and rewrites the XML; our namespace must survive that."""
+    conn = libvirt.open("test:///default")
+    name = f"wga-{uuid.uuid4().hex[:8]}"
+    dom = conn.defineXML(domain_xml(spec(name=name, virt_type="qemu")))
+    try:
+        xml = dom.XMLDesc(0)
+        assert parse_metadata(xml) == META
+        assert XMLNS in xml
+    finally:
+        dom.undefine()
+        conn.close()
