@@ -137,6 +137,15 @@ def cmd_image(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from builder.verify import verify
+
+    site, state = _site_and_state(args)
+    report = verify(site, state, timeout=args.timeout, required=set(args.require_handshake))
+    print(report.to_json() if args.json else report.table())
+    return 0 if report.ok else 1
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="wg-appliance",
@@ -214,6 +223,23 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--force", action="store_true", help="rebuild even when cached")
     sp.add_argument("--quiet", action="store_true", help="no progress output")
     sp.add_argument("--json", action="store_true", help="machine-readable result")
+
+    sp = command(
+        "verify",
+        "check a deployed appliance over SSH (exit 0 all pass, 1 a check failed, "
+        "2 bad input, 3 could not connect)",
+        "wg-appliance verify --site site.toml --require-handshake branch --json",
+        cmd_verify,
+    )
+    sp.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    sp.add_argument("--timeout", type=float, default=20.0, metavar="S", help="SSH timeout")
+    sp.add_argument(
+        "--require-handshake",
+        nargs="*",
+        default=[],
+        metavar="PEER",
+        help="peers that must have a handshake in the last 180 s",
+    )
 
     return p
 

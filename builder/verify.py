@@ -1,0 +1,284 @@
+"""verify: one SSH round trip gathers the appliance's facts; pure checks judge them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from builder.errors import GuestError, HostError, InputError
+from builder.keys import Keys, State
+from builder.site import Site
+from builder.ssh import Target, connect, execute
+
+HANDSHAKE_FRESH_S = 180
+PROBE = Path(__file__).with_name("guest_probe.py")
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class Report:
+    appliance: str
+    checks: tuple[Check, ...]
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"ok": self.ok, "appliance": self.appliance, "checks": [asdict(c) for c in self.checks]}
+        )
+
+    def table(self) -> str:
+        width = max(len(c.name) for c in self.checks)
+        lines = [
+            f"{'PASS' if c.ok else 'FAIL'}  {c.name:<{width}}  {c.detail}" for c in self.checks
+        ]
+        summary = "all checks pass" if self.ok else f"{sum(not c.ok for c in self.checks)} failed"
+        return "\n".join([f"appliance {self.appliance}: {summary}", *lines])
+
+
+def target_for(site: Site, keys: Keys) -> Target:
+    return Target(
+        host=str(site.lan.address.ip),
+        user=site.ssh.user,
+        private_key=keys.admin_key,
+        host_public=keys.host_public,
+    )
+
+
+def gather(site: Site, keys: Keys, timeout: float = 20.0) -> dict[str, Any]:
+    """Connect with the pinned host key and run the probe: one connection, one command."""
+    client = connect(target_for(site, keys), timeout=timeout)
+    try:
+        arg = json.dumps({"gateway": str(site.lan.gateway)})
+        result = execute(
+            client,
+            f"sudo -n python3 - {shlex.quote(arg)}",
+            input=PROBE.read_text(),
+            timeout=timeout + 30,
+        )
+    finally:
+        client.close()
+    if result.rc != 0:
+        raise GuestError(
+            f"the probe failed on the appliance (exit {result.rc}): {result.stderr.strip()[-300:]}",
+            "check that the admin user has passwordless sudo and python3 is present",
+        )
+    return json.loads(result.stdout)
+
+
+def expected_peers(site: Site, keys: Keys) -> dict[str, dict[str, Any]]:
+    """The live peer set the site asks for, keyed by public key."""
+    out = {}
+    for p in site.peers:
+        pk = keys.peers[p.name]
+        out[pk.public] = {
+            "name": p.name,
+            "allowed_ips": sorted(str(n) for n in p.allowed_ips),
+            "psk_sha256": hashlib.sha256(pk.psk.encode()).hexdigest() if pk.psk else None,
+            "endpoint": str(p.endpoint) if p.endpoint else None,
+            "keepalive": p.keepalive or 0,
+        }
+    return out
+
+
+def peer_drift(site: Site, keys: Keys, live: list[dict[str, Any]]) -> list[str]:
+    """Differences between the site's peers and wg0's, one line per peer."""
+    want = expected_peers(site, keys)
+    have = {p["public_key"]: p for p in live}
+    drift = []
+    for pub, w in want.items():
+        h = have.get(pub)
+        if h is None:
+            drift.append(f"{w['name']}: missing on the appliance")
+            continue
+        diffs = []
+        if h["allowed_ips"] != w["allowed_ips"]:
+            diffs.append(f"AllowedIPs {','.join(h['allowed_ips'])} != {','.join(w['allowed_ips'])}")
+        if h["psk_sha256"] != w["psk_sha256"]:
+            diffs.append("preshared key differs")
+        if w["endpoint"] and h["endpoint"] != w["endpoint"]:
+            diffs.append(f"endpoint {h['endpoint']} != {w['endpoint']}")
+        if h["keepalive"] != w["keepalive"]:
+            diffs.append(f"keepalive {h['keepalive']} != {w['keepalive']}")
+        if diffs:
+            drift.append(f"{w['name']}: " + "; ".join(diffs))
+    for pub in have.keys() - want.keys():
+        drift.append(f"unknown peer {pub[:10]}... on the appliance (not in the site file)")
+    return drift
+
+
+def _cloud_init(facts: dict[str, Any]) -> Check:
+    status = facts["cloud_init"]
+    text = status["out"].strip()
+    first = text.splitlines()[0] if text else status["err"].strip()
+    try:
+        errors = json.loads(facts["cloud_init_result"] or "{}").get("v1", {}).get("errors", [])
+    except ValueError:
+        errors = []
+    if status["rc"] == 0 and "status: done" in text and not errors:
+        return Check("cloud-init", True, "done, no errors")
+    tail = " | ".join(
+        ln
+        for ln in facts["cloud_init_log_tail"].splitlines()[-40:]
+        if "WARNING" in ln or "ERROR" in ln
+    )[-600:]
+    detail = first + (f"; errors: {'; '.join(errors)[:300]}" if errors else "")
+    return Check("cloud-init", False, detail + (f"; log: {tail}" if tail else ""))
+
+
+def _wg0(site: Site, keys: Keys, facts: dict[str, Any]) -> Check:
+    wg, link = facts["wg"], facts["wg_link"]
+    if "error" in wg or not link:
+        return Check("wg0", False, f"wg0 is not up: {wg.get('error', 'no such interface')}".strip())
+    problems = []
+    if "UP" not in link[0].get("flags", []):
+        problems.append("link is down")
+    if wg["public_key"] != keys.wg_public:
+        problems.append(f"public key {wg['public_key'][:10]}... is not the site's")
+    if wg["listen_port"] != site.wireguard.listen_port:
+        problems.append(f"listen port {wg['listen_port']} != {site.wireguard.listen_port}")
+    if link[0].get("mtu") != site.wireguard.mtu:
+        problems.append(f"MTU {link[0].get('mtu')} != {site.wireguard.mtu}")
+    if problems:
+        return Check("wg0", False, "; ".join(problems))
+    return Check(
+        "wg0",
+        True,
+        f"up, port {wg['listen_port']}, MTU {site.wireguard.mtu}, key {keys.wg_public[:10]}...",
+    )
+
+
+def _nftables(site: Site, facts: dict[str, Any]) -> Check:
+    nft = facts["nft"]
+    if nft["rc"] != 0:
+        return Check("nftables", False, f"nft list ruleset failed: {nft['err'].strip()[:200]}")
+    text = nft["out"]
+    want = {
+        "appliance table": "table inet wg_appliance",
+        "listen port open": f"udp dport {site.wireguard.listen_port} accept",
+        "SSH from LAN": f"ip saddr {site.lan.address.network} tcp dport 22 accept",
+        "forward from wg0": 'iifname "wg0" accept',
+        "MSS clamping": "tcp option maxseg size set rt mtu",
+    }
+    missing = [label for label, rule in want.items() if rule not in text]
+    masq = "masquerade" in text
+    if site.wireguard.mode == "masquerade" and not masq:
+        missing.append("masquerade rule")
+    if site.wireguard.mode == "routed" and masq:
+        missing.append("no masquerade in routed mode")
+    if missing:
+        return Check("nftables", False, "missing: " + ", ".join(missing))
+    return Check("nftables", True, f"ruleset for {site.wireguard.mode} mode")
+
+
+def _routes(site: Site, facts: dict[str, Any]) -> Check:
+    have = {(r.get("dst"), r.get("dev")) for r in facts["routes"]}
+    nets = [n for p in site.peers for n in p.networks]
+    missing = [str(n) for n in nets if (str(n), "wg0") not in have]
+    if missing:
+        return Check("routes", False, "no route via wg0 for " + ", ".join(missing))
+    return Check(
+        "routes", True, f"{len(nets)} site network(s) via wg0" if nets else "no site networks"
+    )
+
+
+def _handshakes(site: Site, keys: Keys, facts: dict[str, Any], required: set[str]) -> list[Check]:
+    now = facts["time"]
+    live = {p["public_key"]: p for p in facts["wg"].get("peers", [])}
+    checks = []
+    for p in site.peers:
+        h = live.get(keys.peers[p.name].public)
+        last = h["latest_handshake"] if h else 0
+        age = now - last if last else None
+        fresh = age is not None and age <= HANDSHAKE_FRESH_S
+        must = p.name in required or (p.is_site and p.endpoint is not None)
+        if age is None:
+            detail = "no handshake yet"
+        else:
+            detail = f"last handshake {age:.0f}s ago" + ("" if fresh else " (stale)")
+        if not must:
+            detail += " (informational)"
+        checks.append(Check(f"handshake {p.name}", fresh or not must, detail))
+    return checks
+
+
+def _resources(facts: dict[str, Any], local_time: float) -> Check:
+    problems = []
+    if facts["disk_free"] < 100e6:
+        problems.append(f"disk nearly full ({facts['disk_free'] / 1e6:.0f} MB free)")
+    if facts["mem_available"] < 32e6:
+        problems.append(f"memory low ({facts['mem_available'] / 1e6:.0f} MB available)")
+    skew = facts["time"] - local_time
+    if abs(skew) > 120:
+        problems.append(f"clock off by {skew:+.0f}s")
+    detail = (
+        f"disk {facts['disk_free'] / 1e6:.0f}/{facts['disk_total'] / 1e6:.0f} MB free, "
+        f"memory {facts['mem_available'] / 1e6:.0f}/{facts['mem_total'] / 1e6:.0f} MB available, "
+        f"clock skew {skew:+.1f}s"
+    )
+    return Check("resources", not problems, "; ".join(problems) if problems else detail)
+
+
+def evaluate(
+    site: Site,
+    keys: Keys,
+    facts: dict[str, Any],
+    local_time: float,
+    required: set[str] = frozenset(),
+) -> Report:
+    """Pure: the site, its keys and the guest's facts in, the checks out."""
+    drift = peer_drift(site, keys, facts["wg"].get("peers", []))
+    v4 = facts["ip_forward"] == "1"
+    v6 = facts["ip6_forward"] == "1" or not any(a.version == 6 for a in site.wireguard.addresses)
+    gw = facts["gateway"] or {"ok": False, "detail": "not probed"}
+    checks = [
+        Check("ssh", True, f"{site.ssh.user}@{site.lan.address.ip}, host key pinned"),
+        _cloud_init(facts),
+        _wg0(site, keys, facts),
+        Check(
+            "peers",
+            not drift,
+            "; ".join(drift) if drift else f"{len(site.peers)} peers as in the site file",
+        ),
+        Check(
+            "forwarding",
+            v4 and v6,
+            "IPv4" + (" and IPv6" if v6 else "") + " forwarding on"
+            if v4 and v6
+            else f"ip_forward={facts['ip_forward']} ipv6 forwarding={facts['ip6_forward']}",
+        ),
+        _nftables(site, facts),
+        _routes(site, facts),
+        Check("gateway", gw["ok"], f"{site.lan.gateway}: {gw['detail']}"),
+        *_handshakes(site, keys, facts, set(required)),
+        _resources(facts, local_time),
+    ]
+    return Report(site.name, tuple(checks))
+
+
+def verify(
+    site: Site, state: State, timeout: float = 20.0, required: set[str] = frozenset()
+) -> Report:
+    unknown = set(required) - {p.name for p in site.peers}
+    if unknown:
+        raise InputError(
+            str(site.path), "--require-handshake", f"no peer named {sorted(unknown)[0]!r}"
+        )
+    if state.load() is None:
+        raise HostError(f"no keys in {state.path}", "deploy first, or pass the right --state DIR")
+    keys = state.keys_for(site)
+    facts = gather(site, keys, timeout)
+    return evaluate(site, keys, facts, time.time(), required)

@@ -1,0 +1,156 @@
+"""verify's judgement on facts shaped like the guest probe's output (the probe itself
+runs against the real appliance in the end-to-end tests)."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+
+import pytest
+
+from builder.keys import State
+from builder.render import render_nftables
+from builder.site import load_site
+from builder.verify import evaluate
+
+NOW = 1_800_000_000.0
+
+
+@pytest.fixture
+def site_keys(site_dir):
+    site = load_site(site_dir / "site.toml")
+    return site, State.for_site(site).keys_for(site)
+
+
+@pytest.fixture
+def facts(site_keys):
+    """What a healthy appliance reports."""
+    site, keys = site_keys
+    peers = []
+    for p in site.peers:
+        pk = keys.peers[p.name]
+        peers.append(
+            {
+                "public_key": pk.public,
+                "psk_sha256": hashlib.sha256(pk.psk.encode()).hexdigest() if pk.psk else None,
+                "endpoint": None,
+                "allowed_ips": sorted(str(n) for n in p.allowed_ips),
+                "latest_handshake": int(NOW - 30),
+                "rx": 1,
+                "tx": 1,
+                "keepalive": p.keepalive or 0,
+            }
+        )
+    # `nft list ruleset` prints rules as the conf file writes them, indented.
+    return {
+        "time": NOW,
+        "cloud_init": {"rc": 0, "out": "status: done\n", "err": ""},
+        "cloud_init_result": json.dumps({"v1": {"errors": []}}),
+        "cloud_init_log_tail": "",
+        "wg": {"public_key": keys.wg_public, "listen_port": 51820, "peers": peers},
+        "wg_link": [
+            {"ifname": "wg0", "flags": ["POINTOPOINT", "NOARP", "UP", "LOWER_UP"], "mtu": 1420}
+        ],
+        "ip_forward": "1",
+        "ip6_forward": "1",
+        "nft": {"rc": 0, "out": render_nftables(site), "err": ""},
+        "routes": [{"dst": "192.168.88.0/24", "dev": "wg0"}],
+        "gateway": {"ok": True, "detail": "0.3 ms"},
+        "disk_free": 1.5e9,
+        "disk_total": 2e9,
+        "mem_available": 300e6,
+        "mem_total": 500e6,
+        "uptime": 100.0,
+    }
+
+
+def failing(report) -> dict[str, str]:
+    return {c.name: c.detail for c in report.checks if not c.ok}
+
+
+def test_healthy_appliance_passes(site_keys, facts):
+    site, keys = site_keys
+    report = evaluate(site, keys, facts, NOW)
+    assert report.ok, failing(report)
+    doc = json.loads(report.to_json())
+    assert doc["ok"] is True and doc["appliance"] == "wg-gw"
+    assert {
+        "ssh",
+        "cloud-init",
+        "wg0",
+        "peers",
+        "forwarding",
+        "nftables",
+        "routes",
+        "gateway",
+        "handshake laptop",
+        "resources",
+    } <= {c["name"] for c in doc["checks"]}
+    assert "PASS" in report.table()
+
+
+@pytest.mark.parametrize(
+    "name,mutate,fragment",
+    [
+        (
+            "cloud-init",
+            lambda f: f["cloud_init"].update(rc=1, out="status: error\n"),
+            "status: error",
+        ),
+        (
+            "wg0",
+            lambda f: f.update(wg={"error": "Unable to access interface"}, wg_link=[]),
+            "not up",
+        ),
+        ("wg0", lambda f: f["wg_link"][0].update(mtu=1500), "MTU 1500 != 1420"),
+        ("wg0", lambda f: f["wg"].update(listen_port=51821), "listen port 51821"),
+        ("peers", lambda f: f["wg"]["peers"].pop(0), "laptop: missing on the appliance"),
+        (
+            "peers",
+            lambda f: f["wg"]["peers"][2].update(allowed_ips=["10.77.0.10/32"]),
+            "branch: AllowedIPs",
+        ),
+        ("peers", lambda f: f["wg"]["peers"][0].update(psk_sha256="x"), "preshared key differs"),
+        (
+            "peers",
+            lambda f: f["wg"]["peers"].append(
+                {**f["wg"]["peers"][0], "public_key": "Z" * 43 + "="}
+            ),
+            "unknown peer",
+        ),
+        ("forwarding", lambda f: f.update(ip_forward="0"), "ip_forward=0"),
+        (
+            "nftables",
+            lambda f: f["nft"].update(out=f["nft"]["out"].replace("masquerade", "")),
+            "masquerade rule",
+        ),
+        ("nftables", lambda f: f["nft"].update(out=""), "table"),
+        ("routes", lambda f: f.update(routes=[]), "192.168.88.0/24"),
+        (
+            "gateway",
+            lambda f: f.update(gateway={"ok": False, "detail": "no echo reply"}),
+            "no echo reply",
+        ),
+        ("resources", lambda f: f.update(disk_free=10e6), "disk nearly full"),
+        ("resources", lambda f: f.update(time=NOW + 600), "clock off"),
+    ],
+)
+def test_each_check_can_fail(site_keys, facts, name, mutate, fragment):
+    site, keys = site_keys
+    broken = copy.deepcopy(facts)
+    mutate(broken)
+    report = evaluate(site, keys, broken, NOW)
+    assert not report.ok
+    assert name in failing(report), failing(report)
+    assert fragment in failing(report)[name]
+
+
+def test_handshakes_required_only_when_asked(site_keys, facts):
+    site, keys = site_keys
+    stale = copy.deepcopy(facts)
+    for p in stale["wg"]["peers"]:
+        p["latest_handshake"] = 0
+    assert evaluate(site, keys, stale, NOW).ok, "road warriors' handshakes are informational"
+    report = evaluate(site, keys, stale, NOW, required={"laptop"})
+    assert failing(report) == {"handshake laptop": "no handshake yet"}
