@@ -43,6 +43,7 @@ class DomainSpec:
     mac: str
     serial_log_path: str
     metadata: dict[str, str]
+    uuid: str | None = None  # set when redefining: libvirt keeps a domain's UUID for its name
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -70,6 +71,8 @@ def domain_xml(spec: DomainSpec) -> str:
     serial console, virtio-rng, and our metadata."""
     dom = ET.Element("domain", type=spec.virt_type)
     _sub(dom, "name", spec.name)
+    if spec.uuid is not None:
+        _sub(dom, "uuid", spec.uuid)
     site = spec.metadata.get(META_SITE, spec.name)
     _sub(dom, "description", f"WireGuard gateway for site {site}; managed by wg-appliance")
     meta = _sub(dom, "metadata")

@@ -310,6 +310,8 @@ def define_domain(conn: libvirt.virConnect, spec: DomainSpec) -> libvirt.virDoma
             f"the host already has a domain {spec.name} that wg-appliance did not make",
             "choose another appliance name, or remove that domain yourself",
         )
+    if existing is not None:
+        spec = replace(spec, uuid=existing.UUIDString())
     try:
         return conn.defineXML(domain_xml(spec))
     except libvirt.libvirtError as e:
@@ -339,29 +341,48 @@ def stopped_by_qemu(dom: libvirt.virDomain, watch_s: float) -> bool:
     return False
 
 
+def _kvm_problem(dom: libvirt.virDomain, spec: DomainSpec, watch_s: float) -> str | None:
+    """Start `dom` under KVM; say what went wrong, or None when it still runs after `watch_s`.
+
+    Nested KVM fails in two ways: qemu refuses to start (e.g. "failed to set MSR") or pauses
+    the guest with "KVM internal error" once it runs.
+    """
+    try:
+        _create(dom, spec)
+    except HostError as e:
+        if e.fix == BRIDGE_FIX:
+            raise
+        return e.what
+    if watch_s > 0 and stopped_by_qemu(dom, watch_s):
+        dom.destroy()
+        return "qemu paused the guest (KVM internal error)"
+    return None
+
+
 def start_domain(
     conn: libvirt.virConnect,
     spec: DomainSpec,
     progress: Progress | None = None,
     kvm_watch_s: float = 15.0,
 ) -> libvirt.virDomain:
-    """Define, start and autostart the appliance; fall back from KVM to TCG when qemu stops
-    the guest under KVM (unless WG_APPLIANCE_VIRT_TYPE=kvm insists)."""
+    """Define, start and autostart the appliance; fall back from KVM to TCG when KVM fails
+    (unless WG_APPLIANCE_VIRT_TYPE=kvm insists). The domain keeps the type that worked."""
     dom = define_domain(conn, spec)
     if dom.isActive():
         dom.destroy()
-    _create(dom, spec)
-    if spec.virt_type == "kvm" and kvm_watch_s > 0 and stopped_by_qemu(dom, kvm_watch_s):
-        dom.destroy()
+    problem = _kvm_problem(dom, spec, kvm_watch_s) if spec.virt_type == "kvm" else None
+    if spec.virt_type == "qemu":
+        _create(dom, spec)
+    elif problem is not None:
         if os.environ.get(ENV_VIRT_TYPE) == "kvm":
             raise HostError(
-                f"qemu stopped {spec.name} under KVM (nested virtualisation?)",
-                f"unset {ENV_VIRT_TYPE} or set it to qemu",
+                f"{spec.name} does not run under KVM: {problem}",
+                f"unset {ENV_VIRT_TYPE} or set it to qemu (nested virtualisation?)",
             )
         if progress:
             progress.say(
-                f"warning: KVM stopped the guest; running {spec.name} under TCG (slow). "
-                f"Set {ENV_VIRT_TYPE}=qemu to skip this probe."
+                f"warning: {spec.name} does not run under KVM ({problem}); running it under "
+                f"TCG, which is slow. Set {ENV_VIRT_TYPE}=qemu to skip trying KVM."
             )
         spec = replace(spec, virt_type="qemu")
         dom = define_domain(conn, spec)

@@ -157,6 +157,9 @@ def test_start_defines_starts_and_autostarts(conn: libvirt.virConnect) -> None:
         assert dom.isActive() and dom.autostart()
         assert parse_metadata(dom.XMLDesc(0))["site"] == "home"
         assert lh.stopped_by_qemu(dom, 1.0) is False
+        again = lh.start_domain(conn, replace(s, memory_mib=1024))
+        assert again.UUIDString() == dom.UUIDString()
+        assert again.maxMemory() == 1024 * 1024
     finally:
         lh.destroy_domain(conn, s.name)
 

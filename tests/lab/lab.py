@@ -135,6 +135,7 @@ class Lab:
         self.stop_libvirt()
         for ns in self.namespaces():
             self.remove_namespace(ns)
+        self.remove_stale_runtime_state()
         shutil.rmtree(DATA_DIR, ignore_errors=True)
         shutil.rmtree(STATE_DIR, ignore_errors=True)
 
@@ -273,6 +274,14 @@ class Lab:
             if pid is not None:
                 _stop_pid(pid)
             self.pid_file(name).unlink(missing_ok=True)
+
+    @staticmethod
+    def remove_stale_runtime_state() -> None:
+        """Remove /run/libvirt when no libvirt daemon answers there: it is then the state of a
+        dead daemon, and a new libvirtd would revive its pools and domains from it."""
+        run_dir = LIBVIRT_SOCK.parent
+        if run_dir.is_dir() and not any(_socket_answers(s) for s in run_dir.glob("*-sock")):
+            shutil.rmtree(run_dir, ignore_errors=True)
 
     def _destroy_domains(self) -> None:
         import libvirt
