@@ -98,8 +98,15 @@ def _socket_answers(path: Path) -> bool:
 
 
 class Lab:
-    """The lab's namespaces, links and daemons. Methods that add parts are small on purpose:
-    a RED link or a branch site is a few calls to add_namespace/add_veth/add_route."""
+    """The lab's namespaces, links and daemons. Methods that add parts are small on purpose,
+    so a RED link to an "internet" namespace is three lines in up():
+
+        self.add_namespace(INET_NS)
+        self.add_veth(HOST_NS, "red0", INET_NS, "eth0", address=IPv4Interface("203.0.113.1/24"),
+                      peer_address=IPv4Interface("203.0.113.2/24"))
+
+    Name new namespaces `wgl-*`: down() removes every namespace with that prefix.
+    """
 
     def __init__(self, lock_wait: float = 900.0) -> None:
         self.lock_wait = lock_wait
