@@ -1,0 +1,473 @@
+"""The appliance disk image: Debian 12 built from the recipe in images/, cached by its digest.
+
+The build is a straight pipeline of stages (bootstrap, configure, trim, scrub, filesystem,
+bootloader, compress), each a plain function over one BuildContext, each announced through
+`Progress.stage`. Every subprocess goes through `builder.run.run`. The build needs root:
+mmdebstrap runs in root mode and extlinux installs onto a loop mount.
+
+The disk is MBR with one ext4 partition at 1 MiB, booted by extlinux (no grub, no udev needed
+at build time). The filesystem is `^64bit` because extlinux cannot read 64-bit ext4. Nothing
+unique is baked in: no SSH host keys, an empty machine-id, no random seed, no passwords.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from builder.errors import GuestError, HostError
+from builder.progress import Progress
+from builder.run import run
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPE = REPO / "images"
+NAME = "wg-appliance"
+SUITE = "bookworm"
+# Bump when a stage changes what it produces, so cached images built by older code go stale.
+BUILD_FORMAT = "1"
+# Files in images/ that do not change the image, so they stay out of the digest.
+NOT_RECIPE = {"README-section.md", "host-packages.txt"}
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+MIB = 1024**2
+PART_OFFSET = MIB
+MBR_BIN = Path("/usr/lib/syslinux/mbr/mbr.bin")
+KEEP_CACHED = 3
+
+
+@dataclass(frozen=True)
+class Image:
+    path: Path
+    manifest_path: Path
+    digest: str
+    sha256: str
+    size: int
+
+    def manifest(self) -> dict:
+        return json.loads(self.manifest_path.read_text())
+
+
+@dataclass
+class BuildContext:
+    """What every stage reads; `kernel` and `packages` are filled in as the build learns them."""
+
+    recipe: Path
+    work: Path
+    digest: str
+    mirror: str | None
+    progress: Progress
+    kernel: str = ""
+    packages: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def root(self) -> Path:
+        return self.work / "root"
+
+    @property
+    def raw(self) -> Path:
+        return self.work / "disk.raw"
+
+    @property
+    def root_uuid(self) -> str:
+        """Derived from the digest: the same recipe gives the same fstab and boot config."""
+        return str(uuid.uuid5(uuid.NAMESPACE_URL, f"{NAME}:{self.digest}"))
+
+
+def default_cache_dir() -> Path:
+    """$WG_APPLIANCE_CACHE, else .cache/images in a checkout, else ~/.cache/wg-appliance/images."""
+    env = os.environ.get("WG_APPLIANCE_CACHE")
+    if env:
+        return Path(env)
+    if (REPO / ".git").exists() and RECIPE.is_dir():
+        return REPO / ".cache" / "images"
+    return Path.home() / ".cache" / NAME / "images"
+
+
+def read_list(path: Path) -> list[str]:
+    """A recipe list: one entry a line, blank lines and `#` comments ignored."""
+    lines = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
+    return [line for line in lines if line]
+
+
+def recipe_digest(mirror: str | None = None, recipe: Path = RECIPE) -> str:
+    """sha256 over every recipe file (path, mode, content), the build format and the mirror."""
+    h = hashlib.sha256(f"format={BUILD_FORMAT}\nmirror={mirror or ''}\n".encode())
+    for path in sorted(recipe.rglob("*")):
+        rel = path.relative_to(recipe).as_posix()
+        if rel in NOT_RECIPE or (path.is_dir() and not path.is_symlink()):
+            continue
+        if path.is_symlink():
+            h.update(f"link {rel} {os.readlink(path)}\n".encode())
+        else:
+            mode = "x" if os.access(path, os.X_OK) else "-"
+            data = path.read_bytes()
+            h.update(f"file {rel} {mode} {len(data)}\n".encode())
+            h.update(data)
+    return h.hexdigest()
+
+
+def sources(recipe: Path, mirror: str | None) -> list[str]:
+    lines = read_list(recipe / "sources.list")
+    if mirror:
+        lines = [
+            line.replace(DEFAULT_MIRROR + " ", mirror.rstrip("/") + " ")
+            for line in lines
+            if DEFAULT_MIRROR + "-security" not in line
+        ]
+    return lines
+
+
+# Stages -----------------------------------------------------------------------------------
+
+
+def bootstrap(ctx: BuildContext) -> None:
+    """Install the packages with dpkg path filters. The rootfs tree goes in once the essential
+    packages are in (for the apt pin and the initramfs config the kernel's postinst reads;
+    earlier would upset the merged-/usr setup) and again at the end, over what packages and
+    mmdebstrap wrote."""
+    tree = ctx.recipe / "rootfs"
+    if re.search(r"\s", str(tree)):
+        raise HostError(f"recipe path has whitespace: {tree}", "move the checkout")
+    packages = read_list(ctx.recipe / "packages.txt")
+    argv: list[str] = [
+        "mmdebstrap",
+        "--variant=minbase",
+        "--mode=root",
+        "--format=directory",
+        '--aptopt=APT::Install-Recommends "false"',
+        "--include=" + ",".join(packages),
+        *(f"--dpkgopt={rule}" for rule in read_list(ctx.recipe / "dpkg-excludes.txt")),
+        f"--essential-hook=sync-in {tree} /",
+        f"--customize-hook=sync-in {tree} /",
+        SUITE,
+        str(ctx.root),
+        *sources(ctx.recipe, ctx.mirror),
+    ]
+    run(argv, timeout=1800)
+    kernels = sorted(p.name.removeprefix("vmlinuz-") for p in (ctx.root / "boot").glob("vmlinuz-*"))
+    if len(kernels) != 1:
+        raise GuestError(f"expected one kernel in /boot, found {kernels}")
+    ctx.kernel = kernels[0]
+    out = run(["chroot", ctx.root, "dpkg-query", "-W", "-f=${Package}\t${Version}\n"]).stdout
+    ctx.packages = dict(sorted(line.split("\t", 1) for line in out.splitlines() if line))
+
+
+def configure(ctx: BuildContext) -> None:
+    """Units, fstab, resolv.conf and the extlinux menu."""
+    units: dict[str, list[str]] = {"enable": [], "disable": []}
+    for line in read_list(ctx.recipe / "units.txt"):
+        verb, unit = line.split()
+        units[verb].append(unit)
+    for verb, names in units.items():
+        if names:
+            run(["chroot", ctx.root, "systemctl", verb, "--quiet", *names])
+    (ctx.root / "etc/fstab").write_text(
+        f"UUID={ctx.root_uuid} / ext4 defaults,errors=remount-ro 0 1\n"
+    )
+    resolv = ctx.root / "etc/resolv.conf"
+    resolv.unlink(missing_ok=True)
+    resolv.symlink_to("../run/systemd/resolve/stub-resolv.conf")
+    template = (ctx.recipe / "extlinux.conf").read_text()
+    conf = ctx.root / "boot/extlinux/extlinux.conf"
+    conf.parent.mkdir(parents=True, exist_ok=True)
+    conf.write_text(
+        template.format(
+            kernel=f"vmlinuz-{ctx.kernel}",
+            initrd=f"initrd.img-{ctx.kernel}",
+            root_uuid=ctx.root_uuid,
+        )
+    )
+
+
+def trim(ctx: BuildContext) -> None:
+    """Delete what drop.txt names and every kernel module the allowlist does not need."""
+    for pattern in read_list(ctx.recipe / "drop.txt"):
+        for path in ctx.root.glob(pattern):
+            remove(path)
+    kept, dropped = trim_modules(ctx.root, ctx.kernel, read_list(ctx.recipe / "modules.txt"))
+    ctx.progress.say(f"kernel modules: kept {len(kept)}, deleted {dropped}")
+    run(["depmod", "--basedir", ctx.root, ctx.kernel])
+
+
+def scrub(ctx: BuildContext) -> None:
+    """Remove everything that must be unique per machine or that records the build host."""
+    for pattern in (
+        "etc/ssh/ssh_host_*",
+        "var/lib/systemd/random-seed",
+        "var/lib/dbus/machine-id",
+        "var/lib/cloud/*",
+        "var/log/journal/*",
+        "tmp/*",
+        "var/tmp/*",
+        "root/.*history",
+    ):
+        for path in ctx.root.glob(pattern):
+            remove(path)
+    # Empty, not absent: systemd then makes one at first boot and treats the boot as the first.
+    (ctx.root / "etc/machine-id").write_text("")
+
+
+def make_filesystem(ctx: BuildContext) -> None:
+    """A sparse disk file: MBR, one bootable partition at 1 MiB, ext4 filled from the tree."""
+    used = tree_size(ctx.root)
+    fs_bytes = round_up(int(used * 1.15) + 96 * MIB, MIB)
+    run(["truncate", "--size", str(PART_OFFSET + fs_bytes), ctx.raw])
+    label_id = "0x" + ctx.digest[:8]
+    run(
+        ["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", ctx.raw],
+        input=f"label: dos\nlabel-id: {label_id}\nstart={PART_OFFSET // 512}, type=83, bootable\n",
+    )
+    run(
+        [
+            "mke2fs", "-q", "-F", "-t", "ext4", "-O", "^64bit", "-b", "4096", "-i", "8192",
+            "-L", "root", "-U", ctx.root_uuid, "-E", f"offset={PART_OFFSET}",
+            "-d", ctx.root, ctx.raw, f"{fs_bytes // 1024}k",
+        ]
+    )  # fmt: skip
+
+
+def install_bootloader(ctx: BuildContext) -> None:
+    """extlinux into /boot/extlinux on a loop mount of the partition, syslinux's MBR code."""
+    mnt = ctx.work / "mnt"
+    mnt.mkdir()
+    run(["mount", "-o", f"loop,offset={PART_OFFSET}", ctx.raw, mnt])
+    try:
+        run(["extlinux", "--install", mnt / "boot/extlinux"])
+    finally:
+        run(["umount", mnt])
+    code = MBR_BIN.read_bytes()
+    if len(code) != 440:
+        raise HostError(
+            f"{MBR_BIN} is {len(code)} bytes, expected 440", "reinstall syslinux-common"
+        )
+    with open(ctx.raw, "r+b") as disk:
+        disk.write(code)
+
+
+def compress(ctx: BuildContext, qcow: Path) -> None:
+    """zlib-compressed qcow2: every qemu and libvirt reads it, zstd would gain little."""
+    run(["qemu-img", "convert", "-c", "-m", "4", "-W", "-O", "qcow2", ctx.raw, qcow])
+
+
+# Helpers ----------------------------------------------------------------------------------
+
+
+def remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def round_up(n: int, step: int) -> int:
+    return -(-n // step) * step
+
+
+def tree_size(root: Path) -> int:
+    """Bytes the tree takes on disk, counted in 4 KiB blocks as ext4 will store it."""
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            st = os.lstat(os.path.join(dirpath, name))
+            total += round_up(st.st_size, 4096)
+    return total
+
+
+def module_name(path: str) -> str:
+    return Path(path).name.removesuffix(".ko").replace("-", "_")
+
+
+def trim_modules(root: Path, kernel: str, patterns: list[str]) -> tuple[set[str], int]:
+    """Keep modules whose path below kernel/ matches a pattern, plus their dependencies and
+    soft dependencies (from modules.dep and modules.softdep); delete the rest."""
+    base = root / "usr/lib/modules" / kernel
+    deps: dict[str, list[str]] = {}
+    for line in (base / "modules.dep").read_text().splitlines():
+        mod, _, rest = line.partition(":")
+        deps[mod] = rest.split()
+    by_name = {module_name(m): m for m in deps}
+    softdeps: dict[str, list[str]] = {}
+    softdep_file = base / "modules.softdep"
+    if softdep_file.exists():
+        for line in softdep_file.read_text().splitlines():
+            words = line.split()
+            if len(words) > 2 and words[0] == "softdep":
+                names = [w for w in words[2:] if not w.endswith(":")]
+                softdeps[by_name.get(words[1].replace("-", "_"), "")] = [
+                    by_name[n.replace("-", "_")] for n in names if n.replace("-", "_") in by_name
+                ]
+    regexes = [re.compile(p) for p in patterns]
+    todo = [m for m in deps if any(r.search(m.removeprefix("kernel/")) for r in regexes)]
+    kept: set[str] = set()
+    while todo:
+        mod = todo.pop()
+        if mod not in kept:
+            kept.add(mod)
+            todo += deps.get(mod, []) + softdeps.get(mod, [])
+    dropped = 0
+    for mod in deps:
+        if mod not in kept:
+            (base / mod).unlink()
+            dropped += 1
+    for dirpath, _, _ in sorted(os.walk(base / "kernel"), reverse=True):
+        if not os.listdir(dirpath):
+            os.rmdir(dirpath)
+    return kept, dropped
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """One build per digest at a time; a second caller waits, then finds it cached."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 * MIB):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def qcow_virtual_size(path: Path) -> int:
+    info = json.loads(run(["qemu-img", "info", "--output=json", path]).stdout)
+    return int(info["virtual-size"])
+
+
+def load_cached(entry: Path) -> Image | None:
+    qcow, manifest_path = entry / f"{NAME}.qcow2", entry / f"{NAME}.json"
+    if not (qcow.is_file() and manifest_path.is_file()):
+        return None
+    manifest = json.loads(manifest_path.read_text())
+    if qcow.stat().st_size != manifest["size"]:
+        return None
+    return Image(qcow, manifest_path, manifest["digest"], manifest["sha256"], manifest["size"])
+
+
+def prune(cache: Path, keep: Path) -> None:
+    """Keep the newest few images: a cache, not an archive."""
+    entries = sorted(
+        (p for p in cache.iterdir() if p.is_dir() and (p / f"{NAME}.json").exists()),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
+    for old in entries[KEEP_CACHED:]:
+        if old != keep:
+            shutil.rmtree(old)
+
+
+def check_host() -> None:
+    if os.geteuid() != 0:
+        raise HostError("building the image needs root (mmdebstrap, loop mount)", "run as root")
+    missing = [
+        tool
+        for tool in ("mmdebstrap", "mke2fs", "sfdisk", "extlinux", "qemu-img", "depmod")
+        if not shutil.which(tool)
+    ]
+    if missing or not MBR_BIN.exists():
+        raise HostError(
+            f"missing build tools: {', '.join(missing) or MBR_BIN}",
+            "run `make setup` (installs images/host-packages.txt)",
+        )
+
+
+# Public entry points ----------------------------------------------------------------------
+
+
+def build_image(
+    *,
+    out: Path | None = None,
+    cache: Path,
+    mirror: str | None = None,
+    progress: Progress,
+    force: bool = False,
+) -> Image:
+    """The image for the current recipe: from the cache when the digest matches, else built.
+    With `out`, the qcow2 is also copied there, its manifest beside it as `<stem>.json`."""
+    digest = recipe_digest(mirror)
+    entry = cache / digest[:16]
+    with locked(cache / f"{digest[:16]}.lock"):
+        image = None if force else load_cached(entry)
+        if image:
+            progress.say(f"image cached: {image.path} (recipe {digest[:12]})")
+        else:
+            check_host()
+            image = _build(cache, entry, digest, mirror, progress)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        manifest_out = out.with_suffix(".json")
+        shutil.copyfile(image.path, out)
+        shutil.copyfile(image.manifest_path, manifest_out)
+        image = Image(out, manifest_out, image.digest, image.sha256, image.size)
+    return image
+
+
+def _build(cache: Path, entry: Path, digest: str, mirror: str | None, progress: Progress) -> Image:
+    t0 = time.monotonic()
+    cache.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f"build-{digest[:16]}-", dir=cache))
+    try:
+        ctx = BuildContext(RECIPE, work, digest, mirror, progress)
+        result = work / "result"
+        result.mkdir()
+        qcow = result / f"{NAME}.qcow2"
+        for name, stage in (
+            ("bootstrap", bootstrap),
+            ("configure", configure),
+            ("trim", trim),
+            ("scrub", scrub),
+            ("filesystem", make_filesystem),
+            ("bootloader", install_bootloader),
+        ):
+            with progress.stage(name):
+                stage(ctx)
+        with progress.stage("compress"):
+            compress(ctx, qcow)
+        manifest = {
+            "name": NAME,
+            "format": "qcow2",
+            "digest": digest,
+            "build_format": BUILD_FORMAT,
+            "suite": SUITE,
+            "mirror": mirror or DEFAULT_MIRROR,
+            "sha256": sha256_file(qcow),
+            "size": qcow.stat().st_size,
+            "virtual_size": qcow_virtual_size(qcow),
+            "tree_size": tree_size(ctx.root),
+            "kernel": ctx.kernel,
+            "root_uuid": ctx.root_uuid,
+            "packages": ctx.packages,
+            "build_seconds": round(time.monotonic() - t0, 1),
+            "built_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+        (result / f"{NAME}.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        if entry.exists():
+            shutil.rmtree(entry)
+        result.rename(entry)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    prune(cache, entry)
+    image = load_cached(entry)
+    assert image is not None
+    progress.say(
+        f"image built: {image.path} ({image.size / MIB:.1f} MiB) "
+        f"in {manifest['build_seconds']:.0f}s"
+    )
+    return image
