@@ -13,6 +13,7 @@ from builder import __version__
 from builder.errors import ApplianceError, InputError
 from builder.keys import State
 from builder.progress import Progress
+from builder.seed import make_seed
 from builder.site import Site, load_site
 
 Handler = Callable[[argparse.Namespace], int]
@@ -35,42 +36,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def write_files(out: Path, files: dict[str, bytes], secret: set[str]) -> list[str]:
-    """Write what changed (atomically, secrets 0600 from the start); return changed names."""
-    out.mkdir(parents=True, exist_ok=True)
-    changed = []
-    for name, data in files.items():
-        path = out / name
-        mode = 0o600 if name in secret else 0o644
-        if path.exists() and path.read_bytes() == data and (path.stat().st_mode & 0o777) == mode:
-            continue
-        tmp = out / f".{name}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-        changed.append(name)
-    return changed
-
-
-def render_to(site: Site, state: State, out: Path) -> tuple[list[str], str]:
-    """Render the seed into `out`; returns (changed file names, seed digest)."""
-    from builder.render import render_seed, seed_digest
-    from builder.seediso import make_iso
-
-    keys = state.keys_for(site)
-    seed = render_seed(site, keys)
-    files = {name: text.encode() for name, text in seed.items()}
-    files["seed.iso"] = make_iso(seed)
-    changed = write_files(out, files, secret={"user-data", "seed.iso"})
-    return changed, seed_digest(seed)
-
-
 def cmd_render(args: argparse.Namespace) -> int:
     site, state = _site_and_state(args)
     out = Path(args.out) if args.out else state.path / "seed"
-    changed, digest = render_to(site, state, out)
+    seed = make_seed(site, state.keys_for(site))
+    changed, digest = seed.write(out), seed.digest
     result = {
         "out": str(out),
         "changed": changed,
@@ -143,6 +113,84 @@ def cmd_verify(args: argparse.Namespace) -> int:
     site, state = _site_and_state(args)
     report = verify(site, state, timeout=args.timeout, required=set(args.require_handshake))
     print(report.to_json() if args.json else report.table())
+    return 0 if report.ok else 1
+
+
+def _image_for(args: argparse.Namespace, progress: Progress) -> tuple[Path, str]:
+    """(qcow2 path, content sha256): the given --image, else the cached build."""
+    if getattr(args, "image", None):
+        from builder.image import sha256_file
+
+        path = Path(args.image)
+        if not path.is_file():
+            raise InputError(str(path), "--image", "no such file")
+        manifest = path.with_suffix(".json")
+        if manifest.is_file():
+            return path, json.loads(manifest.read_text())["sha256"]
+        return path, sha256_file(path)
+    from builder.image import build_image, default_cache_dir
+
+    image = build_image(cache=default_cache_dir(), progress=progress)
+    return image.path, image.sha256
+
+
+def _deploy(args: argparse.Namespace, site: Site, state: State, progress: Progress):
+    from builder.deploy import deploy
+
+    image_path, image_sha = _image_for(args, progress)
+    return deploy(
+        site,
+        state,
+        image_path,
+        image_sha,
+        progress,
+        replace=args.replace,
+        boot_timeout=args.timeout,
+    )
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    site, state = _site_and_state(args)
+    result = _deploy(args, site, state, Progress(quiet=args.json))
+    if args.json:
+        print(json.dumps(result.__dict__))
+    else:
+        print(
+            f"{result.name}: {result.outcome} ({result.virt_type}) at {result.address}, "
+            f"{result.seconds:.0f}s"
+        )
+        print(f"next: wg-appliance verify --site {args.site}")
+    return 0
+
+
+def cmd_destroy(args: argparse.Namespace) -> int:
+    from builder.deploy import destroy
+
+    site = load_site(args.site)
+    removed = destroy(site, keep_disk=args.keep_disk, everything=args.all)
+    if args.json:
+        print(json.dumps({"removed": removed}))
+    else:
+        print("removed: " + ", ".join(removed) if removed else f"{site.name}: nothing to remove")
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """The whole path: image, seed, deploy, verify; the state dir keeps the keys."""
+    from builder.verify import verify
+
+    site, state = _site_and_state(args)
+    progress = Progress()
+    result = _deploy(args, site, state, progress)
+    progress.say(f"{result.name}: {result.outcome} ({result.virt_type}) at {result.address}")
+    with progress.stage("verify"):
+        report = verify(site, state)
+    print(report.table())
+    print(
+        f"\nlog in: ssh -i {state.admin_key_path} -o UserKnownHostsFile={state.known_hosts_path} "
+        f"{site.ssh.user}@{result.address}"
+    )
+    print(f"client config: wg-appliance peer-config --site {args.site} PEER --qr -")
     return 0 if report.ok else 1
 
 
@@ -222,6 +270,53 @@ def _parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--force", action="store_true", help="rebuild even when cached")
     sp.add_argument("--quiet", action="store_true", help="no progress output")
+    sp.add_argument("--json", action="store_true", help="machine-readable result")
+
+    for name, help, example, handler in (
+        (
+            "deploy",
+            "deploy the appliance to the site's libvirt host and wait for SSH",
+            "wg-appliance deploy --site site.toml",
+            cmd_deploy,
+        ),
+        (
+            "up",
+            "image, deploy and verify in one go (what `make appliance` runs)",
+            "wg-appliance up --site site.toml",
+            cmd_up,
+        ),
+    ):
+        sp = command(name, help, example, handler)
+        sp.add_argument(
+            "--image", metavar="FILE", help="a built qcow2 (default: build or reuse the cached one)"
+        )
+        sp.add_argument(
+            "--replace",
+            action="store_true",
+            help="recreate the VM when the site changed (keys are kept)",
+        )
+        sp.add_argument(
+            "--timeout",
+            type=float,
+            default=900.0,
+            metavar="S",
+            help="how long to wait for the appliance's SSH (default 900)",
+        )
+        if name == "deploy":
+            sp.add_argument("--json", action="store_true", help="machine-readable result")
+
+    sp = command(
+        "destroy",
+        "remove the appliance's VM and its own volumes",
+        "wg-appliance destroy --site site.toml --keep-disk",
+        cmd_destroy,
+    )
+    sp.add_argument("--keep-disk", action="store_true", help="keep the appliance's disk volume")
+    sp.add_argument(
+        "--all",
+        action="store_true",
+        help="also remove the shared base image when no other appliance uses it",
+    )
     sp.add_argument("--json", action="store_true", help="machine-readable result")
 
     sp = command(

@@ -18,6 +18,7 @@ import contextlib
 import os
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Collection
 from dataclasses import replace
 from pathlib import Path
 
@@ -391,8 +392,9 @@ def start_domain(
     return dom
 
 
-def destroy_domain(conn: libvirt.virConnect, name: str) -> list[str]:
-    """Stop and remove domain `name` and the volumes its metadata names; nothing else.
+def destroy_domain(conn: libvirt.virConnect, name: str, keep: Collection[str] = ()) -> list[str]:
+    """Stop and remove domain `name` and the volumes its metadata names, except those in
+    `keep`; nothing else.
 
     Returns what was removed. A missing domain is no error (destroy runs twice safely).
     """
@@ -416,7 +418,11 @@ def destroy_domain(conn: libvirt.virConnect, name: str) -> list[str]:
         )
         removed.append(f"domain {name}")
         pool = find_pool(conn, meta[META_POOL]) if meta.get(META_POOL) else None
+        if pool is not None:
+            pool.refresh(0)  # files qemu made (the serial log) are volumes only after this
         for vol_name in owned_volumes(meta) if pool is not None else []:
+            if vol_name in keep:
+                continue
             vol = find_volume(pool, vol_name)
             if vol is not None:
                 vol.delete(0)

@@ -120,23 +120,31 @@ def peer_drift(site: Site, keys: Keys, live: list[dict[str, Any]]) -> list[str]:
     return drift
 
 
-def _cloud_init(facts: dict[str, Any]) -> Check:
-    status = facts["cloud_init"]
-    text = status["out"].strip()
-    first = text.splitlines()[0] if text else status["err"].strip()
+def _json(text: str) -> dict[str, Any]:
     try:
-        errors = json.loads(facts["cloud_init_result"] or "{}").get("v1", {}).get("errors", [])
+        return json.loads(text) if text else {}
     except ValueError:
-        errors = []
-    if status["rc"] == 0 and "status: done" in text and not errors:
-        return Check("cloud-init", True, "done, no errors")
-    tail = " | ".join(
-        ln
-        for ln in facts["cloud_init_log_tail"].splitlines()[-40:]
-        if "WARNING" in ln or "ERROR" in ln
-    )[-600:]
-    detail = first + (f"; errors: {'; '.join(errors)[:300]}" if errors else "")
-    return Check("cloud-init", False, detail + (f"; log: {tail}" if tail else ""))
+        return {}
+
+
+def _cloud_init(facts: dict[str, Any]) -> Check:
+    """Judged from /run/cloud-init/{status,result}.json, as `cloud-init status` does."""
+    status = _json(facts["cloud_init_status"]).get("v1", {})
+    result = _json(facts["cloud_init_result"]).get("v1")
+    errors = list(result.get("errors", [])) if result else []
+    for stage, info in status.items():
+        if isinstance(info, dict):
+            errors += [f"{stage}: {e}" for e in info.get("errors", [])]
+    lines = facts["cloud_init_log_tail"].splitlines()[-40:]
+    tail = " | ".join(ln for ln in lines if "WARNING" in ln or "ERROR" in ln)[-600:]
+    if not status:
+        return Check("cloud-init", False, "has not run (no /run/cloud-init/status.json)")
+    if result is None or status.get("stage"):
+        return Check("cloud-init", False, f"still running (stage {status.get('stage') or 'final'})")
+    if errors:
+        detail = "errors: " + "; ".join(str(e) for e in errors)[:400]
+        return Check("cloud-init", False, detail + (f"; log: {tail}" if tail else ""))
+    return Check("cloud-init", True, "done, no errors")
 
 
 def _wg0(site: Site, keys: Keys, facts: dict[str, Any]) -> Check:

@@ -45,7 +45,9 @@ def facts(site_keys):
     # `nft list ruleset` prints rules as the conf file writes them, indented.
     return {
         "time": NOW,
-        "cloud_init": {"rc": 0, "out": "status: done\n", "err": ""},
+        "cloud_init_status": json.dumps(
+            {"v1": {"stage": None, "init": {"errors": []}, "modules-final": {"errors": []}}}
+        ),
         "cloud_init_result": json.dumps({"v1": {"errors": []}}),
         "cloud_init_log_tail": "",
         "wg": {"public_key": keys.wg_public, "listen_port": 51820, "peers": peers},
@@ -93,10 +95,17 @@ def test_healthy_appliance_passes(site_keys, facts):
 @pytest.mark.parametrize(
     "name,mutate,fragment",
     [
+        ("cloud-init", lambda f: f.update(cloud_init_result=""), "still running"),
+        ("cloud-init", lambda f: f.update(cloud_init_status=""), "has not run"),
         (
             "cloud-init",
-            lambda f: f["cloud_init"].update(rc=1, out="status: error\n"),
-            "status: error",
+            lambda f: f.update(cloud_init_result='{"v1": {"errors": ["locale failed"]}}'),
+            "locale failed",
+        ),
+        (
+            "cloud-init",
+            lambda f: f.update(cloud_init_status='{"v1": {"stage": null, "a": {"errors": ["x"]}}}'),
+            "a: x",
         ),
         (
             "wg0",

@@ -46,6 +46,8 @@ ETC_DIR = DATA_DIR / "etc-libvirt"
 LOG_DIR = DATA_DIR / "log"
 POOL_NAME = "wgl-images"
 POOL_PATH = DATA_DIR / "images"
+# libvirtd sees this as /var/lib/libvirt/images, so a site's default pool_path lives in the lab.
+IMAGES_DIR = DATA_DIR / "libvirt-images"
 LOCK_FILE = Path("/run/wgl-lab.lock")
 LIBVIRT_SOCK = Path("/run/libvirt/libvirt-sock")
 
@@ -248,7 +250,13 @@ class Lab:
                 "stop it first; the lab needs its own libvirtd inside the host namespace",
             )
         STATE_DIR.mkdir(parents=True, exist_ok=True)
-        for d in (ETC_DIR, LOG_DIR / "qemu", POOL_PATH):
+        for d in (
+            ETC_DIR,
+            LOG_DIR / "qemu",
+            POOL_PATH,
+            IMAGES_DIR,
+            Path("/var/lib/libvirt/images"),
+        ):
             d.mkdir(parents=True, exist_ok=True)
         # Only the daemons' settings: no domains, pools, networks or autostart links.
         for conf in Path("/etc/libvirt").glob("*.conf"):
@@ -258,11 +266,12 @@ class Lab:
         Path("/var/log/libvirt").mkdir(parents=True, exist_ok=True)
         script = (
             'mount --bind "$1" /etc/libvirt && mount --bind "$2" /var/log/libvirt'
-            ' && virtlogd -d -p "$3" && exec libvirtd -d -p "$4"'
+            ' && mount --bind "$3" /var/lib/libvirt/images'
+            ' && virtlogd -d -p "$4" && exec libvirtd -d -p "$5"'
         )
         unshare = ["unshare", "--mount", "--propagation", "slave", "--", "sh", "-c", script, "sh"]
         pid_files = [self.pid_file(name) for name in DAEMONS]
-        self.exec(HOST_NS, [*unshare, ETC_DIR, LOG_DIR, *pid_files], timeout=60)
+        self.exec(HOST_NS, [*unshare, ETC_DIR, LOG_DIR, IMAGES_DIR, *pid_files], timeout=60)
         deadline = time.monotonic() + 30
         while not _socket_answers(LIBVIRT_SOCK):
             if time.monotonic() > deadline:
@@ -324,6 +333,7 @@ class Lab:
         for inside, outside in (
             (Path("/var/log/libvirt"), LOG_DIR),
             (Path("/etc/libvirt"), ETC_DIR),
+            (Path("/var/lib/libvirt/images"), IMAGES_DIR),
         ):
             if p.is_relative_to(inside):
                 return outside / p.relative_to(inside)

@@ -1,0 +1,290 @@
+"""deploy and destroy: the site on a libvirt host, converging from wherever a run stopped.
+
+Order matters for convergence: volumes first (named by digest, so a finished upload is
+never repeated), then the domain (its metadata records what it was made from), then the
+start and the wait for SSH. A run killed anywhere leaves a state the next run completes.
+"""
+
+from __future__ import annotations
+
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+import libvirt
+
+from builder import libvirt_host as lh
+from builder.domain import (
+    META_IMAGE_DIGEST,
+    META_POOL,
+    META_SEED_DIGEST,
+    META_SITE,
+    META_VOLUMES,
+    DomainSpec,
+)
+from builder.errors import ConnectError, HostError
+from builder.keys import State
+from builder.progress import Progress
+from builder.seed import make_seed
+from builder.site import Site
+from builder.ssh import execute, wait_for_ssh
+from builder.verify import target_for
+
+BOOT_TIMEOUT_S = 900.0
+CLOUD_INIT_RESULT = "/run/cloud-init/result.json"
+
+
+class SiteChanged(HostError):
+    """The deployed appliance was made from other input; --replace recreates it."""
+
+
+@dataclass(frozen=True)
+class Deployed:
+    name: str
+    outcome: str  # "created", "replaced", "started", "up to date"
+    virt_type: str
+    address: str
+    seconds: float
+
+
+BASE_PREFIX = "wg-appliance-base-"
+
+
+def base_volume_name(image_digest: str) -> str:
+    return f"{BASE_PREFIX}{image_digest[:16]}.qcow2"
+
+
+def volume_names(site: Site, seed_digest: str) -> dict[str, str]:
+    return {
+        "disk": f"{site.name}-disk.qcow2",
+        "seed": f"{site.name}-seed-{seed_digest[:12]}.iso",
+        "serial": f"{site.name}-serial.log",
+    }
+
+
+def wanted_metadata(site: Site, image_digest: str, seed_digest: str) -> dict[str, str]:
+    names = volume_names(site, seed_digest)
+    return {
+        META_SITE: site.name,
+        META_IMAGE_DIGEST: image_digest,
+        META_SEED_DIGEST: seed_digest,
+        META_POOL: site.host.pool,
+        META_VOLUMES: " ".join(names.values()),
+        "memory-mib": str(site.appliance.memory_mib),
+        "vcpus": str(site.appliance.vcpus),
+        "disk-gib": str(site.appliance.disk_gib),
+        "bridge": site.host.bridge,
+        "mac": site.lan.mac,
+    }
+
+
+def differences(have: dict[str, str], want: dict[str, str]) -> list[str]:
+    labels = {
+        META_IMAGE_DIGEST: "image",
+        META_SEED_DIGEST: "seed (site, peers or keys)",
+    }
+    out = []
+    for key, value in want.items():
+        if key == META_VOLUMES:
+            continue
+        if have.get(key) != value:
+            label = labels.get(key, key)
+            out.append(f"{label}: {have.get(key, '(none)')[:16]} -> {value[:16]}")
+    return out
+
+
+def preflight(conn: libvirt.virConnect, site: Site, need_memory: bool) -> tuple[str, list[str]]:
+    """Checks before anything changes; raises on the first failure with its fix."""
+    virt_type, why = lh.choose_virt_type(conn)
+    report = [f"libvirt: {site.host.uri} reachable", f"virtualisation: {virt_type} ({why})"]
+    lh.check_bridge(conn, site.host.bridge)
+    report.append(f"bridge: {site.host.bridge}")
+    if need_memory:
+        lh.check_memory(conn, site.appliance.memory_mib)
+        report.append(f"memory: {site.appliance.memory_mib} MiB available")
+    return virt_type, report
+
+
+def serial_tail(pool: libvirt.virStoragePool, name: str, max_bytes: int = 4096) -> str:
+    """The end of the serial log, read through libvirt so it works on remote hosts too."""
+    try:
+        pool.refresh(0)
+        vol = pool.storageVolLookupByName(name)
+        size = lh.volume_file_size(vol)
+        offset = max(0, size - max_bytes)
+        stream = pool.connect().newStream(0)
+        vol.download(stream, offset, size - offset, 0)
+        chunks = []
+        while data := stream.recv(65536):
+            if isinstance(data, int):
+                break
+            chunks.append(data)
+        stream.finish()
+        return b"".join(chunks).decode(errors="replace")
+    except libvirt.libvirtError as e:
+        return f"(serial log {name} unreadable: {e})"
+
+
+def _wait_ready(
+    site: Site,
+    state: State,
+    pool: libvirt.virStoragePool,
+    serial: str,
+    timeout: float,
+    progress: Progress,
+) -> None:
+    """Ready means: SSH answers with the pinned key and cloud-init has finished, since sshd
+    starts before cloud-init's final stage brings wg0 up."""
+    keys = state.keys_for(site)
+    deadline = time.monotonic() + timeout
+    with progress.stage(f"waiting for SSH on {site.lan.address.ip} (pinned host key)"):
+        try:
+            client = wait_for_ssh(target_for(site, keys), deadline)
+        except ConnectError as e:
+            tail = "\n".join(serial_tail(pool, serial).splitlines()[-25:])
+            raise HostError(
+                f"{site.name} did not answer SSH: {e}\n--- last lines of the serial log ---\n"
+                f"{tail}",
+                "check that the LAN address is free and the bridge reaches this machine; "
+                "run the same deploy again to keep waiting",
+            ) from None
+    with progress.stage("waiting for cloud-init to finish"):
+        try:
+            left = max(1, int(deadline - time.monotonic()))
+            result = execute(
+                client,
+                f"timeout {left} sh -c 'until [ -e {CLOUD_INIT_RESULT} ]; do sleep 1; done'",
+                timeout=left + 10,
+            )
+        finally:
+            client.close()
+        if result.rc != 0:
+            raise HostError(
+                f"cloud-init on {site.name} did not finish within {timeout:.0f}s",
+                f"run `wg-appliance verify --site {site.path}` to see what it is doing",
+            )
+
+
+def deploy(
+    site: Site,
+    state: State,
+    image_path: Path,
+    image_digest: str,
+    progress: Progress,
+    replace: bool = False,
+    boot_timeout: float = BOOT_TIMEOUT_S,
+) -> Deployed:
+    t0 = time.monotonic()
+    keys = state.keys_for(site)
+    seed = make_seed(site, keys)
+    want = wanted_metadata(site, image_digest, seed.digest)
+    names = volume_names(site, seed.digest)
+
+    conn = lh.connect(site.host.uri)
+    try:
+        dom = lh.find_domain(conn, site.name)
+        have = lh.domain_metadata(dom) if dom is not None else None
+        with progress.stage("preflight"):
+            virt_type, report = preflight(conn, site, need_memory=dom is None or replace)
+            for line in report:
+                progress.say(f"  {line}")
+        if dom is not None and have is None:
+            raise HostError(
+                f"the host already has a domain {site.name} that wg-appliance did not make",
+                "choose another appliance.name, or remove that domain yourself",
+            )
+        outcome = "created"
+        if have is not None:
+            diff = differences(have, want)
+            if diff and not replace:
+                raise SiteChanged(
+                    f"{site.name} on {site.host.uri} differs from the site file: "
+                    + "; ".join(diff),
+                    "run `wg-appliance deploy --replace` to recreate it with the same keys; "
+                    "peer and mode changes also apply live with `wg-appliance sync`",
+                )
+            if diff:
+                with progress.stage(f"removing the old {site.name}"):
+                    lh.destroy_domain(conn, site.name)
+                outcome = "replaced"
+            else:
+                pool = lh.ensure_pool(conn, site.host.pool, site.host.pool_path)
+                virt_type = ET.fromstring(dom.XMLDesc(0)).get("type", virt_type)
+                if not dom.isActive():
+                    with progress.stage(f"starting {site.name}"):
+                        dom.create()
+                    outcome = "started"
+                else:
+                    outcome = "up to date"
+                _wait_ready(site, state, pool, names["serial"], boot_timeout, progress)
+                return Deployed(
+                    site.name, outcome, virt_type, str(site.lan.address.ip), time.monotonic() - t0
+                )
+
+        seed.write(state.path / "seed")
+        with progress.stage("storage"):
+            pool = lh.ensure_pool(conn, site.host.pool, site.host.pool_path)
+            base = lh.upload_volume(pool, base_volume_name(image_digest), image_path, progress)
+            seed_vol = lh.upload_volume(
+                pool, names["seed"], state.path / "seed" / "seed.iso", progress
+            )
+            disk = lh.create_disk(pool, names["disk"], base, site.appliance.disk_gib)
+        pool_dir = Path(lh._pool_path(pool))
+        spec = DomainSpec(
+            name=site.name,
+            memory_mib=site.appliance.memory_mib,
+            vcpus=site.appliance.vcpus,
+            virt_type=virt_type,
+            disk_path=disk.path(),
+            seed_path=seed_vol.path(),
+            bridge=site.host.bridge,
+            mac=site.lan.mac,
+            serial_log_path=str(pool_dir / names["serial"]),
+            metadata=want,
+        )
+        with progress.stage(f"defining and starting {site.name} ({virt_type})"):
+            dom = lh.start_domain(conn, spec, progress)
+            virt_type = ET.fromstring(dom.XMLDesc(0)).get("type", virt_type)
+        _wait_ready(site, state, pool, names["serial"], boot_timeout, progress)
+        return Deployed(
+            site.name, outcome, virt_type, str(site.lan.address.ip), time.monotonic() - t0
+        )
+    except libvirt.libvirtError as e:
+        raise HostError(f"libvirt: {e}", "run the same command again; it resumes") from e
+    finally:
+        conn.close()
+
+
+def destroy(site: Site, keep_disk: bool = False, everything: bool = False) -> list[str]:
+    """Remove the appliance's domain and its own volumes (checked through the metadata);
+    with `everything`, also base images in the site's pool that no domain uses any more."""
+    conn = lh.connect(site.host.uri)
+    try:
+        keep = [volume_names(site, "")["disk"]] if keep_disk else []
+        removed = lh.destroy_domain(conn, site.name, keep=keep)
+        if everything:
+            removed += _remove_unused_bases(conn, site.host.pool)
+        return removed
+    except libvirt.libvirtError as e:
+        raise HostError(f"libvirt: {e}", "run the same command again") from e
+    finally:
+        conn.close()
+
+
+def _remove_unused_bases(conn: libvirt.virConnect, pool_name: str) -> list[str]:
+    pool = lh.find_pool(conn, pool_name)
+    if pool is None:
+        return []
+    used = set()
+    for dom in conn.listAllDomains(0):
+        meta = lh.domain_metadata(dom)
+        if meta and META_IMAGE_DIGEST in meta:
+            used.add(base_volume_name(meta[META_IMAGE_DIGEST]))
+    pool.refresh(0)
+    removed = []
+    for vol in pool.listAllVolumes(0):
+        if vol.name().startswith(BASE_PREFIX) and vol.name() not in used:
+            vol.delete(0)
+            removed.append(f"volume {vol.name()}")
+    return removed

@@ -1,0 +1,31 @@
+"""The seed as files: rendered in memory first, written only where the caller decides."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from builder.files import write_files
+from builder.keys import Keys
+from builder.render import render_seed, seed_digest
+from builder.seediso import make_iso
+from builder.site import Site
+
+SECRET = {"user-data", "seed.iso"}
+
+
+@dataclass(frozen=True)
+class Seed:
+    files: dict[str, bytes]
+    digest: str
+
+    def write(self, out: Path) -> list[str]:
+        """Write what changed into `out`; return the names written."""
+        return write_files(out, self.files, secret=SECRET)
+
+
+def make_seed(site: Site, keys: Keys) -> Seed:
+    seed = render_seed(site, keys)
+    files = {name: text.encode() for name, text in seed.items()}
+    files["seed.iso"] = make_iso(seed)
+    return Seed(files, seed_digest(seed))
