@@ -1,0 +1,345 @@
+"""What an IPFire host needs for an appliance: a firewall.local block and static routes.
+
+Pure: text in, text out. builder.ipfire_host fetches, uploads and applies.
+
+The block is a shell function plus a `case "$1"` of its own, placed before the admin's
+`case`: IPFire's `reload)` branch runs `$0 stop; $0 start`, so the block sees every
+start and stop without touching the admin's branches. Its rules live in chains of their
+own (WGA_<NAME>_FWD, _NAT, _RAW) jumped to from CUSTOMFORWARD, nat CUSTOMPREROUTING and
+raw PREROUTING, so stop removes exactly them and never flushes the shared CUSTOM* chains.
+
+Routed mode and the asymmetric path: the appliance sits on GREEN beside the LAN hosts.
+A LAN host sends tunnel-bound packets to its default gateway, IPFire, which routes them
+back out of GREEN to the appliance; the appliance answers the LAN host directly. IPFire
+sees one half of each flow, so conntrack (nf_conntrack_tcp_loose=0) marks it INVALID, or
+BADTCP drops it as "NEW without SYN" before CUSTOMFORWARD is reached. The block takes
+these GREEN-to-GREEN flows out of conntrack in the raw table (CT --notrack) and accepts
+them in its forward chain: untracked packets are neither NEW nor INVALID, so BADTCP and
+CONNTRACK let them pass. Masquerade at the appliance would avoid the routes but hide the
+far side's address; DHCP option 121 needs every LAN host's cooperation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from ipaddress import IPv4Network
+from pathlib import Path
+
+from builder.errors import HostError
+from builder.site import Site
+
+DATA = Path(__file__).resolve().parent.parent / "ipfire"
+FIREWALL_LOCAL = "/etc/sysconfig/firewall.local"
+ROUTING = "/var/ipfire/main/routing"
+RED_IFACE = "/var/ipfire/red/iface"
+STATIC_ROUTES = "/etc/rc.d/init.d/static-routes"
+IPTABLES = "/sbin/iptables -w"
+MARK = "wg-appliance"
+# iptables chain names hold at most 28 characters.
+CHAIN_MAX = 28
+
+BEGIN_RE = re.compile(rf"^# BEGIN {MARK} (\S+)\s*$")
+END_RE = re.compile(rf"^# END {MARK} (\S+)\s*$")
+META_RE = re.compile(rf"^# {MARK}-meta: (.*)$")
+CASE_RE = re.compile(r"""^\s*case\s+["']?\$\{?1\}?["']?\s+in\b""")
+
+
+@dataclass(frozen=True)
+class Chains:
+    forward: str
+    nat: str
+    raw: str
+    function: str
+
+    @property
+    def all(self) -> tuple[tuple[str, str], ...]:
+        """(table, chain) pairs, in the order stop removes them."""
+        return (("filter", self.forward), ("nat", self.nat), ("raw", self.raw))
+
+
+@dataclass(frozen=True)
+class Route:
+    network: IPv4Network
+    gateway: str
+    remark: str
+
+    def line(self) -> str:
+        return f"on,{self.network},{self.gateway},{self.remark}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The two files as they should be on the host, and what the admin should know."""
+
+    firewall_local: str
+    routing: str
+    notes: tuple[str, ...] = ()
+
+
+def chains_for(name: str) -> Chains:
+    """Chain and shell function names for an appliance; long names get a short digest."""
+    token = re.sub(r"[^A-Za-z0-9]", "_", name).upper()
+    room = CHAIN_MAX - len("WGA__FWD")
+    if len(token) > room:
+        digest = hashlib.sha256(name.encode()).hexdigest()[:6].upper()
+        token = f"{token[: room - 7]}_{digest}"
+    base = f"WGA_{token}"
+    return Chains(f"{base}_FWD", f"{base}_NAT", f"{base}_RAW", f"wga_{token.lower()}")
+
+
+def red_port(site: Site) -> int:
+    """The UDP port clients dial on RED: the endpoint's port (usually the listen port)."""
+    return site.wireguard.endpoint.port
+
+
+def routed_networks(site: Site) -> tuple[IPv4Network, ...]:
+    """Networks behind the appliance that GREEN reaches through it (IPFire 2.x is IPv4)."""
+    if site.wireguard.mode != "routed":
+        return ()
+    nets = [n for n in site.wireguard.networks if isinstance(n, IPv4Network)]
+    for peer in site.peers:
+        nets += [n for n in peer.networks if isinstance(n, IPv4Network)]
+    return tuple(dict.fromkeys(nets))
+
+
+def routes(site: Site) -> tuple[Route, ...]:
+    gateway = str(site.lan.address.ip)
+    out = []
+    tunnel = set(site.wireguard.networks)
+    for net in routed_networks(site):
+        what = "tunnel" if net in tunnel else "peer " + _peer_of(site, net)
+        out.append(Route(net, gateway, f"{MARK} {site.name} {what}"))
+    return tuple(out)
+
+
+def _peer_of(site: Site, net: IPv4Network) -> str:
+    return next(p.name for p in site.peers if net in p.networks)
+
+
+def teardown_lines(chains: Chains, indent: str = "") -> list[str]:
+    """Shell that removes an appliance's jumps and chains; harmless when they are gone."""
+    ipt = IPTABLES
+    lines = [
+        f"while {ipt} -D CUSTOMFORWARD -j {chains.forward} 2>/dev/null; do :; done",
+        f"while {ipt} -t nat -D CUSTOMPREROUTING -j {chains.nat} 2>/dev/null; do :; done",
+        f"while {ipt} -t raw -D PREROUTING -j {chains.raw} 2>/dev/null; do :; done",
+    ]
+    for table, chain in chains.all:
+        lines.append(f"{ipt} -t {table} -F {chain} 2>/dev/null")
+        lines.append(f"{ipt} -t {table} -X {chain} 2>/dev/null")
+    return [indent + line for line in lines]
+
+
+def teardown_script(name: str) -> str:
+    """Standalone teardown, run on removal in case the block was edited away by hand."""
+    return "\n".join(teardown_lines(chains_for(name))) + "\ntrue\n"
+
+
+def render_block(site: Site) -> str:
+    """The marked block for one appliance, ending with a newline."""
+    c = chains_for(site.name)
+    addr = site.lan.address.ip
+    lan = site.lan.address.network
+    br = site.host.bridge
+    port, listen = red_port(site), site.wireguard.listen_port
+    nets = routed_networks(site)
+    ipt = IPTABLES
+    t = "\t"
+    lines = [
+        f"# BEGIN {MARK} {site.name}",
+        f"# {MARK}-meta: address={addr} port={port} mode={site.wireguard.mode}",
+        f"# Managed by {MARK} for appliance {site.name} ({addr} on {br}, "
+        f"{site.wireguard.mode} mode).",
+        f"# Do not edit: `{MARK} ipfire --apply` rewrites this block, `--remove` deletes it.",
+        f"# Its rules live in chains {c.forward[:-4]}_* of their own: stop removes exactly them",
+        "# and never flushes the CUSTOM* chains that hold your own rules.",
+        f"{c.function}() {{",
+        *teardown_lines(c, t),
+        f'{t}[ "$1" = start ] || return 0',
+        f"{t}{ipt} -N {c.forward}",
+        f"{t}{ipt} -t nat -N {c.nat}",
+        f"{t}{ipt} -t raw -N {c.raw}",
+        f"{t}# Clients dial RED udp/{port}; RED's name is read now, as it changes with the uplink.",
+        f"{t}{c.function}_red=$(cat {RED_IFACE} 2>/dev/null)",
+        f'{t}if [ -n "${c.function}_red" ]; then',
+        f'{t}{t}{ipt} -t nat -A {c.nat} -i "${c.function}_red" -p udp --dport {port} '
+        f"-j DNAT --to-destination {addr}:{listen}",
+        f'{t}{t}{ipt} -A {c.forward} -i "${c.function}_red" -o {br} -p udp -d {addr} '
+        f"--dport {listen} -m conntrack --ctstate DNAT -j ACCEPT",
+        f"{t}else",
+        f'{t}{t}echo "{MARK} {site.name}: no port forward until RED is up" >&2',
+        f"{t}fi",
+    ]
+    if nets:
+        lines += [
+            f"{t}# Routed mode: IPFire sees only the LAN-to-tunnel half of these flows (the",
+            f"{t}# appliance answers LAN hosts directly): keep it out of conntrack, accept it.",
+        ]
+        for net in nets:
+            lines.append(f"{t}{ipt} -t raw -A {c.raw} -i {br} -s {lan} -d {net} -j CT --notrack")
+            lines.append(f"{t}{ipt} -A {c.forward} -i {br} -o {br} -s {lan} -d {net} -j ACCEPT")
+    lines += [
+        f"{t}{ipt} -A CUSTOMFORWARD -j {c.forward}",
+        f"{t}{ipt} -t nat -A CUSTOMPREROUTING -j {c.nat}",
+        f"{t}{ipt} -t raw -I PREROUTING -j {c.raw}",
+        "}",
+        'case "$1" in',
+        f'start|stop) {c.function} "$1" ;;',
+        "esac",
+        f"# END {MARK} {site.name}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class Block:
+    name: str
+    start: int  # line index of BEGIN
+    end: int  # line index of END
+    meta: dict[str, str]
+
+
+def find_blocks(text: str, where: str = FIREWALL_LOCAL) -> list[Block]:
+    """The wg-appliance blocks in a firewall.local; a broken marker pair is a HostError."""
+    lines = text.splitlines()
+    blocks: list[Block] = []
+    open_name, open_at, meta = None, 0, {}
+    for i, line in enumerate(lines):
+        if m := BEGIN_RE.match(line):
+            if open_name is not None:
+                raise _broken(where, open_name, i)
+            open_name, open_at, meta = m.group(1), i, {}
+        elif (m := META_RE.match(line)) and open_name is not None:
+            meta = dict(kv.split("=", 1) for kv in m.group(1).split() if "=" in kv)
+        elif m := END_RE.match(line):
+            if m.group(1) != open_name:
+                raise _broken(where, m.group(1), i)
+            blocks.append(Block(open_name, open_at, i, meta))
+            open_name = None
+    if open_name is not None:
+        raise _broken(where, open_name, open_at)
+    names = [b.name for b in blocks]
+    for n in names:
+        if names.count(n) > 1:
+            raise HostError(
+                f"{where}: the block of appliance {n} appears twice",
+                f"delete one of the two '# BEGIN {MARK} {n}' ... '# END' blocks by hand",
+            )
+    return blocks
+
+
+def _broken(where: str, name: str, index: int) -> HostError:
+    return HostError(
+        f"{where}: line {index + 1}: the '{MARK} {name}' block has unmatched BEGIN/END markers",
+        "repair the file by hand (restore a backup next to it, or delete the partial block)",
+    )
+
+
+def _insert_at(lines: list[str], blocks: list[Block]) -> int:
+    """After the last appliance block; else before the admin's `case "$1"` and the comment
+    right above it; else after the leading shebang and comments."""
+    if blocks:
+        at = blocks[-1].end + 1
+        return at + 1 if at < len(lines) and not lines[at].strip() else at
+    for i, line in enumerate(lines):
+        if CASE_RE.match(line):
+            while i > 1 and lines[i - 1].startswith("#"):
+                i -= 1
+            return i
+    i = 0
+    while i < len(lines) and lines[i].startswith("#"):
+        i += 1
+    return i
+
+
+def merge_firewall_local(current: str, site: Site) -> str:
+    """`current` with this appliance's block added or replaced; every other line kept."""
+    if not current.strip():
+        current = "#!/bin/sh\n"
+    blocks = find_blocks(current)
+    port = str(red_port(site))
+    for b in blocks:
+        if b.name != site.name and b.meta.get("port") == port:
+            raise HostError(
+                f"appliance {b.name} already forwards RED udp/{port} ({FIREWALL_LOCAL})",
+                "give this site another wireguard.endpoint port, or remove the other "
+                f"appliance with `{MARK} ipfire --remove`",
+            )
+    lines = current.splitlines()
+    block = render_block(site).splitlines()
+    mine = next((b for b in blocks if b.name == site.name), None)
+    if mine is not None:
+        lines[mine.start : mine.end + 1] = block
+    else:
+        at = _insert_at(lines, blocks)
+        lines[at:at] = [*block, ""]
+    return "\n".join(lines) + "\n"
+
+
+def remove_firewall_block(current: str, name: str) -> str:
+    """`current` without the appliance's block (and the blank line that followed it)."""
+    mine = next((b for b in find_blocks(current) if b.name == name), None)
+    if mine is None:
+        return current
+    lines = current.splitlines(keepends=True)
+    end = mine.end + 1
+    if end < len(lines) and not lines[end].strip():
+        end += 1
+    del lines[mine.start : end]
+    return "".join(lines)
+
+
+def _is_ours(line: str, name: str) -> bool:
+    parts = line.rstrip("\n").split(",", 3)
+    remark = parts[3] if len(parts) == 4 else ""
+    return remark == f"{MARK} {name}" or remark.startswith(f"{MARK} {name} ")
+
+
+def merge_routing(current: str, site: Site) -> tuple[str, tuple[str, ...]]:
+    """Routing file with this appliance's lines replaced; other lines kept in place.
+
+    Returns the text and notes about other lines routing the same networks.
+    """
+    mine = routes(site)
+    kept = [ln for ln in current.splitlines() if not _is_ours(ln, site.name)]
+    notes = []
+    wanted = {str(r.network) for r in mine}
+    for ln in kept:
+        parts = ln.split(",")
+        if len(parts) >= 3 and parts[0] == "on" and parts[1] in wanted:
+            notes.append(
+                f"{ROUTING} already routes {parts[1]} via {parts[2]} ({ln!r}); "
+                "IPFire applies the first line, so disable one of them"
+            )
+    text = "\n".join([*kept, *(r.line() for r in mine)])
+    return (text + "\n" if text else ""), tuple(notes)
+
+
+def remove_routing(current: str, name: str) -> str:
+    kept = [ln for ln in current.splitlines() if not _is_ours(ln, name)]
+    return "\n".join(kept) + "\n" if kept else ""
+
+
+def stock_firewall_local() -> str:
+    return (DATA / "firewall.local").read_text()
+
+
+def stock_routing() -> str:
+    return (DATA / "routing").read_text()
+
+
+def plan(
+    site: Site,
+    firewall_local: str | None = None,
+    routing: str | None = None,
+    remove: bool = False,
+) -> Plan:
+    """Both files as they should be; the host's current ones, else IPFire's stock ones."""
+    fw = stock_firewall_local() if firewall_local is None else firewall_local
+    rt = stock_routing() if routing is None else routing
+    if remove:
+        return Plan(remove_firewall_block(fw, site.name), remove_routing(rt, site.name))
+    new_rt, notes = merge_routing(rt, site)
+    return Plan(merge_firewall_local(fw, site), new_rt, notes)
