@@ -1,0 +1,470 @@
+"""The appliance image: recipe digest and module trimming (fast), then the built image itself
+(slow: built once per session, cached), and a first boot under qemu/TCG with a NoCloud seed,
+checked over SSH with a pinned host key. Guest networking is user-mode with restrict=on, and
+the only way in is a forward from a loopback port."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import re
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import paramiko
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
+
+from builder.image import (
+    CLOUD_INIT_DONE,
+    MBR_BIN,
+    PART_OFFSET,
+    RECIPE,
+    Image,
+    build_image,
+    default_cache_dir,
+    qemu_command,
+    read_list,
+    recipe_digest,
+    trim_modules,
+)
+from builder.progress import Progress
+from builder.seediso import make_iso
+
+MAC = "52:54:00:12:34:56"
+USER = "netadmin"
+HOSTNAME = "wg-test"
+SIZE_GOAL = 80_000_000
+
+
+# Fast: the recipe as data ---------------------------------------------------------------
+
+
+def test_recipe_lists_parse() -> None:
+    packages = read_list(RECIPE / "packages.txt")
+    for name in ("linux-image-cloud-amd64", "cloud-init", "openssh-server", "sudo",
+                 "wireguard-tools", "nftables", "usr-is-merged"):  # fmt: skip
+        assert name in packages
+    assert all(" " not in p and not p.startswith("#") for p in packages)
+    for pattern in read_list(RECIPE / "modules.txt"):
+        re.compile(pattern)
+
+
+def test_digest_covers_recipe_and_mirror(tmp_path: Path) -> None:
+    recipe = tmp_path / "images"
+    shutil.copytree(RECIPE, recipe, symlinks=True)
+    base = recipe_digest(recipe=recipe)
+    assert base == recipe_digest(recipe=recipe)
+    assert recipe_digest("http://mirror.example/debian", recipe=recipe) != base
+    (recipe / "README-section.md").write_text("docs do not change the image\n")
+    assert recipe_digest(recipe=recipe) == base
+    with open(recipe / "packages.txt", "a") as f:
+        f.write("htop\n")
+    assert recipe_digest(recipe=recipe) != base
+
+
+def test_trim_modules_keeps_dependency_closure(tmp_path: Path) -> None:
+    base = tmp_path / "usr/lib/modules/6.1.0-test"
+    mods = {
+        "kernel/drivers/block/virtio_blk.ko": ["kernel/drivers/virtio/virtio_ring.ko"],
+        "kernel/drivers/virtio/virtio_ring.ko": [],
+        "kernel/fs/ext4/ext4.ko": ["kernel/lib/crc16.ko"],
+        "kernel/lib/crc16.ko": [],
+        "kernel/lib/libcrc32c.ko": [],
+        "kernel/sound/core/snd.ko": [],
+    }
+    lines = []
+    for mod, deps in mods.items():
+        (base / mod).parent.mkdir(parents=True, exist_ok=True)
+        (base / mod).write_bytes(b"\0")
+        lines.append(f"{mod}: {' '.join(deps)}")
+    (base / "modules.dep").write_text("\n".join(lines) + "\n")
+    (base / "modules.softdep").write_text("softdep ext4 pre: libcrc32c\n")
+    kept, dropped = trim_modules(tmp_path, "6.1.0-test", [r"^drivers/block/", r"^fs/ext4/"])
+    assert kept == set(mods) - {"kernel/sound/core/snd.ko"}
+    assert dropped == 1
+    assert not (base / "kernel/sound").exists()
+
+
+# Slow: the built image ------------------------------------------------------------------
+
+
+class Disk:
+    """Read-only look into the image's root filesystem through debugfs: no mount, no root."""
+
+    def __init__(self, raw: Path):
+        self.raw = raw
+        self.fs = f"{raw}?offset={PART_OFFSET}"
+
+    def _debugfs(self, request: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["debugfs", "-R", request, self.fs], capture_output=True, text=True, check=True
+        )
+
+    def exists(self, path: str) -> bool:
+        return "File not found" not in self._debugfs(f"stat {path}").stderr
+
+    def read(self, path: str) -> str:
+        proc = self._debugfs(f"cat {path}")
+        assert "File not found" not in proc.stderr, path
+        return proc.stdout
+
+    def ls(self, path: str) -> list[str]:
+        """Names in a directory; `ls -p` prints /inode/mode/uid/gid/name/size/ lines."""
+        names = (line.split("/")[5] for line in self._debugfs(f"ls -p {path}").stdout.splitlines()
+                 if line.count("/") >= 6)  # fmt: skip
+        return [n for n in names if n not in (".", "..")]
+
+    def size(self, path: str) -> int:
+        found = re.search(r"Size: (\d+)", self._debugfs(f"stat {path}").stdout)
+        assert found, path
+        return int(found.group(1))
+
+
+@pytest.fixture(scope="module")
+def disk(appliance_image: Image, tmp_path_factory: pytest.TempPathFactory) -> Disk:
+    raw = tmp_path_factory.mktemp("image") / "disk.raw"
+    subprocess.run(
+        ["qemu-img", "convert", "-O", "raw", appliance_image.path, raw], check=True, timeout=120
+    )
+    return Disk(raw)
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_qcow2_is_sound(appliance_image: Image) -> None:
+    subprocess.run(["qemu-img", "check", appliance_image.path], check=True, capture_output=True)
+    info = json.loads(
+        subprocess.run(
+            ["qemu-img", "info", "--output=json", appliance_image.path],
+            check=True, capture_output=True, text=True,
+        ).stdout
+    )  # fmt: skip
+    assert info["format"] == "qcow2"
+    assert info["virtual-size"] >= 256 * 1024**2
+    assert appliance_image.size == appliance_image.path.stat().st_size
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_image_meets_size_goal(appliance_image: Image) -> None:
+    assert appliance_image.size <= SIZE_GOAL, f"{appliance_image.size / 1e6:.1f} MB"
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_manifest_describes_image(appliance_image: Image) -> None:
+    m = appliance_image.manifest()
+    assert m["digest"] == appliance_image.digest == recipe_digest(None)
+    assert m["sha256"] == appliance_image.sha256
+    with open(appliance_image.path, "rb") as f:
+        assert hashlib.file_digest(f, "sha256").hexdigest() == appliance_image.sha256
+    assert m["size"] == appliance_image.size
+    assert m["virtual_size"] > m["size"]
+    assert m["build_seconds"] > 0
+    assert m["kernel"].endswith("-cloud-amd64")
+    for name in ("cloud-init", "openssh-server", "wireguard-tools", "nftables", "sudo",
+                 "iproute2", "systemd", "cloud-guest-utils", "usr-is-merged"):  # fmt: skip
+        assert m["packages"].get(name), name
+    for name in ("usrmerge", "perl", "ifupdown", "locales-all", "gcc", "man-db"):
+        assert name not in m["packages"], name
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_bootloader_in_mbr(appliance_image: Image, disk: Disk) -> None:
+    with open(disk.raw, "rb") as f:
+        mbr = f.read(512)
+    assert mbr[:440] == MBR_BIN.read_bytes()
+    assert mbr[510:512] == b"\x55\xaa"
+    assert mbr[446] == 0x80, "first partition is not marked bootable"
+    assert int.from_bytes(mbr[454:458], "little") * 512 == PART_OFFSET
+    assert disk.exists("/boot/extlinux/ldlinux.sys")
+    conf = disk.read("/boot/extlinux/extlinux.conf")
+    m = appliance_image.manifest()
+    assert f"root=UUID={m['root_uuid']}" in conf and "console=ttyS0" in conf
+    for line in conf.splitlines():
+        if line.strip().startswith(("LINUX", "INITRD")):
+            assert disk.exists(line.split()[1]), line
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_required_programs_present(disk: Disk) -> None:
+    for path in ("/usr/bin/wg", "/usr/bin/wg-quick", "/usr/sbin/nft", "/usr/sbin/sshd",
+                 "/usr/bin/cloud-init", "/usr/bin/sudo", "/usr/sbin/ip", "/usr/bin/growpart",
+                 "/usr/sbin/resize2fs", "/usr/lib/systemd/systemd-networkd"):  # fmt: skip
+        assert disk.exists(path), path
+    kernel = [n for n in disk.ls("/usr/lib/modules") if n.endswith("-cloud-amd64")][0]
+    for mod in ("drivers/net/wireguard/wireguard.ko", "drivers/net/virtio_net.ko",
+                "net/netfilter/nf_tables.ko", "drivers/block/virtio_blk.ko"):  # fmt: skip
+        assert disk.exists(f"/usr/lib/modules/{kernel}/kernel/{mod}"), mod
+    assert not disk.exists(f"/usr/lib/modules/{kernel}/kernel/sound")
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_nothing_unique_baked_in(disk: Disk) -> None:
+    assert not [n for n in disk.ls("/etc/ssh") if n.startswith("ssh_host_")]
+    assert disk.size("/etc/machine-id") == 0
+    assert not disk.exists("/var/lib/dbus/machine-id")
+    assert not disk.exists("/var/lib/systemd/random-seed")
+    assert disk.ls("/var/lib/cloud") == []
+    for line in disk.read("/etc/shadow").splitlines():
+        user, password = line.split(":")[:2]
+        assert password in ("*", "!", "!*") or password.startswith("!"), user
+    assert disk.read("/etc/hostname").strip() == "wg-appliance"
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_trimmed(disk: Disk) -> None:
+    for path in ("/usr/share/man", "/usr/share/perl", "/usr/lib/x86_64-linux-gnu/perl",
+                 "/usr/share/locale", "/usr/bin/gcc", "/usr/lib/udev/hwdb.bin"):  # fmt: skip
+        assert not disk.exists(path) or disk.ls(path) == [], path
+    assert [n for n in disk.ls("/var/lib/apt/lists") if n not in ("lock", "partial")] == []
+    assert [n for n in disk.ls("/var/cache/apt") if n.endswith(".bin")] == []
+    cfg = disk.read("/etc/cloud/cloud.cfg.d/90-wg-appliance.cfg")
+    assert "datasource_list: [NoCloud, None]" in cfg
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_second_build_is_cache_hit(appliance_image: Image, tmp_path: Path) -> None:
+    t0 = time.monotonic()
+    again = build_image(cache=default_cache_dir(), progress=Progress(quiet=True))
+    assert time.monotonic() - t0 < 1.0
+    assert again == appliance_image
+    out = tmp_path / "out" / "appliance.qcow2"
+    copy = build_image(out=out, cache=default_cache_dir(), progress=Progress(quiet=True))
+    assert copy.path == out and copy.sha256 == appliance_image.sha256
+    assert json.loads(copy.manifest_path.read_text())["sha256"] == appliance_image.sha256
+    assert copy.manifest_path == tmp_path / "out" / "appliance.json"
+
+
+# Slow: a first boot under qemu ----------------------------------------------------------
+
+
+@dataclass
+class Guest:
+    port: int
+    host_key: paramiko.Ed25519Key
+    user_key: paramiko.Ed25519Key
+    serial: Path
+    boot_seconds: float
+
+    def ssh(self) -> paramiko.SSHClient:
+        client = paramiko.SSHClient()
+        client.get_host_keys().add(f"[127.0.0.1]:{self.port}", "ssh-ed25519", self.host_key)
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        client.connect(
+            "127.0.0.1", port=self.port, username=USER, pkey=self.user_key,
+            allow_agent=False, look_for_keys=False, timeout=30, banner_timeout=60,
+        )  # fmt: skip
+        return client
+
+    def run(self, command: str) -> tuple[int, str]:
+        with self.ssh() as client:
+            _, stdout, stderr = client.exec_command(command, timeout=120)
+            out = stdout.read().decode() + stderr.read().decode()
+            return stdout.channel.recv_exit_status(), out
+
+
+def openssh_private(key: ed25519.Ed25519PrivateKey) -> str:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    ).decode()
+
+
+def openssh_public(key: ed25519.Ed25519PrivateKey) -> str:
+    return (
+        key.public_key()
+        .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        .decode()
+    )
+
+
+def seed_files(host: ed25519.Ed25519PrivateKey, user: ed25519.Ed25519PrivateKey) -> dict:
+    """The same modules the appliance's real user-data uses, with values made up here."""
+    wg_key = base64.b64encode(
+        x25519.X25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+            serialization.NoEncryption(),
+        )
+    ).decode()  # fmt: skip
+    user_data = {
+        "hostname": HOSTNAME,
+        "manage_etc_hosts": True,
+        "preserve_hostname": False,
+        "disable_root": True,
+        "ssh_pwauth": False,
+        "ssh_deletekeys": True,
+        "ssh_genkeytypes": [],
+        "ssh_keys": {
+            "ed25519_private": openssh_private(host),
+            "ed25519_public": openssh_public(host),
+        },
+        "users": [
+            {
+                "name": USER,
+                "shell": "/bin/bash",
+                "lock_passwd": True,
+                "sudo": "ALL=(ALL) NOPASSWD:ALL",
+                "ssh_authorized_keys": [openssh_public(user)],
+            }
+        ],
+        "write_files": [
+            {
+                "path": "/etc/wireguard/wg0.conf",
+                "permissions": "0600",
+                "content": f"[Interface]\nAddress = 10.99.0.1/24\nListenPort = 51820\n"
+                f"PrivateKey = {wg_key}\n",
+            },
+            {
+                "path": "/etc/nftables.conf",
+                "content": "flush ruleset\ntable inet filter {\n chain input {\n"
+                "  type filter hook input priority 0; policy accept;\n"
+                "  udp dport 51820 accept\n }\n}\n"
+                "table ip nat {\n chain postrouting {\n"
+                "  type nat hook postrouting priority 100;\n"
+                "  ip saddr 10.99.0.0/24 oifname lan0 masquerade\n }\n}\n",
+            },
+            {"path": "/etc/sysctl.d/90-test.conf", "content": "net.ipv4.ip_forward = 1\n"},
+        ],
+        "runcmd": [
+            ["sysctl", "--load", "/etc/sysctl.d/90-test.conf"],
+            ["nft", "--file", "/etc/nftables.conf"],
+            ["systemctl", "enable", "--now", "wg-quick@wg0.service"],
+        ],
+    }
+    network_config = {
+        "version": 2,
+        "ethernets": {
+            "lan0": {
+                "match": {"macaddress": MAC},
+                "set-name": "lan0",
+                "addresses": ["10.0.2.15/24"],
+                "routes": [{"to": "0.0.0.0/0", "via": "10.0.2.2"}],
+            }
+        },
+    }
+    return {
+        # JSON is YAML; no YAML writer needed.
+        "user-data": "#cloud-config\n" + json.dumps(user_data, indent=1) + "\n",
+        "meta-data": f"instance-id: test-{int(time.time())}\nlocal-hostname: {HOSTNAME}\n",
+        "network-config": json.dumps(network_config, indent=1) + "\n",
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def guest(appliance_image: Image, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
+    """The image booted once under TCG from a 2 GiB overlay, until cloud-init finished."""
+    work = tmp_path_factory.mktemp("boot")
+    host, user = ed25519.Ed25519PrivateKey.generate(), ed25519.Ed25519PrivateKey.generate()
+    (work / "seed.iso").write_bytes(make_iso(seed_files(host, user)))
+    disk = work / "disk.qcow2"
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", appliance_image.path, "-F", "qcow2",
+         disk, "2G"], check=True,
+    )  # fmt: skip
+    serial, port = work / "serial.log", free_port()
+    argv = qemu_command(disk, serial) + [
+        "-cdrom", str(work / "seed.iso"),
+        "-nic", f"user,restrict=on,model=virtio-net-pci,mac={MAC},"
+        f"hostfwd=tcp:127.0.0.1:{port}-:22",
+    ]  # fmt: skip
+    t0 = time.monotonic()
+    with open(work / "qemu.err", "w") as err:
+        qemu = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = t0 + 420
+        while True:
+            log = serial.read_text(errors="replace") if serial.exists() else ""
+            if CLOUD_INIT_DONE.search(log):
+                break
+            assert qemu.poll() is None, f"qemu exited: {(work / 'qemu.err').read_text()}"
+            assert time.monotonic() < deadline, f"cloud-init did not finish; see {serial}"
+            time.sleep(1)
+        yield Guest(
+            port=port,
+            host_key=paramiko.Ed25519Key.from_private_key(io.StringIO(openssh_private(host))),
+            user_key=paramiko.Ed25519Key.from_private_key(io.StringIO(openssh_private(user))),
+            serial=serial,
+            boot_seconds=time.monotonic() - t0,
+        )
+    finally:
+        qemu.kill()
+        qemu.wait(timeout=30)
+
+
+@pytest.mark.slow
+@pytest.mark.vm
+def test_first_boot_cloud_init_clean(guest: Guest) -> None:
+    log = guest.serial.read_text(errors="replace")
+    assert "DataSourceNoCloud" in CLOUD_INIT_DONE.search(log).group(0)
+    problems = [line for line in log.splitlines()
+                if re.search(r"\[(WARNING|ERROR|CRITICAL)\]|Traceback", line)]  # fmt: skip
+    assert problems == []
+
+
+@pytest.mark.slow
+@pytest.mark.vm
+def test_ssh_with_pinned_host_key(guest: Guest) -> None:
+    rc, out = guest.run("hostname; id -un")
+    assert rc == 0 and out.split() == [HOSTNAME, USER]
+
+
+@pytest.mark.slow
+@pytest.mark.vm
+def test_wrong_host_key_is_rejected(guest: Guest) -> None:
+    other = paramiko.Ed25519Key.from_private_key(
+        io.StringIO(openssh_private(ed25519.Ed25519PrivateKey.generate()))
+    )
+    impostor = Guest(guest.port, other, guest.user_key, guest.serial, 0)
+    with pytest.raises(paramiko.SSHException):
+        impostor.ssh()
+
+
+@pytest.mark.slow
+@pytest.mark.vm
+def test_cloud_init_status_done(guest: Guest) -> None:
+    rc, out = guest.run("cloud-init status --long")
+    assert rc == 0, out
+    assert re.search(r"^status: done$", out, re.M), out
+    assert "errors: []" in out or "errors" not in out, out
+
+
+@pytest.mark.slow
+@pytest.mark.vm
+def test_guest_is_configured(guest: Guest) -> None:
+    checks = {
+        "sudo -n true": "",
+        "systemctl --failed --no-legend --plain": "",
+        "test -s /etc/machine-id && echo ok": "ok",
+        "sudo -n wg show wg0 listen-port": "51820",
+        "sudo -n nft list table ip nat | grep -c masquerade": "1",
+        "cat /proc/sys/net/ipv4/ip_forward": "1",
+        "ls /etc/ssh | grep -c ssh_host_": "2",
+        "ip -br addr show lan0 | awk '{print $3}'": "10.0.2.15/24",
+    }
+    for command, expected in checks.items():
+        rc, out = guest.run(command)
+        assert (rc, out.strip()) == (0, expected), command
+    rc, out = guest.run("df --output=size -B1M / | tail -1")
+    assert rc == 0 and int(out) > 1500, f"root not grown: {out}"
