@@ -27,8 +27,17 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
+# With no SITE: the image is built here (it needs the package mirror), then the lab comes up
+# and the tool runs on its LAN host, as an admin's workstation would.
 appliance: setup
-	$(BIN)/python -m builder.appliance $(if $(SITE),--site $(SITE)) $(if $(STATE),--state $(STATE))
+	$(BIN)/wg-appliance image
+ifeq ($(SITE),)
+	$(BIN)/python -m tests.lab up
+	ip netns exec wgl-lan $(BIN)/wg-appliance up --site examples/site.toml $(if $(STATE),--state $(STATE))
+	@echo "lab: 'make lab-down' removes it; the appliance is at 192.168.77.50 inside it"
+else
+	$(BIN)/wg-appliance up --site $(SITE) $(if $(STATE),--state $(STATE))
+endif
 
 test: setup
 	$(BIN)/pytest -v --timeout=1800 tests

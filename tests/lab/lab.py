@@ -179,10 +179,15 @@ class Lab:
     # --- running things --------------------------------------------------------------------
 
     def exec(
-        self, ns: str, argv: Sequence[str | Path], check: bool = True, timeout: float | None = None
+        self,
+        ns: str,
+        argv: Sequence[str | Path],
+        check: bool = True,
+        timeout: float | None = None,
+        input: str | None = None,
     ) -> subprocess.CompletedProcess[str]:
         """Run a command inside namespace `ns`; raises CommandError on failure when `check`."""
-        return run(["ip", "netns", "exec", ns, *argv], check=check, timeout=timeout)
+        return run(["ip", "netns", "exec", ns, *argv], check=check, timeout=timeout, input=input)
 
     def sysctl(self, ns: str, key: str, value: str) -> None:
         self.exec(ns, ["sysctl", "-q", "-w", f"{key}={value}"])

@@ -1,0 +1,341 @@
+"""End to end in the lab, all real: the image boots under qemu on the lab's green0, cloud-init
+configures it, real WireGuard clients (wireguard-go) dial it through the host's RED side.
+
+Order matters and is kept by pytest's file order: deploy (interrupted, then converging),
+re-deploy, verify, road warrior and site-to-site in masquerade mode, the failure cases,
+routed mode, destroy. One appliance boot per mode keeps the file at a few minutes under TCG.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from builder.keys import ssh_genkey
+from tests.conftest import EXAMPLE
+from tests.lab import lab as L
+from tests.lab.clients import PeerAddressServer, WgClient, ping, tcp_source_seen
+
+pytestmark = [pytest.mark.slow, pytest.mark.root, pytest.mark.vm]
+
+APPLIANCE = "192.168.77.50"
+RW_NS, BRANCH_NS, BLAN_NS = "wgl-rw", "wgl-branch", "wgl-blan"
+BLAN_HOST = "192.168.88.10"
+
+
+def cli(lab: L.Lab, *args: str, ns: str = L.LAN_NS, check: bool = False, timeout: float = 900):
+    """The real command line, run on the LAN host as an admin's workstation would."""
+    return lab.exec(ns, [sys.executable, "-m", "builder", *args], check=check, timeout=timeout)
+
+
+def internet(lab: L.Lab) -> None:
+    """RED side: the host's red0 to an 'internet' router, a road warrior and a branch office
+    (gateway + branch LAN host) behind it. The host DNATs the listen port to the appliance,
+    as IPFire's firewall.local block does."""
+    if INET_UP.exists():
+        return
+    lab.add_namespace(L.INET_NS)
+    lab.add_veth(
+        L.HOST_NS,
+        "red0",
+        L.INET_NS,
+        "eth0",
+        address=_if("203.0.113.1/24"),
+        peer_address=_if("203.0.113.2/24"),
+    )
+    lab.add_route(L.HOST_NS, "default", "203.0.113.2")
+    lab.sysctl(L.INET_NS, "net.ipv4.ip_forward", "1")
+    lab.add_bridge(L.INET_NS, "inet0", _if("198.51.100.1/24"))
+    for ns, addr in ((RW_NS, "198.51.100.10/24"), (BRANCH_NS, "198.51.100.20/24")):
+        lab.add_namespace(ns)
+        lab.add_veth(ns, "eth0", L.INET_NS, f"i-{ns[4:]}", address=_if(addr), bridge="inet0")
+        lab.add_route(ns, "default", "198.51.100.1")
+    lab.sysctl(BRANCH_NS, "net.ipv4.ip_forward", "1")
+    lab.add_namespace(BLAN_NS)
+    lab.add_veth(
+        BLAN_NS,
+        "eth0",
+        BRANCH_NS,
+        "blan0",
+        address=_if(f"{BLAN_HOST}/24"),
+        peer_address=_if("192.168.88.1/24"),
+    )
+    lab.add_route(BLAN_NS, "default", "192.168.88.1")
+    lab.exec(
+        L.HOST_NS,
+        [
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-i",
+            "red0",
+            "-p",
+            "udp",
+            "--dport",
+            "51820",
+            "-j",
+            "DNAT",
+            "--to-destination",
+            APPLIANCE,
+        ],
+    )
+    INET_UP.touch()
+
+
+INET_UP = L.STATE_DIR / "e2e-internet"
+
+
+def _if(text: str):
+    from ipaddress import IPv4Interface
+
+    return IPv4Interface(text)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    """The example site as the lab needs it: clients dial the host's RED address."""
+    d = tmp_path_factory.mktemp("e2e")
+    text = EXAMPLE.read_text().replace('"vpn.example.org:51820"', '"203.0.113.1:51820"')
+    (d / "site.toml").write_text(text)
+    return d / "site.toml"
+
+
+@pytest.fixture(scope="module")
+def net(lab):
+    internet(lab)
+    yield lab
+    for ns in (BLAN_NS, BRANCH_NS, RW_NS, L.INET_NS):
+        lab.remove_namespace(ns)
+    INET_UP.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="module")
+def clients(net):
+    made: list[WgClient] = []
+    servers: list[PeerAddressServer] = []
+    yield made, servers
+    for c in made:
+        c.down()
+    for s in servers:
+        s.stop()
+
+
+def _deploy_args(site: Path, image) -> list[str]:
+    return ["deploy", "--site", str(site), "--image", str(image.path), "--timeout", "600"]
+
+
+def test_interrupted_deploy_converges(net, appliance_image, site):
+    """Killed right after the volume upload, the next deploy finishes the job."""
+    argv = [
+        "ip",
+        "netns",
+        "exec",
+        L.LAN_NS,
+        sys.executable,
+        "-m",
+        "builder",
+        *_deploy_args(site, appliance_image),
+    ]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    seen = []
+    try:
+        for line in proc.stderr:
+            seen.append(line)
+            if "storage done" in line:
+                proc.send_signal(signal.SIGKILL)
+                break
+    finally:
+        proc.wait(60)
+    assert any("storage done" in s for s in seen), "".join(seen)
+    assert proc.returncode == -signal.SIGKILL
+    r = cli(net, *_deploy_args(site, appliance_image))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "wg-gw: created (qemu) at 192.168.77.50" in r.stdout
+
+
+def test_ssh_from_lan_host_with_pinned_key(net, site):
+    state = site.parent / ".wg-appliance" / "wg-gw"
+    r = net.exec(
+        L.LAN_NS,
+        [
+            "ssh",
+            "-i",
+            str(state / "admin_ed25519"),
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            f"UserKnownHostsFile={state / 'known_hosts'}",
+            f"wgadmin@{APPLIANCE}",
+            "hostname; sudo -n wg show wg0 listen-port",
+        ],
+    )
+    assert r.stdout.split() == ["wg-gw", "51820"]
+
+
+def test_second_deploy_is_up_to_date(net, appliance_image, site):
+    before = subprocess.run(
+        ["virsh", "-c", L.URI, "dumpxml", "wg-gw"], capture_output=True, text=True, check=True
+    ).stdout
+    r = cli(net, *_deploy_args(site, appliance_image))
+    assert r.returncode == 0, r.stderr
+    assert "wg-gw: up to date" in r.stdout
+    after = subprocess.run(
+        ["virsh", "-c", L.URI, "dumpxml", "wg-gw"], capture_output=True, text=True, check=True
+    ).stdout
+    assert before == after
+
+
+def test_changed_site_is_refused_without_replace(net, appliance_image, site, tmp_path):
+    changed = tmp_path / "site.toml"
+    changed.write_text(site.read_text().replace("memory_mib = 512", "memory_mib = 640"))
+    state = site.parent / ".wg-appliance" / "wg-gw"
+    r = cli(net, *_deploy_args(changed, appliance_image), "--state", str(state))
+    assert r.returncode == 1
+    assert "memory-mib: 512 -> 640" in r.stderr and "--replace" in r.stderr
+
+
+def test_verify_all_green(net, site):
+    t0 = time.monotonic()
+    r = cli(net, "verify", "--site", str(site), "--json")
+    elapsed = time.monotonic() - t0
+    doc = json.loads(r.stdout)
+    assert r.returncode == 0 and doc["ok"], r.stdout
+    assert doc["appliance"] == "wg-gw"
+    names = {c["name"] for c in doc["checks"]}
+    assert {"cloud-init", "wg0", "peers", "nftables", "forwarding", "gateway"} <= names
+    assert elapsed < 30
+
+
+def _client(net, clients, site, peer: str, ns: str, ifname: str) -> WgClient:
+    conf = cli(net, "peer-config", "--site", str(site), peer, check=True).stdout
+    c = WgClient(net, ns, ifname)
+    clients[0].append(c)
+    c.up(conf)
+    return c
+
+
+def test_road_warrior_masquerade(net, site, clients):
+    server = PeerAddressServer(net, L.LAN_NS)
+    server.start()
+    clients[1].append(server)
+    rw = _client(net, clients, site, "laptop", RW_NS, "wgrw0")
+    assert ping(net, RW_NS, "192.168.77.10", count=3), "road warrior cannot ping the LAN host"
+    assert rw.latest_handshake() > 0
+    assert tcp_source_seen(net, RW_NS, "192.168.77.10") == APPLIANCE
+    r = cli(net, "verify", "--site", str(site), "--require-handshake", "laptop", "--json")
+    doc = json.loads(r.stdout)
+    check = next(c for c in doc["checks"] if c["name"] == "handshake laptop")
+    assert check["ok"] and "last handshake" in check["detail"], check
+
+
+def test_site_to_site_masquerade(net, site, clients):
+    _client(net, clients, site, "branch", BRANCH_NS, "wgbr0")
+    assert ping(net, BLAN_NS, "192.168.77.10"), "branch LAN cannot reach the main LAN"
+    assert tcp_source_seen(net, BLAN_NS, "192.168.77.10") == APPLIANCE
+
+
+def _ssh(net, site, command: str, state: Path | None = None):
+    state = state or site.parent / ".wg-appliance" / "wg-gw"
+    return net.exec(
+        L.LAN_NS,
+        [
+            "ssh",
+            "-i",
+            str(state / "admin_ed25519"),
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            f"UserKnownHostsFile={state / 'known_hosts'}",
+            f"wgadmin@{APPLIANCE}",
+            command,
+        ],
+    )
+
+
+def _failing(r) -> dict[str, str]:
+    return {c["name"]: c["detail"] for c in json.loads(r.stdout)["checks"] if not c["ok"]}
+
+
+def test_verify_names_wg0_when_stopped(net, site):
+    _ssh(net, site, "sudo systemctl stop wg-quick@wg0")
+    try:
+        r = cli(net, "verify", "--site", str(site), "--json")
+        assert r.returncode == 1
+        assert "wg0" in _failing(r) and "not up" in _failing(r)["wg0"]
+    finally:
+        _ssh(net, site, "sudo systemctl start wg-quick@wg0")
+
+
+def test_verify_lists_drift(net, site):
+    keys = json.loads((site.parent / ".wg-appliance" / "wg-gw" / "keys.json").read_text())
+    _ssh(net, site, f"sudo wg set wg0 peer {keys['peers']['laptop']['public']} remove")
+    try:
+        r = cli(net, "verify", "--site", str(site), "--json")
+        assert r.returncode == 1
+        assert _failing(r)["peers"] == "laptop: missing on the appliance"
+    finally:
+        _ssh(net, site, "sudo systemctl restart wg-quick@wg0")
+    assert cli(net, "verify", "--site", str(site)).returncode == 0
+
+
+def test_verify_refuses_wrong_host_key(net, site, tmp_path):
+    state = site.parent / ".wg-appliance" / "wg-gw"
+    copy = tmp_path / "state"
+    shutil.copytree(state, copy)
+    keys = json.loads((copy / "keys.json").read_text())
+    keys["host_key"] = ssh_genkey()
+    (copy / "keys.json").write_text(json.dumps(keys))
+    r = cli(net, "verify", "--site", str(site), "--state", str(copy))
+    assert r.returncode == 3
+    assert "host key mismatch" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_routed_mode(net, appliance_image, site, clients):
+    """Routed: the LAN host sees tunnel addresses (it routes the tunnel and branch nets to the
+    appliance), and the branch and main LANs reach each other both ways."""
+    site.write_text(site.read_text().replace('mode = "masquerade"', 'mode = "routed"'))
+    r = cli(net, *_deploy_args(site, appliance_image), "--replace")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "replaced" in r.stdout
+    for dest in ("10.77.0.0/24", "192.168.88.0/24"):
+        net.exec(L.LAN_NS, ["ip", "route", "replace", dest, "via", APPLIANCE])
+    assert ping(net, RW_NS, "192.168.77.10", count=5), "road warrior lost after replace"
+    assert tcp_source_seen(net, RW_NS, "192.168.77.10") == "10.77.0.2"
+    assert ping(net, BLAN_NS, "192.168.77.10")
+    assert tcp_source_seen(net, BLAN_NS, "192.168.77.10") == BLAN_HOST
+    server = PeerAddressServer(net, BLAN_NS)
+    server.start()
+    clients[1].append(server)
+    assert ping(net, L.LAN_NS, BLAN_HOST), "main LAN cannot reach the branch LAN"
+    assert tcp_source_seen(net, L.LAN_NS, BLAN_HOST) == "192.168.77.10"
+    r = cli(net, "verify", "--site", str(site), "--require-handshake", "laptop", "branch")
+    assert r.returncode == 0, r.stdout
+
+
+def test_destroy_leaves_nothing(net, site):
+    r = cli(net, "destroy", "--site", str(site), "--all", "--json")
+    assert r.returncode == 0, r.stderr
+    removed = json.loads(r.stdout)["removed"]
+    assert "domain wg-gw" in removed
+    listed = subprocess.run(
+        ["virsh", "-c", L.URI, "list", "--all", "--name"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert "wg-gw" not in listed
+    pool_dir = L.Lab.host_path("/var/lib/libvirt/images/wg-appliance")
+    assert sorted(p.name for p in pool_dir.iterdir()) == []
+    again = cli(net, "destroy", "--site", str(site))
+    assert again.returncode == 0 and "nothing to remove" in again.stdout
