@@ -13,6 +13,7 @@ unique is baked in: no SSH host keys, an empty machine-id, no random seed, no pa
 from __future__ import annotations
 
 import fcntl
+import gzip
 import hashlib
 import json
 import os
@@ -203,6 +204,35 @@ def trim(ctx: BuildContext) -> None:
     run(["depmod", "--basedir", ctx.root, ctx.kernel])
 
 
+def make_initrd(ctx: BuildContext) -> None:
+    """Replace initramfs-tools' initrd (about 6 MB: udev, kmod, libcrypto) with one of about
+    0.2 MB: klibc programs, the virtio disk modules and initrd-init.sh as /init."""
+    spec: dict[str, list[str]] = {"module": [], "program": []}
+    for line in read_list(ctx.recipe / "initrd.txt"):
+        kind, name = line.split()
+        spec[kind].append(name)
+    base = ctx.root / "usr/lib/modules" / ctx.kernel
+    order = module_load_order(base, spec["module"])
+    klibc = sorted((ctx.root / "usr/lib").glob("klibc-*.so"))
+    if len(klibc) != 1:
+        raise GuestError(f"expected one klibc library, found {klibc}")
+    archive = Cpio()
+    for d in ("bin", "dev", "lib", "lib/modules", "proc", "sys", "root"):
+        archive.directory(d)
+    archive.device("dev/console", 0o600, 5, 1)
+    archive.file(f"lib/{klibc[0].name}", klibc[0].read_bytes(), 0o755)
+    for name in spec["program"]:
+        archive.file(f"bin/{name}", (ctx.root / "usr/lib/klibc/bin" / name).read_bytes(), 0o755)
+    for mod in order:
+        archive.file(f"lib/modules/{Path(mod).name}", (base / mod).read_bytes(), 0o644)
+    load_order = "".join(Path(mod).name + "\n" for mod in order)
+    archive.file("lib/modules/load-order", load_order.encode(), 0o644)
+    archive.file("init", (ctx.recipe / "initrd-init.sh").read_bytes(), 0o755)
+    data = gzip.compress(archive.finish(), compresslevel=9, mtime=0)
+    (ctx.root / "boot" / f"initrd.img-{ctx.kernel}").write_bytes(data)
+    ctx.progress.say(f"initrd: {len(order)} modules, {len(data) / 1024:.0f} KiB")
+
+
 def scrub(ctx: BuildContext) -> None:
     """Remove everything that must be unique per machine or that records the build host."""
     for pattern in (
@@ -329,6 +359,58 @@ def trim_modules(root: Path, kernel: str, patterns: list[str]) -> tuple[set[str]
     return kept, dropped
 
 
+def module_load_order(base: Path, names: list[str]) -> list[str]:
+    """Module paths (relative to `base`) for `names` and their dependencies, dependencies first."""
+    deps: dict[str, list[str]] = {}
+    for line in (base / "modules.dep").read_text().splitlines():
+        mod, _, rest = line.partition(":")
+        deps[mod] = rest.split()
+    by_name = {module_name(m): m for m in deps}
+    order: list[str] = []
+
+    def visit(mod: str) -> None:
+        if mod not in order:
+            for dep in deps[mod]:
+                visit(dep)
+            order.append(mod)
+
+    for name in names:
+        if name.replace("-", "_") not in by_name:
+            raise GuestError(f"initrd module {name} is not in the image's kernel")
+        visit(by_name[name.replace("-", "_")])
+    return order
+
+
+class Cpio:
+    """A cpio archive in the kernel's initramfs format (newc), built in memory."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.ino = 0
+
+    def _entry(self, name: str, mode: int, body: bytes = b"", rdev: tuple[int, int] = (0, 0)):
+        self.ino += 1
+        fields = (self.ino, mode, 0, 0, 1, 0, len(body), 0, 0, *rdev, len(name) + 1, 0)
+        self.data += b"070701" + "".join(f"{f:08x}" for f in fields).encode()
+        self.data += name.encode() + b"\0"
+        self.data += b"\0" * (-len(self.data) % 4)
+        self.data += body
+        self.data += b"\0" * (-len(self.data) % 4)
+
+    def directory(self, name: str) -> None:
+        self._entry(name, 0o040755)
+
+    def file(self, name: str, body: bytes, perm: int) -> None:
+        self._entry(name, 0o100000 | perm, body)
+
+    def device(self, name: str, perm: int, major: int, minor: int) -> None:
+        self._entry(name, 0o020000 | perm, rdev=(major, minor))
+
+    def finish(self) -> bytes:
+        self._entry("TRAILER!!!", 0)
+        return bytes(self.data)
+
+
 @contextmanager
 def locked(path: Path) -> Iterator[None]:
     """One build per digest at a time; a second caller waits, then finds it cached."""
@@ -435,6 +517,7 @@ def _build(cache: Path, entry: Path, digest: str, mirror: str | None, progress: 
             ("bootstrap", bootstrap),
             ("configure", configure),
             ("trim", trim),
+            ("initrd", make_initrd),
             ("scrub", scrub),
             ("filesystem", make_filesystem),
             ("bootloader", install_bootloader),

@@ -309,7 +309,7 @@ def seed_files(host: ed25519.Ed25519PrivateKey, user: ed25519.Ed25519PrivateKey)
         "disable_root": True,
         "ssh_pwauth": False,
         "ssh_deletekeys": True,
-        "ssh_genkeytypes": [],
+        "ssh_genkeytypes": ["ed25519"],
         "ssh_keys": {
             "ed25519_private": openssh_private(host),
             "ed25519_public": openssh_public(host),
