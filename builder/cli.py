@@ -194,6 +194,30 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_sync(args: argparse.Namespace) -> int:
+    from builder.sync import sync
+
+    site, state = _site_and_state(args)
+    result = sync(site, state, dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps(result.__dict__))
+        return 0
+    if not result.changes:
+        print(f"{site.name}: in sync, nothing to change")
+        return 0
+    print(f"{site.name}: {len(result.changes)} change(s):")
+    for change in result.changes:
+        print(f"  {change}")
+    if result.applied:
+        routes = [f"+{r}" for r in result.routes_added] + [f"-{r}" for r in result.routes_removed]
+        print(
+            f"applied in {result.seconds:.1f}s" + (f"; routes {' '.join(routes)}" if routes else "")
+        )
+    else:
+        print("dry run: nothing applied")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="wg-appliance",
@@ -317,6 +341,15 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also remove the shared base image when no other appliance uses it",
     )
+    sp.add_argument("--json", action="store_true", help="machine-readable result")
+
+    sp = command(
+        "sync",
+        "apply peer, route and firewall changes to the running appliance, no restart",
+        "wg-appliance sync --site site.toml --dry-run",
+        cmd_sync,
+    )
+    sp.add_argument("--dry-run", action="store_true", help="show the changes, apply nothing")
     sp.add_argument("--json", action="store_true", help="machine-readable result")
 
     sp = command(

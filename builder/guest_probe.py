@@ -85,6 +85,25 @@ def ping(host, timeout=1.0, tries=3):
     return {"ok": False, "detail": f"no echo reply in {tries} tries"}
 
 
+def file_sha256(path):
+    text = read(path, None)
+    return None if text is None else hashlib.sha256(text.encode()).hexdigest()
+
+
+def addresses():
+    r = sh("ip", "-j", "addr", "show")
+    if r["rc"] != 0:
+        return {}
+    return {
+        i["ifname"]: [
+            f"{a['local']}/{a['prefixlen']}"
+            for a in i.get("addr_info", [])
+            if a.get("scope") == "global"
+        ]
+        for i in json.loads(r["out"])
+    }
+
+
 def main():
     args = json.loads(sys.argv[1]) if len(sys.argv) > 1 else {}
     link = sh("ip", "-j", "link", "show", "wg0")
@@ -109,6 +128,12 @@ def main():
         "nft": sh("nft", "list", "ruleset"),
         "routes": json.loads(routes["out"] or "[]") + json.loads(routes6["out"] or "[]"),
         "gateway": ping(args["gateway"]) if args.get("gateway") else None,
+        "files": {
+            "wg0.conf": file_sha256("/etc/wireguard/wg0.conf"),
+            "nftables.conf": file_sha256("/etc/nftables.conf"),
+            "sysctl": file_sha256("/etc/sysctl.d/90-wg-appliance.conf"),
+        },
+        "addresses": addresses(),
         "disk_free": st.f_bavail * st.f_frsize,
         "disk_total": st.f_blocks * st.f_frsize,
         "mem_available": meminfo.get("MemAvailable", 0),

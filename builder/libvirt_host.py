@@ -24,7 +24,16 @@ from pathlib import Path
 
 import libvirt
 
-from builder.domain import META_POOL, DomainSpec, domain_xml, owned_volumes, parse_metadata
+from builder.domain import (
+    META_POOL,
+    PREFIX,
+    ROOT_TAG,
+    XMLNS,
+    DomainSpec,
+    domain_xml,
+    owned_volumes,
+    parse_metadata,
+)
 from builder.errors import ConnectError, HostError, InputError
 from builder.progress import Progress
 
@@ -301,6 +310,23 @@ def find_domain(conn: libvirt.virConnect, name: str) -> libvirt.virDomain | None
 def domain_metadata(dom: libvirt.virDomain) -> dict[str, str] | None:
     """The tool's metadata of `dom`, or None when the tool did not make it."""
     return parse_metadata(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+
+
+def set_domain_metadata(dom: libvirt.virDomain, values: dict[str, str]) -> None:
+    """Replace the tool's metadata on `dom`, live and in its saved definition."""
+    root = ET.Element(ROOT_TAG)
+    for key, value in values.items():
+        ET.SubElement(root, key).text = value
+    flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+    if dom.isActive():
+        flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
+    dom.setMetadata(
+        libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+        ET.tostring(root, encoding="unicode"),
+        PREFIX,
+        XMLNS,
+        flags,
+    )
 
 
 def define_domain(conn: libvirt.virConnect, spec: DomainSpec) -> libvirt.virDomain:

@@ -245,7 +245,7 @@ def test_site_to_site_masquerade(net, site, clients):
     assert tcp_source_seen(net, BLAN_NS, "192.168.77.10") == APPLIANCE
 
 
-def _ssh(net, site, command: str, state: Path | None = None):
+def _ssh(net, site, command: str, state: Path | None = None, check: bool = True):
     state = state or site.parent / ".wg-appliance" / "wg-gw"
     return net.exec(
         L.LAN_NS,
@@ -260,7 +260,24 @@ def _ssh(net, site, command: str, state: Path | None = None):
             f"wgadmin@{APPLIANCE}",
             command,
         ],
+        check=check,
     )
+
+
+def diagnostics(net, site) -> str:
+    """What a failed connectivity assertion shows: both tunnel ends and the routes."""
+    parts = []
+    for ns, cmd in (
+        (RW_NS, "wg show all"),
+        (BRANCH_NS, "wg show all"),
+        (L.LAN_NS, "ip route"),
+        (L.HOST_NS, "conntrack -L -p udp 2>/dev/null | head -5; ip neigh"),
+    ):
+        r = net.exec(ns, ["sh", "-c", cmd], check=False)
+        parts.append(f"--- {ns}: {cmd}\n{r.stdout}{r.stderr}")
+    r = _ssh(net, site, "sudo wg show; ip route; sudo nft list ruleset | head -40", check=False)
+    parts.append(f"--- appliance\n{r.stdout}{r.stderr}")
+    return "\n".join(parts)
 
 
 def _failing(r) -> dict[str, str]:
@@ -310,7 +327,7 @@ def test_routed_mode(net, appliance_image, site, clients):
     assert "replaced" in r.stdout
     for dest in ("10.77.0.0/24", "192.168.88.0/24"):
         net.exec(L.LAN_NS, ["ip", "route", "replace", dest, "via", APPLIANCE])
-    assert ping(net, RW_NS, "192.168.77.10", count=5), "road warrior lost after replace"
+    assert ping(net, RW_NS, "192.168.77.10", count=5), diagnostics(net, site)
     assert tcp_source_seen(net, RW_NS, "192.168.77.10") == "10.77.0.2"
     assert ping(net, BLAN_NS, "192.168.77.10")
     assert tcp_source_seen(net, BLAN_NS, "192.168.77.10") == BLAN_HOST
@@ -321,6 +338,114 @@ def test_routed_mode(net, appliance_image, site, clients):
     assert tcp_source_seen(net, L.LAN_NS, BLAN_HOST) == "192.168.77.10"
     r = cli(net, "verify", "--site", str(site), "--require-handshake", "laptop", "branch")
     assert r.returncode == 0, r.stdout
+
+
+RW2_NS = "wgl-rw2"
+
+
+def _peer_block(name: str, address: str, networks: str = "") -> str:
+    return f'\n[[peers]]\nname = "{name}"\naddress = "{address}"\n' + (
+        f"networks = {networks}\n" if networks else ""
+    )
+
+
+def test_sync_adds_peer_while_others_keep_pinging(net, site, clients):
+    """A peer added live handshakes; a ping through an unchanged peer loses nothing."""
+    net.add_namespace(RW2_NS)
+    net.add_veth(
+        RW2_NS, "eth0", L.INET_NS, "i-rw2", address=_if("198.51.100.11/24"), bridge="inet0"
+    )
+    net.add_route(RW2_NS, "default", "198.51.100.1")
+    site.write_text(site.read_text() + _peer_block("laptop2", "10.77.0.5/32"))
+    dry = cli(net, "sync", "--site", str(site), "--dry-run")
+    assert dry.returncode == 0 and "laptop2: missing on the appliance" in dry.stdout
+    assert "dry run" in dry.stdout
+    pinger = subprocess.Popen(
+        ["ip", "netns", "exec", RW_NS, "ping", "-c", "40", "-i", "0.2", "-W", "1", "192.168.77.10"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1)
+    t0 = time.monotonic()
+    r = cli(net, "sync", "--site", str(site))
+    sync_s = time.monotonic() - t0
+    out = pinger.communicate(timeout=60)[0]
+    assert r.returncode == 0, r.stderr
+    assert "laptop2" in r.stdout and "applied" in r.stdout
+    assert " 0% packet loss" in out, out
+    rw2 = _client(net, clients, site, "laptop2", RW2_NS, "wgrw2")
+    assert ping(net, RW2_NS, "192.168.77.10"), diagnostics(net, site)
+    assert rw2.latest_handshake() > 0
+    assert sync_s < 30
+    again = cli(net, "sync", "--site", str(site))
+    assert "in sync, nothing to change" in again.stdout
+    v = cli(net, "verify", "--site", str(site), "--json")
+    assert json.loads(v.stdout)["ok"], v.stdout
+
+
+def test_sync_removes_peer_at_once(net, site):
+    site.write_text(site.read_text().replace(_peer_block("laptop2", "10.77.0.5/32"), ""))
+    r = cli(net, "sync", "--site", str(site))
+    assert r.returncode == 0 and "unknown peer" in r.stdout, r.stdout + r.stderr
+    assert not ping(net, RW2_NS, "192.168.77.10", count=2, within=5)
+    assert ping(net, RW_NS, "192.168.77.10")
+
+
+def test_sync_routes_follow_networks(net, site):
+    site.write_text(
+        site.read_text().replace(
+            'networks = ["192.168.88.0/24"]', 'networks = ["192.168.88.0/24", "192.168.89.0/24"]'
+        )
+    )
+    r = cli(net, "sync", "--site", str(site))
+    assert r.returncode == 0, r.stderr
+    assert "+192.168.89.0/24" in r.stdout
+    routes = _ssh(net, site, "ip route show dev wg0").stdout
+    assert "192.168.89.0/24" in routes
+    v = cli(net, "verify", "--site", str(site), "--json")
+    assert json.loads(v.stdout)["ok"], v.stdout
+    site.write_text(site.read_text().replace(', "192.168.89.0/24"', ""))
+    r = cli(net, "sync", "--site", str(site))
+    assert "-192.168.89.0/24" in r.stdout
+    assert "192.168.89.0/24" not in _ssh(net, site, "ip route show dev wg0").stdout
+
+
+def test_failed_sync_rolls_back(net, site):
+    before = _ssh(net, site, "sudo sha256sum /etc/wireguard/wg0.conf").stdout
+    _ssh(net, site, "sudo chattr +i /etc/nftables.conf")
+    original = site.read_text()
+    try:
+        site.write_text(
+            original.replace('mode = "routed"', 'mode = "masquerade"')
+            + _peer_block("tablet", "10.77.0.6/32")
+        )
+        r = cli(net, "sync", "--site", str(site))
+        assert r.returncode == 1
+        assert "rolled back to the previous files" in r.stderr, r.stderr
+    finally:
+        _ssh(net, site, "sudo chattr -i /etc/nftables.conf")
+        site.write_text(original)
+    assert _ssh(net, site, "sudo sha256sum /etc/wireguard/wg0.conf").stdout == before
+    v = cli(net, "verify", "--site", str(site), "--json")
+    assert json.loads(v.stdout)["ok"], v.stdout
+
+
+def test_synced_state_survives_reboot(net, appliance_image, site):
+    site.write_text(site.read_text() + _peer_block("tablet", "10.77.0.6/32"))
+    assert cli(net, "sync", "--site", str(site)).returncode == 0
+    _ssh(net, site, "sudo systemctl reboot", check=False)
+    time.sleep(5)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        v = cli(net, "verify", "--site", str(site), "--json", "--timeout", "5")
+        if v.returncode == 0:
+            break
+        time.sleep(5)
+    assert v.returncode == 0, v.stdout + v.stderr
+    uptime = float(_ssh(net, site, "cut -d' ' -f1 /proc/uptime").stdout)
+    assert uptime < 300, "the appliance did not reboot"
+    deploy = cli(net, *_deploy_args(site, appliance_image))
+    assert "up to date" in deploy.stdout, "sync must leave deploy nothing to do"
 
 
 def test_destroy_leaves_nothing(net, site):
