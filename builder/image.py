@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+import yaml
+
 from builder.errors import GuestError, HostError
 from builder.progress import Progress
 from builder.run import run
@@ -45,6 +47,7 @@ MIB = 1024**2
 PART_OFFSET = MIB
 MBR_BIN = Path("/usr/lib/syslinux/mbr/mbr.bin")
 KEEP_CACHED = 3
+CLOUD_CFG = "rootfs/etc/cloud/cloud.cfg.d/90-wg-appliance.cfg"
 
 
 @dataclass(frozen=True)
@@ -202,6 +205,35 @@ def trim(ctx: BuildContext) -> None:
     kept, dropped = trim_modules(ctx.root, ctx.kernel, read_list(ctx.recipe / "modules.txt"))
     ctx.progress.say(f"kernel modules: kept {len(kept)}, deleted {dropped}")
     run(["depmod", "--basedir", ctx.root, ctx.kernel])
+
+
+BOOT_IMPORTS = """
+import importlib, sys
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+for module in list(sys.modules.values()):
+    cached = getattr(module, "__cached__", None)
+    if cached:
+        print(cached)
+"""
+
+
+def prune_bytecode(ctx: BuildContext) -> None:
+    """Keep compiled Python only for what cloud-init imports at boot (its entry point, the
+    datasources and the config modules the image enables): that is where TCG boots spend
+    their time. Anything else compiles on first use; this saves about 18 MB."""
+    cfg = yaml.safe_load((ctx.recipe / CLOUD_CFG).read_text())
+    modules = [f"cloudinit.config.cc_{m}" for key, mods in cfg.items()
+               if key.endswith("_modules") for m in mods]  # fmt: skip
+    modules += read_list(ctx.recipe / "python-boot.txt")
+    out = run(["chroot", ctx.root, "python3", "-c", BOOT_IMPORTS, *modules]).stdout
+    keep = {line.strip() for line in out.splitlines()}
+    dropped = 0
+    for pyc in (ctx.root / "usr/lib").glob("python3*/**/__pycache__/*.pyc"):
+        if "/" + str(pyc.relative_to(ctx.root)) not in keep:
+            pyc.unlink()
+            dropped += 1
+    ctx.progress.say(f"python bytecode: kept {len(keep)} modules' caches, deleted {dropped}")
 
 
 def make_initrd(ctx: BuildContext) -> None:
@@ -413,7 +445,7 @@ class Cpio:
 
 @contextmanager
 def locked(path: Path) -> Iterator[None]:
-    """One build per digest at a time; a second caller waits, then finds it cached."""
+    """One build per cache at a time; a second caller waits, then finds its image cached."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -488,7 +520,7 @@ def build_image(
     With `out`, the qcow2 is also copied there, its manifest beside it as `<stem>.json`."""
     digest = recipe_digest(mirror)
     entry = cache / digest[:16]
-    with locked(cache / f"{digest[:16]}.lock"):
+    with locked(cache / ".lock"):
         image = None if force else load_cached(entry)
         if image:
             progress.say(f"image cached: {image.path} (recipe {digest[:12]})")
@@ -518,6 +550,7 @@ def _build(cache: Path, entry: Path, digest: str, mirror: str | None, progress: 
             ("configure", configure),
             ("trim", trim),
             ("initrd", make_initrd),
+            ("bytecode", prune_bytecode),
             ("scrub", scrub),
             ("filesystem", make_filesystem),
             ("bootloader", install_bootloader),
