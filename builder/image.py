@@ -1,9 +1,9 @@
 """The appliance disk image: Debian 12 built from the recipe in images/, cached by its digest.
 
-The build is a straight pipeline of stages (bootstrap, configure, trim, scrub, filesystem,
-bootloader, compress), each a plain function over one BuildContext, each announced through
-`Progress.stage`. Every subprocess goes through `builder.run.run`. The build needs root:
-mmdebstrap runs in root mode and extlinux installs onto a loop mount.
+The build is a straight pipeline of stages (bootstrap, configure, trim, initrd, bytecode,
+scrub, filesystem, bootloader, compress), each a plain function over one BuildContext, each
+announced through `Progress.stage`. Every subprocess goes through `builder.run.run`. The
+build needs root: mmdebstrap runs in root mode and extlinux installs onto a loop mount.
 
 The disk is MBR with one ext4 partition at 1 MiB, booted by extlinux (no grub, no udev needed
 at build time). The filesystem is `^64bit` because extlinux cannot read 64-bit ext4. Nothing
@@ -33,6 +33,7 @@ import yaml
 from builder.errors import GuestError, HostError
 from builder.progress import Progress
 from builder.run import run
+from builder.seediso import make_iso
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "images"
@@ -655,8 +656,6 @@ def measure_kernel_to_init(image: Image, workdir: Path) -> float:
 def measure_boot(image: Image, workdir: Path, timeout: float = 900) -> BootTiming:
     """A first boot from a minimal NoCloud seed that powers the guest off when cloud-init is
     done. The NIC is user-mode with restrict=on: the guest reaches nothing outside."""
-    from builder.seediso import make_iso
-
     user_data = (
         "#cloud-config\nhostname: measure\nmanage_etc_hosts: true\nssh_genkeytypes: [ed25519]\n"
         "power_state: {mode: poweroff, delay: now, timeout: 60}\n"
