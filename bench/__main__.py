@@ -17,6 +17,11 @@ RESULTS = Path(__file__).resolve().parent / "results.json"
 GOALS = {
     "render_1000_peers_first_s": 1.0,
     "render_1000_peers_rerun_s": 1.0,
+    "image_qcow2_mb": 80.0,
+    "image_cold_build_s": 120.0,
+    "image_cache_hit_s": 1.0,
+    "verify_s": 2.0,
+    "sync_one_peer_into_1000_s": 2.0,
 }
 
 

@@ -1,20 +1,25 @@
-"""Figures that need no VM: rendering speed."""
+"""The figures of `make bench`: each function returns {name: value} and cleans up after itself."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from builder.image import build_image, default_cache_dir, measure_boot, measure_kernel_to_init
+from builder.progress import Progress
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def big_site(path: Path, peers: int) -> Path:
+def big_site(path: Path, peers: int, endpoint: str = "vpn.example.org:51820") -> Path:
     """A site with `peers` road warriors in a /16, written as TOML."""
     lines = (ROOT / "examples" / "site.toml").read_text().split("[[peers]]")[0]
     lines = lines.replace('["10.77.0.1/24", "fd77::1/64"]', '["10.100.0.1/16"]')
+    lines = lines.replace('"vpn.example.org:51820"', f'"{endpoint}"')
     body = [lines]
     for i in range(peers):
         body.append(
@@ -46,4 +51,108 @@ def render_1000() -> dict[str, float]:
     }
 
 
-ALL = [render_1000]
+def image() -> dict[str, float]:
+    """Cold build into an empty cache, then the cache hit; size of the compressed qcow2;
+    first boot to cloud-init done beside the bare kernel-to-init time of the same image."""
+    quiet = Progress(quiet=True)
+    with tempfile.TemporaryDirectory() as d:
+        t0 = time.perf_counter()
+        img = build_image(cache=Path(d), progress=quiet)
+        cold = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        build_image(cache=Path(d), progress=quiet)
+        hit = time.perf_counter() - t0
+        size = img.size
+    img = build_image(cache=default_cache_dir(), progress=quiet)
+    with tempfile.TemporaryDirectory() as d:
+        k2i = measure_kernel_to_init(img, Path(d))
+    with tempfile.TemporaryDirectory() as d:
+        boot = measure_boot(img, Path(d))
+    return {
+        "image_qcow2_mb": round(size / 1e6, 1),
+        "image_cold_build_s": round(cold, 1),
+        "image_cache_hit_s": round(hit, 3),
+        "kernel_to_init_s": round(k2i, 2),
+        "boot_to_cloud_init_done_uptime_s": round(boot.cloud_init_done, 1),
+        "boot_to_cloud_init_done_wall_s": round(boot.wall, 1),
+        "boot_ratio_to_kernel_to_init": round(boot.cloud_init_done / k2i, 1),
+    }
+
+
+def _cli(lab, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    from tests.lab.lab import LAN_NS
+
+    return lab.exec(LAN_NS, [sys.executable, "-m", "builder", *args], timeout=timeout)
+
+
+def _timed_cli(lab, *args: str) -> tuple[float, subprocess.CompletedProcess]:
+    t0 = time.perf_counter()
+    r = _cli(lab, *args)
+    return time.perf_counter() - t0, r
+
+
+def _iperf(lab, ns: str, server_ns: str, host: str) -> float:
+    """Mbit/s of a 5 s TCP stream from `ns` to an iperf3 server in `server_ns`."""
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", server_ns, "iperf3", "-s", "-1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(0.5)
+        out = lab.exec(ns, ["iperf3", "-c", host, "-t", "5", "-J"], timeout=60).stdout
+        return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e6
+    finally:
+        server.kill()
+        server.wait()
+
+
+def lab() -> dict[str, float]:
+    """In the lab: deploy a 1000-peer appliance, verify it, sync one added peer into it, and
+    push iperf3 through the tunnel beside the same path without it. TCG figures."""
+    from tests.lab import lab as L
+    from tests.lab.clients import WgClient, ping
+    from tests.test_e2e import RW_NS, internet
+
+    img = build_image(cache=default_cache_dir(), progress=Progress(quiet=True))
+    with tempfile.TemporaryDirectory() as d:
+        k2i = measure_kernel_to_init(img, Path(d))
+    lab = L.Lab()
+    lab.up()
+    client = None
+    try:
+        internet(lab)
+        with tempfile.TemporaryDirectory() as d:
+            site = big_site(Path(d) / "site.toml", 1000, endpoint="203.0.113.1:51820")
+            deploy_s, r = _timed_cli(lab, "deploy", "--site", str(site), "--image", str(img.path))
+            verify_first_s, r = _timed_cli(lab, "verify", "--site", str(site))
+            verify_s = min(_timed_cli(lab, "verify", "--site", str(site))[0] for _ in range(3))
+            site.write_text(
+                site.read_text() + '\n[[peers]]\nname = "extra"\naddress = "10.100.9.9/32"\n'
+            )
+            sync_s, r = _timed_cli(lab, "sync", "--site", str(site))
+            # Direct path first: RED to GREEN through the host, no tunnel.
+            lab.exec(L.INET_NS, ["ip", "route", "replace", "192.168.77.0/24", "via", "203.0.113.1"])
+            direct = _iperf(lab, RW_NS, L.LAN_NS, "192.168.77.10")
+            conf = _cli(lab, "peer-config", "--site", str(site), "p0").stdout
+            client = WgClient(lab, RW_NS, "wgbench0")
+            client.up(conf)
+            ping(lab, RW_NS, "192.168.77.10")
+            tunnel = _iperf(lab, RW_NS, L.LAN_NS, "192.168.77.10")
+    finally:
+        if client is not None:
+            client.down()
+        lab.down()
+    return {
+        "deploy_1000_peers_s": round(deploy_s, 1),
+        "deploy_to_verified_s": round(deploy_s + verify_first_s, 1),
+        "deploy_to_verified_ratio_to_kernel_to_init": round((deploy_s + verify_first_s) / k2i, 1),
+        "verify_s": round(verify_s, 2),
+        "sync_one_peer_into_1000_s": round(sync_s, 2),
+        "iperf3_direct_mbit_s": round(direct, 1),
+        "iperf3_tunnel_mbit_s_tcg": round(tunnel, 1),
+        "iperf3_tunnel_ratio_to_direct": round(tunnel / direct, 3),
+    }
+
+
+ALL = [render_1000, image, lab]
