@@ -136,8 +136,16 @@ def tcp_source_seen(lab: Lab, ns: str, host: str, port: int = 7777, timeout: flo
     return r.stdout.strip()
 
 
-def ping(lab: Lab, ns: str, host: str, count: int = 3, timeout: int = 30) -> bool:
-    r = lab.exec(
-        ns, ["ping", "-c", str(count), "-W", "2", "-i", "0.5", host], check=False, timeout=timeout
-    )
-    return r.returncode == 0
+def ping(lab: Lab, ns: str, host: str, count: int = 3, within: float = 45) -> bool:
+    """True once a round of `count` echoes gets replies, trying for up to `within` seconds: a
+    WireGuard client whose server was replaced re-handshakes only after its rekey timeout."""
+    deadline = time.monotonic() + within
+    while True:
+        r = lab.exec(
+            ns, ["ping", "-c", str(count), "-W", "2", "-i", "0.5", host], check=False, timeout=60
+        )
+        if r.returncode == 0:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(1)
