@@ -192,26 +192,24 @@ def _str(value: Any, ctx: _Ctx, key: str) -> str:
     return value
 
 
-def _hostname(value: Any, ctx: _Ctx, key: str) -> str:
-    value = _str(value, ctx, key)
-    if not HOSTNAME_RE.match(value):
-        raise ctx.fail(
-            key,
-            f"{value!r} is not a valid host name (lower-case letters, digits and '-', "
-            "at most 63 characters, not starting or ending with '-')",
-        )
-    return value
+def _matching(pattern: re.Pattern[str], what: str) -> Parser:
+    def parse(value: Any, ctx: _Ctx, key: str) -> str:
+        value = _str(value, ctx, key)
+        if not pattern.match(value):
+            raise ctx.fail(key, f"{value!r} is not a valid {what}")
+        return value
+
+    return parse
 
 
-def _peer_name(value: Any, ctx: _Ctx, key: str) -> str:
-    value = _str(value, ctx, key)
-    if not PEER_NAME_RE.match(value):
-        raise ctx.fail(
-            key,
-            f"{value!r} is not a valid peer name (letters, digits, '.', '_', '-', "
-            "at most 63 characters)",
-        )
-    return value
+_hostname = _matching(
+    HOSTNAME_RE,
+    "host name (lower-case letters, digits and '-', at most 63 characters, "
+    "not starting or ending with '-')",
+)
+_peer_name = _matching(
+    PEER_NAME_RE, "peer name (letters, digits, '.', '_', '-', at most 63 characters)"
+)
 
 
 def _list_of(item: Parser, min_items: int = 0) -> Parser:
