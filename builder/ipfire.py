@@ -300,19 +300,29 @@ def _is_ours(line: str, name: str) -> bool:
 def merge_routing(current: str, site: Site) -> tuple[str, tuple[str, ...]]:
     """Routing file with this appliance's lines replaced; other lines kept in place.
 
-    Returns the text and notes about other lines routing the same networks.
+    Another enabled line for one of our networks via another gateway is a HostError: IPFire
+    would install whichever comes first. Via the same gateway it is only noted.
     """
     mine = routes(site)
     kept = [ln for ln in current.splitlines() if not _is_ours(ln, site.name)]
     notes = []
+    gateway = str(site.lan.address.ip)
     wanted = {str(r.network) for r in mine}
     for ln in kept:
         parts = ln.split(",")
-        if len(parts) >= 3 and parts[0] == "on" and parts[1] in wanted:
-            notes.append(
-                f"{ROUTING} already routes {parts[1]} via {parts[2]} ({ln!r}); "
-                "IPFire applies the first line, so disable one of them"
+        if len(parts) < 3 or parts[0] != "on" or parts[1] not in wanted:
+            continue
+        if parts[2] != gateway:
+            raise HostError(
+                f"{ROUTING} already routes {parts[1]} via {parts[2]} ({ln!r}), "
+                f"not via the appliance {gateway}",
+                "disable or delete that route in the web UI (Network > Routing), "
+                "or give the site other networks",
             )
+        notes.append(
+            f"{ROUTING} has its own line for {parts[1]} via {gateway} ({ln!r}); "
+            "it does the same as ours and can go"
+        )
     text = "\n".join([*kept, *(r.line() for r in mine)])
     return (text + "\n" if text else ""), tuple(notes)
 

@@ -289,10 +289,17 @@ def test_routing_drops_stale_lines_of_a_changed_site(tmp_path):
     assert "on,10.99.0.0/16,192.168.77.50,wg-appliance wg-gw peer branch" in after
 
 
-def test_routing_notes_a_competing_admin_route(tmp_path):
+def test_routing_refuses_a_competing_route_and_notes_a_duplicate(tmp_path):
     site = routed(tmp_path)
-    _, notes = ipfire.merge_routing("on,192.168.88.0/24,192.168.77.9,old branch\n", site)
-    assert len(notes) == 1 and "already routes 192.168.88.0/24 via 192.168.77.9" in notes[0]
+    with pytest.raises(HostError) as e:
+        ipfire.merge_routing("on,192.168.88.0/24,192.168.77.9,old branch\n", site)
+    assert "already routes 192.168.88.0/24 via 192.168.77.9" in str(e.value)
+    assert "Network > Routing" in e.value.fix
+    off = ",192.168.88.0/24,192.168.77.9,old branch (disabled)\n"
+    assert ipfire.merge_routing(off, site)[0].startswith(off)
+    text, notes = ipfire.merge_routing("on,10.77.0.0/24,192.168.77.50,by hand\n", site)
+    assert len(notes) == 1 and "does the same as ours" in notes[0]
+    assert text.count("10.77.0.0/24") == 2
 
 
 def test_plan_uses_stock_files_without_a_host(tmp_path):
