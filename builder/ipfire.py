@@ -11,12 +11,14 @@ raw PREROUTING, so stop removes exactly them and never flushes the shared CUSTOM
 Routed mode and the asymmetric path: the appliance sits on GREEN beside the LAN hosts.
 A LAN host sends tunnel-bound packets to its default gateway, IPFire, which routes them
 back out of GREEN to the appliance; the appliance answers the LAN host directly. IPFire
-sees one half of each flow, so conntrack (nf_conntrack_tcp_loose=0) marks it INVALID, or
-BADTCP drops it as "NEW without SYN" before CUSTOMFORWARD is reached. The block takes
-these GREEN-to-GREEN flows out of conntrack in the raw table (CT --notrack) and accepts
-them in its forward chain: untracked packets are neither NEW nor INVALID, so BADTCP and
-CONNTRACK let them pass. Masquerade at the appliance would avoid the routes but hide the
-far side's address; DHCP option 121 needs every LAN host's cooperation.
+sees one half of each flow. With nf_conntrack_tcp_loose=0 (IPFire's setting) conntrack
+calls the half-seen packets INVALID and the CONNTRACK chain drops them; with pickup on,
+they are NEW without SYN and BADTCP drops them before CUSTOMFORWARD is reached (both
+measured in the lab). The block takes the LAN-to-tunnel half out of conntrack in the raw
+table (CT --notrack) and accepts it in its forward chain: untracked packets are neither
+NEW nor INVALID, so neither BADTCP nor CONNTRACK touches them, whatever the sysctl says.
+Masquerade at the appliance would avoid the routes but hide the far side's address; DHCP
+option 121 needs every LAN host's cooperation.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from builder import ipfire
-from builder.errors import HostError
+from builder import ipfire, ipfire_host
+from builder.errors import HostError, InputError
 from builder.site import Site, load_site
 from tests.conftest import EXAMPLE
 
@@ -310,3 +310,152 @@ def test_plan_uses_stock_files_without_a_host(tmp_path):
     gone = ipfire.plan(site, p.firewall_local, p.routing, remove=True)
     assert gone.firewall_local == ipfire.stock_firewall_local()
     assert gone.routing == ""
+
+
+# --- preflight judgement and the host scripts (no SSH) ------------------------------------
+
+
+def good_facts(**values: str) -> ipfire_host.Facts:
+    """What a ready IPFire host reports."""
+    v = {
+        "uid": "0",
+        "virsh": "/usr/bin/virsh",
+        "qemu": "/usr/bin/qemu-system-x86_64",
+        "pak_libvirt": "yes",
+        "pak_qemu": "yes",
+        "libvirtd": "1234",
+        "libvirt_sock": "yes",
+        "kvm": "yes",
+        "bridge_dev": "yes",
+        "bridge_is": "yes",
+        "mem_kib": str(4 * 1024 * 1024),
+        "disk_dir": "/var/lib/libvirt/images",
+        "disk_kib": str(50 * 1024 * 1024),
+        "addr_local": "0",
+        "ping_rc": "1",
+        "neigh": "",
+    }
+    v.update(values)
+    files = {
+        "firewall_local": ipfire.stock_firewall_local(),
+        "routing": "",
+        "red_iface": "red0\n",
+        "wg_settings": "ENABLED=off\nPORT=51820\n",
+        "wg_peers": "",
+        "release": "IPFire 2.29 (x86_64) - core195\n",
+    }
+    return ipfire_host.Facts(v, files)
+
+
+def failed(checks) -> dict[str, str]:
+    return {c.name: c.fix for c in checks if not c.ok}
+
+
+def test_judge_all_ok(tmp_path):
+    checks = ipfire_host.judge(routed(tmp_path), good_facts())
+    assert failed(checks) == {}
+    assert len(checks) == 13
+
+
+@pytest.mark.parametrize(
+    "change, name, fix",
+    [
+        ({"uid": "1000"}, "root login", "log in as root"),
+        ({"bridge_is": "no"}, "GREEN bridge", "bridge mode in the web UI"),
+        ({"bridge_is": "no", "bridge_dev": "no"}, "GREEN bridge", "Zone Configuration"),
+        ({"pak_libvirt": "no"}, "libvirt add-on", "pakfire install libvirt qemu"),
+        ({"qemu": ""}, "qemu add-on", "pakfire install libvirt qemu"),
+        ({"libvirtd": "", "libvirt_sock": "no"}, "libvirtd running", "libvirtd start"),
+        ({"kvm": "no"}, "/dev/kvm", "VT-x/AMD-V"),
+        ({"mem_kib": str(300 * 1024)}, "free memory", "appliance.memory_mib"),
+        ({"disk_kib": str(1024 * 1024)}, "free disk", "appliance.disk_gib"),
+        ({"addr_local": "1"}, "LAN address free", "another lan.address"),
+        (
+            {"neigh": "192.168.77.50 dev green0 lladdr 52:54:00:12:34:56 REACHABLE"},
+            "LAN address free",
+            "free lan.address",
+        ),
+    ],
+)
+def test_judge_names_each_failure_with_its_fix(tmp_path, change, name, fix):
+    checks = ipfire_host.judge(routed(tmp_path), good_facts(**change))
+    assert list(failed(checks)) == [name]
+    assert fix in failed(checks)[name]
+
+
+def test_judge_file_cases(tmp_path):
+    site = routed(tmp_path)
+    f = good_facts()
+    f.files["wg_settings"] = "ENABLED=on\nPORT=51820\n"
+    assert (
+        "another wireguard.endpoint port" in failed(ipfire_host.judge(site, f))["IPFire WireGuard"]
+    )
+    f = good_facts()
+    f.files["wg_settings"] = "ENABLED=on\nPORT=51821\n"
+    assert failed(ipfire_host.judge(site, f)) == {}
+    f = good_facts()
+    f.files["wg_peers"] = "3,on,net,branch-office,pub,priv,51820,1.2.3.4,51820,10.0.0.0/24\n"
+    assert "IPFire WireGuard" in failed(ipfire_host.judge(site, f))
+    f = good_facts()
+    f.files["red_iface"] = None
+    assert list(failed(ipfire_host.judge(site, f))) == ["RED interface"]
+    f = good_facts()
+    f.files["release"] = "Debian GNU/Linux 12\n"
+    assert list(failed(ipfire_host.judge(site, f))) == ["IPFire version"]
+    f = good_facts()
+    f.files["routing"] = "on,10.77.0.0/24,192.168.77.9,someone else\n"
+    assert "Network > Routing" in failed(ipfire_host.judge(site, f))["host files"]
+    f = good_facts(neigh=f"192.168.77.50 dev green0 lladdr {site.lan.mac} REACHABLE")
+    assert failed(ipfire_host.judge(site, f)) == {}, "our own appliance may hold the address"
+
+
+def test_judge_for_removal_only_needs_root_and_files(tmp_path):
+    site = routed(tmp_path)
+    f = good_facts(bridge_is="no", kvm="no")
+    names = [c.name for c in ipfire_host.judge(site, f, removing=True)]
+    assert names == ["root login", "host files"]
+
+
+def test_probe_output_round_trip():
+    text = "uid=0\nfirewall_local=b64:IyEvYmluL3NoCg==\nrouting=-\nneigh=a=b c\n"
+    facts = ipfire_host.parse_probe(text)
+    assert facts.files == {"firewall_local": "#!/bin/sh\n", "routing": None}
+    assert facts.get("neigh") == "a=b c" and facts.get("uid") == "0"
+
+
+def test_probe_and_apply_scripts_are_posix_sh(tmp_path):
+    site = routed(tmp_path)
+    facts = good_facts()
+    scripts = {
+        "probe": ipfire_host.probe_script(site),
+        "apply": ipfire_host.apply_script(site, facts, ipfire.plan(site), removing=False),
+        "remove": ipfire_host.apply_script(site, facts, ipfire.plan(site), removing=True),
+    }
+    for name, text in scripts.items():
+        path = tmp_path / f"{name}.sh"
+        path.write_text(text)
+        r = subprocess.run(["sh", "-n", str(path)], capture_output=True, text=True)
+        assert r.returncode == 0, (name, r.stderr)
+    assert "sha256sum" in scripts["apply"] and "bak-wg-appliance" in scripts["apply"]
+    assert "-X WGA_WG_GW_FWD" in scripts["remove"]
+
+
+@pytest.mark.parametrize(
+    "value, login",
+    [
+        ("root@ipfire", ("root", "ipfire", 222)),
+        ("root@192.168.77.1:2222", ("root", "192.168.77.1", 2222)),
+        ("ipfire.lan", ("root", "ipfire.lan", 222)),
+        ("admin@[fd00::1]:22", ("admin", "fd00::1", 22)),
+    ],
+)
+def test_parse_login(value, login):
+    got = ipfire_host.parse_login(value)
+    assert (got.user, got.host, got.port) == login
+
+
+@pytest.mark.parametrize("value", ["root@", "root@host:99999", "a b@host", "root@host:port"])
+def test_parse_login_rejects(value):
+    with pytest.raises(InputError) as e:
+        ipfire_host.parse_login(value)
+    assert e.value.key == "--ssh"
