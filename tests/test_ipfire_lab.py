@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from builder import ipfire
 from builder.site import default_mac, load_site
 from tests.conftest import EXAMPLE, ROOT
 from tests.lab import lab as L
+from tests.lab.clients import WgClient
 from tests.lab.ipfire_host import HostRoot, IpfireLab, ipfire_cli_argv
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]
@@ -160,6 +162,12 @@ def host_rules(lab: L.Lab) -> dict[str, list[str]]:
 def table200(lab: L.Lab) -> list[str]:
     out = lab.exec(L.HOST_NS, ["ip", "route", "show", "table", "200"]).stdout
     return [line.strip() for line in out.splitlines()]
+
+
+def rule_packets(lab: L.Lab, table: str, chain: str) -> list[int]:
+    """Packet counters of a chain's rules, in order."""
+    out = lab.exec(L.HOST_NS, ["iptables", "-w", "-t", table, "-L", chain, "-v", "-n", "-x"])
+    return [int(line.split()[0]) for line in out.stdout.splitlines()[2:] if line.strip()]
 
 
 def checks_of(stdout: str) -> dict[str, dict]:
@@ -524,3 +532,62 @@ def test_a_plain_forward_accept_is_not_enough_with_loose_pickup(lab, ipf, start_
         remove_fake_appliance(lab)
     assert seen["0"] == RW_ADDR, seen
     assert seen["1"].startswith("failed"), seen
+
+
+# --- end to end: a real appliance VM, a real WireGuard road warrior ----------------------
+
+
+def builder_cli(lab: L.Lab, ns: str, *args: str, timeout: float = 900):
+    return lab.exec(ns, [sys.executable, "-m", "builder", *args], check=False, timeout=timeout)
+
+
+def eventually_seen(lab: L.Lab, server_ns: str, client_ns: str, address: str) -> str:
+    """tcp_seen, retried while the first WireGuard handshake settles."""
+    deadline = time.monotonic() + 60
+    while True:
+        seen = tcp_seen(lab, server_ns, client_ns, address)
+        if not seen.startswith("failed") or time.monotonic() > deadline:
+            return seen
+        time.sleep(2)
+
+
+@pytest.mark.vm
+def test_road_warrior_reaches_the_lan_host_through_applied_rules(
+    lab, ipf, start_host, tmp_path, appliance_image
+):
+    """Routed mode, all real: the appliance VM on green0, the host side applied by the tool
+    over SSH, a wireguard-go road warrior in wgl-inet dialling RED. The LAN host, which only
+    knows its default gateway, sees the road warrior's tunnel address, both ways."""
+    site = site_file(tmp_path, {'name = "wg-gw"': 'name = "wg-ipf"'})
+    host = start_host()
+    _lan_routes_via_ipfire(lab)
+    client = WgClient(lab, L.INET_NS, "wgipf-rw0")
+    try:
+        r = builder_cli(
+            lab,
+            L.LAN_NS,
+            "deploy",
+            "--site",
+            str(site),
+            "--image",
+            str(appliance_image.path),
+            "--timeout",
+            "600",
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+        r = cli(lab, host, site, *ssh_args("--apply"))
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "answers with this appliance's MAC" in r.stdout
+        conf = builder_cli(lab, L.LAN_NS, "peer-config", "--site", str(site), "laptop").stdout
+        assert "Endpoint = 203.0.113.1:51820" in conf
+        client.up(conf)
+        lan_host = str(L.LAN_GREEN.ip)
+        assert eventually_seen(lab, L.LAN_NS, L.INET_NS, lan_host) == RW_ADDR
+        assert eventually_seen(lab, L.INET_NS, L.LAN_NS, RW_ADDR) == lan_host
+        # The packets took the tool's rules: the port forward and the untracked LAN half.
+        assert rule_packets(lab, "nat", "WGA_WG_IPF_NAT")[0] > 0
+        assert rule_packets(lab, "raw", "WGA_WG_IPF_RAW")[0] > 0
+        assert rule_packets(lab, "filter", "WGA_WG_IPF_FWD")[1] > 0
+    finally:
+        client.down()
+        builder_cli(lab, L.LAN_NS, "destroy", "--site", str(site))
