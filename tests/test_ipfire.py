@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 from builder import ipfire, ipfire_host
 from builder.errors import HostError, InputError
 from builder.site import Site, load_site
-from tests.conftest import EXAMPLE
+from tests.conftest import EXAMPLE, ROOT
 
 # An admin-edited firewall.local as found on real boxes: an add-on's sed'ed variable under
 # the header, blocklists inserted into CUSTOM* chains, a port forward of the admin's own,
@@ -459,3 +460,55 @@ def test_parse_login_rejects(value):
     with pytest.raises(InputError) as e:
         ipfire_host.parse_login(value)
     assert e.value.key == "--ssh"
+
+
+# --- the command line (the wired `wg-appliance ipfire`, or its stand-in until then) -------
+
+
+def ipfire_cli(*args: str) -> subprocess.CompletedProcess:
+    from tests.lab.ipfire_host import ipfire_cli_argv
+
+    return subprocess.run(
+        [*ipfire_cli_argv(), *args], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_cli_out_without_a_host_uses_the_stock_files(tmp_path):
+    site = routed(tmp_path)
+    out = tmp_path / "out"
+    r = ipfire_cli("--site", str(site.path), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert (out / "firewall.local").read_text() == ipfire.plan(site).firewall_local
+    assert (out / "firewall.local").stat().st_mode & 0o777 == 0o755
+    assert (out / "routing").read_text() == ipfire.plan(site).routing
+    assert "scp -P 222" in r.stdout and "--apply" in r.stdout
+    r = ipfire_cli("--site", str(site.path), "--out", str(out), "--remove", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["out"]["routing"] == str(out / "routing")
+    assert (out / "firewall.local").read_text() == ipfire.stock_firewall_local()
+
+
+@pytest.mark.parametrize(
+    "args, start",
+    [
+        (["--apply"], "error: --apply: needs --ssh"),
+        (["--ssh", "root@host:99999"], "error: root@host:99999: --ssh: port 99999"),
+        (["--ssh", "root@h", "--host-key", "MD5:ab"], "error: MD5:ab: --host-key: expected"),
+    ],
+)
+def test_cli_bad_input_is_exit_2_in_one_line(tmp_path, args, start):
+    site = routed(tmp_path)
+    r = ipfire_cli("--site", str(site.path), *args)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith(start) and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_cli_unreachable_host_is_exit_3(tmp_path):
+    site = routed(tmp_path)
+    known = tmp_path / "known_hosts"
+    known.write_text("")
+    r = ipfire_cli(
+        "--site", str(site.path), "--ssh", "root@127.0.0.1:9", "--known-hosts", str(known)
+    )
+    assert r.returncode == 3, r.stderr
+    assert "cannot connect" in r.stderr and r.stderr.count("\n") == 1

@@ -423,7 +423,7 @@ class IpfireLab:
 
 def cli_main(argv: list[str]) -> int:
     """`wg-appliance ipfire` before builder.cli declares it: same arguments, same exits."""
-    from builder.ipfire_host import add_ipfire_arguments, cmd_ipfire
+    from builder.ipfire_cmd import add_ipfire_arguments, cmd_ipfire
 
     p = argparse.ArgumentParser(prog="wg-appliance ipfire")
     p.add_argument("--site", required=True)

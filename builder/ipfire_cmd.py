@@ -1,0 +1,162 @@
+"""`wg-appliance ipfire`: arguments and output. The SSH side is builder.ipfire_host,
+imported only when the command runs, so the CLI starts without paramiko."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from builder import ipfire
+from builder.errors import InputError
+from builder.site import Site, load_site
+
+
+def add_ipfire_arguments(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument(
+        "--out", metavar="DIR", help="write the merged files here (default: STATE/ipfire)"
+    )
+    sp.add_argument("--apply", action="store_true", help="install the files on the host and reload")
+    sp.add_argument(
+        "--remove", action="store_true", help="remove this appliance's block and routes"
+    )
+    sp.add_argument(
+        "--ssh", metavar="root@HOST[:222]", help="the IPFire host (SSH port 222 by default)"
+    )
+    pin = sp.add_mutually_exclusive_group()
+    pin.add_argument("--host-key", metavar="SHA256:...", help="the host key's fingerprint")
+    pin.add_argument(
+        "--known-hosts",
+        metavar="FILE",
+        help="known_hosts to check the host key against (default ~/.ssh/known_hosts)",
+    )
+    sp.add_argument("--identity", metavar="FILE", help="SSH private key (default: agent, ~/.ssh)")
+    sp.add_argument("--json", action="store_true", help="one JSON document on stdout")
+
+
+def cmd_ipfire(args: argparse.Namespace) -> int:
+    site = load_site(args.site)
+    if args.apply and not args.ssh:
+        raise InputError("--apply", "", "needs --ssh root@HOST[:222] to reach the IPFire host")
+    removing = bool(args.remove)
+    result: dict = {"appliance": site.name, "mode": site.wireguard.mode}
+    if not args.ssh:
+        plan = ipfire.plan(site, remove=removing)
+        result["source"] = "IPFire's stock files"
+        return _write_out(args, site, plan, result)
+
+    from builder.ipfire_host import apply, connect_host, current_plan, gather, judge, parse_login
+
+    login = parse_login(args.ssh)
+    client = connect_host(
+        login,
+        known_hosts=Path(args.known_hosts) if args.known_hosts else None,
+        host_key=args.host_key,
+        identity=Path(args.identity) if args.identity else None,
+    )
+    try:
+        facts = gather(client, site)
+        checks = judge(site, facts, removing)
+        result["host"] = str(login)
+        result["checks"] = [asdict(c) for c in checks]
+        result["ok"] = all(c.ok for c in checks)
+        if not result["ok"]:
+            _print(args, result, checks)
+            return 1
+        plan = current_plan(site, facts, removing)
+        result["notes"] = list(plan.notes)
+        if not args.apply:
+            result["source"] = f"the current files on {login.host}"
+            return _write_out(args, site, plan, result, checks)
+        applied = apply(client, site, facts, plan, removing)
+    finally:
+        client.close()
+    result["applied"] = asdict(applied)
+    _print(args, result, checks)
+    return 0
+
+
+def _out_dir(args: argparse.Namespace, site: Site) -> Path:
+    if args.out:
+        return Path(args.out)
+    state = Path(args.state) if getattr(args, "state", None) else site.default_state_dir()
+    return state / "ipfire"
+
+
+def _write_out(
+    args: argparse.Namespace,
+    site: Site,
+    plan: ipfire.Plan,
+    result: dict,
+    checks: list | None = None,
+) -> int:
+    out = _out_dir(args, site)
+    out.mkdir(parents=True, exist_ok=True)
+    fw, rt = out / "firewall.local", out / "routing"
+    fw.write_text(plan.firewall_local)
+    fw.chmod(0o755)
+    rt.write_text(plan.routing)
+    result["out"] = {"firewall.local": str(fw), "routing": str(rt)}
+    result["notes"] = list(plan.notes)
+    _print(args, result, checks or [])
+    if not args.json:
+        from builder.ipfire_host import parse_login
+
+        host = args.ssh or "root@ipfire:222"
+        login = parse_login(host)
+        ssh = f"ssh -p {login.port} {login.user}@{login.host}"
+        scp = f"scp -P {login.port}"
+        print(
+            "\n".join(
+                [
+                    f"wrote {fw} and {rt} (merged into {result['source']})",
+                    "to install them by hand:",
+                    f"  {ssh} '{ipfire.FIREWALL_LOCAL} stop'",
+                    f"  {scp} {fw} {login.user}@{login.host}:{ipfire.FIREWALL_LOCAL}",
+                    f"  {scp} {rt} {login.user}@{login.host}:{ipfire.ROUTING}",
+                    f"  {ssh} 'chown nobody:nobody {ipfire.ROUTING} && "
+                    f"{ipfire.FIREWALL_LOCAL} start && {ipfire.STATIC_ROUTES} start'",
+                    f"or let the tool do it (backups included): wg-appliance ipfire --site "
+                    f"{args.site} --ssh {host} --apply" + (" --remove" if args.remove else ""),
+                ]
+            )
+        )
+    return 0
+
+
+def _print(args: argparse.Namespace, result: dict, checks: list) -> None:
+    if args.json:
+        print(json.dumps(result))
+        return
+    if checks:
+        width = max(len(c.name) for c in checks)
+        failed = sum(not c.ok for c in checks)
+        print(f"{result.get('host', 'host')}: " + (f"{failed} failed" if failed else "all ok"))
+        for c in checks:
+            print(f"{'ok  ' if c.ok else 'FAIL'}  {c.name:<{width}}  {c.detail}")
+            if not c.ok and c.fix:
+                print(f"{'':6}{'':<{width}}  fix: {c.fix}")
+    for note in result.get("notes", []):
+        print(f"note: {note}", file=sys.stderr)
+    applied = result.get("applied")
+    if applied:
+        what = [
+            name
+            for name, changed in (
+                (ipfire.FIREWALL_LOCAL, applied["firewall_local_changed"]),
+                (ipfire.ROUTING, applied["routing_changed"]),
+            )
+            if changed
+        ]
+        verb = "removed" if args.remove else "applied"
+        print(f"{verb}: " + (", ".join(what) + " changed" if what else "files unchanged"))
+        for b in applied["backups"]:
+            print(f"backup: {b}")
+        print(
+            f"live: {len(applied['rules'])} rules in the appliance's chains, "
+            f"{len(applied['routes'])} routes in table 200"
+        )
+        if not args.remove:
+            print(f"next: wg-appliance verify --site {args.site}")
