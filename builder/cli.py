@@ -11,6 +11,7 @@ from pathlib import Path
 
 from builder import __version__
 from builder.errors import ApplianceError, InputError
+from builder.ipfire_cmd import add_ipfire_arguments, cmd_ipfire
 from builder.keys import State
 from builder.progress import Progress
 from builder.seed import make_seed
@@ -351,6 +352,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--dry-run", action="store_true", help="show the changes, apply nothing")
     sp.add_argument("--json", action="store_true", help="machine-readable result")
+
+    add_ipfire_arguments(
+        command(
+            "ipfire",
+            "make the IPFire host side right: port forward, routes, firewall (checks first)",
+            "wg-appliance ipfire --site site.toml --ssh root@ipfire:222 --apply",
+            cmd_ipfire,
+        )
+    )
 
     sp = command(
         "verify",

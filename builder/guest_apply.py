@@ -1,9 +1,10 @@
-"""Runs inside the appliance (sent over SSH to `sudo python3 -`): applies new WireGuard and
-firewall files without restarting the tunnel, or rolls back to the previous ones.
+"""Runs inside the appliance for `sync`, as `sudo python3 -S -c PROGRAM` where PROGRAM is
+`PROBE = '<guest_probe.py source>'` followed by this file: one process, one SSH channel.
 
-The sender prepends `PAYLOAD = '<json>'` to this source, so script and files travel in one
-stdin: {"wg0.conf": str, "nftables.conf": str, "sysctl": str}. Prints one JSON document:
-{"ok": bool, "rolled_back": bool, "error": str, "routes_added": [...], ...}.
+It prints the light probe's facts as one JSON line, then reads one line from stdin: empty
+means nothing to do; otherwise {"wg0.conf": str, "nftables.conf": str, "sysctl": str,
+"mtu": int}, applied without restarting the tunnel or rolled back as a whole, and the
+outcome printed as one JSON line: {"ok", "rolled_back", "error", "routes_added", ...}.
 
 `wg syncconf` changes only what differs, so unchanged peers keep their sessions; `nft -f`
 applies the whole ruleset file (it starts with `flush ruleset`) as one transaction.
@@ -12,6 +13,7 @@ applies the whole ruleset file (it starts with `flush ruleset`) as one transacti
 import json
 import os
 import subprocess
+import sys
 
 FILES = {
     "wg0.conf": ("/etc/wireguard/wg0.conf", 0o600),
@@ -51,6 +53,30 @@ def write(path, text, mode):
     os.replace(tmp, path)
 
 
+WG_QUICK_KEYS = {
+    "address",
+    "dns",
+    "mtu",
+    "table",
+    "preup",
+    "postup",
+    "predown",
+    "postdown",
+    "saveconfig",
+}
+
+
+def strip(conf):
+    """What `wg-quick strip` does, without a bash loop over every line (slow with 1000 peers)."""
+    keep = []
+    for line in conf.splitlines(keepends=True):
+        key = line.split("=", 1)[0].strip().lower()
+        if "=" in line and key in WG_QUICK_KEYS:
+            continue
+        keep.append(line)
+    return "".join(keep)
+
+
 def wanted_routes():
     """AllowedIPs outside wg0's own subnets need routes via wg0 (what wg-quick adds at up)."""
     own = sh("ip", "-j", "addr", "show", "dev", "wg0")
@@ -88,13 +114,11 @@ def current_routes():
 
 
 def apply(new):
-    sh("nft", "--check", "--file", "/dev/stdin", input=new["nftables.conf"])
     for key, (path, mode) in FILES.items():
         write(path, new[key], mode)
     sh("sysctl", "--load", FILES["sysctl"][0])
     sh("nft", "--file", FILES["nftables.conf"][0])
-    stripped = sh("wg-quick", "strip", "wg0")
-    sh("wg", "syncconf", "wg0", "/dev/stdin", input=stripped)
+    sh("wg", "syncconf", "wg0", "/dev/stdin", input=strip(new["wg0.conf"]))
     if new.get("mtu"):
         sh("ip", "link", "set", "wg0", "mtu", str(new["mtu"]))
     want, have = wanted_routes(), current_routes()
@@ -106,7 +130,14 @@ def apply(new):
 
 
 def main():
-    new = json.loads(globals()["PAYLOAD"])
+    probe = {}
+    exec(globals()["PROBE"], probe)
+    facts = {"wg": probe["wg_dump"](), "files": probe["files"](), "addresses": probe["addresses"]()}
+    print(json.dumps(facts), flush=True)
+    line = sys.stdin.readline()
+    if not line.strip():
+        return
+    new = json.loads(line)
     old = {key: read(path) for key, (path, _) in FILES.items()}
     try:
         result = apply(new)

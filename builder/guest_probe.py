@@ -90,6 +90,14 @@ def file_sha256(path):
     return None if text is None else hashlib.sha256(text.encode()).hexdigest()
 
 
+def files():
+    return {
+        "wg0.conf": file_sha256("/etc/wireguard/wg0.conf"),
+        "nftables.conf": file_sha256("/etc/nftables.conf"),
+        "sysctl": file_sha256("/etc/sysctl.d/90-wg-appliance.conf"),
+    }
+
+
 def addresses():
     r = sh("ip", "-j", "addr", "show")
     if r["rc"] != 0:
@@ -128,11 +136,7 @@ def main():
         "nft": sh("nft", "list", "ruleset"),
         "routes": json.loads(routes["out"] or "[]") + json.loads(routes6["out"] or "[]"),
         "gateway": ping(args["gateway"]) if args.get("gateway") else None,
-        "files": {
-            "wg0.conf": file_sha256("/etc/wireguard/wg0.conf"),
-            "nftables.conf": file_sha256("/etc/nftables.conf"),
-            "sysctl": file_sha256("/etc/sysctl.d/90-wg-appliance.conf"),
-        },
+        "files": files(),
         "addresses": addresses(),
         "disk_free": st.f_bavail * st.f_frsize,
         "disk_total": st.f_blocks * st.f_frsize,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +23,8 @@ from builder.keys import Keys, State
 from builder.render import render_nftables, render_sysctl, render_wg_conf
 from builder.seed import make_seed
 from builder.site import Site
-from builder.ssh import connect, execute
-from builder.verify import gather, peer_drift, target_for
+from builder.ssh import connect
+from builder.verify import PROBE, peer_drift, target_for
 
 APPLIER = Path(__file__).with_name("guest_apply.py")
 VM_KEYS = {"memory-mib": "memory_mib", "vcpus": "vcpus", "disk-gib": "disk_gib"}
@@ -102,9 +103,15 @@ def sync(site: Site, state: State, dry_run: bool = False) -> SyncResult:
     if state.load() is None:
         raise HostError(f"no keys in {state.path}", "deploy first, or pass the right --state DIR")
     keys = state.keys_for(site) if not dry_run else _keys_without_saving(site, state)
-    facts = gather(site, keys)
-    conn, metadata = _metadata(site)
+    client = connect(target_for(site, keys))
+    program = f"PROBE = {PROBE.read_text()!r}\n" + APPLIER.read_text()
+    stdin, stdout, stderr = client.exec_command(
+        f"sudo -n python3 -S -c {shlex.quote(program)}", timeout=120
+    )
+    conn, metadata = None, None
     try:
+        facts = _answer(site, stdout, stderr)
+        conn, metadata = _metadata(site)
         refused = vm_changes(site, facts, metadata)
         if refused:
             raise HostError(
@@ -114,7 +121,18 @@ def sync(site: Site, state: State, dry_run: bool = False) -> SyncResult:
         changes = plan(site, keys, facts)
         if dry_run or not changes:
             return SyncResult(site.name, tuple(changes), False, time.monotonic() - t0)
-        result = _apply(site, keys)
+        payload = {**wanted_files(site, keys), "mtu": site.wireguard.mtu}
+        stdin.write(json.dumps(payload) + "\n")
+        stdin.flush()
+        result = _answer(site, stdout, stderr)
+        if not result["ok"]:
+            how = (
+                "rolled back to the previous files" if result["rolled_back"] else "NOT rolled back"
+            )
+            raise GuestError(
+                f"sync failed on {site.name}: {result['error']}; {how}",
+                "fix the site file and run sync again; `wg-appliance verify` shows the live state",
+            )
         if conn is not None and metadata is not None:
             _record_seed(conn, site, keys)
         return SyncResult(
@@ -126,6 +144,8 @@ def sync(site: Site, state: State, dry_run: bool = False) -> SyncResult:
             tuple(result.get("routes_removed", ())),
         )
     finally:
+        stdin.channel.shutdown_write()
+        client.close()
         if conn is not None:
             conn.close()
 
@@ -147,27 +167,17 @@ def _keys_without_saving(site: Site, state: State) -> Keys:
     return Keys(stored.wg_private, stored.host_key, stored.admin_key, peers)
 
 
-def _apply(site: Site, keys: Keys) -> dict:
-    payload = json.dumps({**wanted_files(site, keys), "mtu": site.wireguard.mtu})
-    program = f"PAYLOAD = {payload!r}\n" + APPLIER.read_text()
-    client = connect(target_for(site, keys))
+def _answer(site: Site, stdout, stderr) -> dict:
+    """One JSON line from the guest program, or what went wrong there."""
+    line = stdout.readline()
     try:
-        r = execute(client, "sudo -n python3 -", input=program, timeout=120)
-    finally:
-        client.close()
-    try:
-        result = json.loads(r.stdout)
+        return json.loads(line)
     except ValueError:
+        err = stderr.channel.recv_stderr(4096).decode(errors="replace").strip()
         raise GuestError(
-            f"sync: the appliance answered {r.rc}: {r.stderr.strip()[-300:]}"
+            f"sync: the appliance did not answer: {(err or line)[-300:]}",
+            "check that the admin user has passwordless sudo; `wg-appliance verify` shows more",
         ) from None
-    if not result["ok"]:
-        state = "rolled back to the previous files" if result["rolled_back"] else "NOT rolled back"
-        raise GuestError(
-            f"sync failed on {site.name}: {result['error']}; {state}",
-            "fix the site file and run sync again; `wg-appliance verify` shows the live state",
-        )
-    return result
 
 
 def _record_seed(conn, site: Site, keys: Keys) -> None:

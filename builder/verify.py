@@ -65,7 +65,7 @@ def gather(site: Site, keys: Keys, timeout: float = 20.0) -> dict[str, Any]:
         arg = json.dumps({"gateway": str(site.lan.gateway)})
         result = execute(
             client,
-            f"sudo -n python3 - {shlex.quote(arg)}",
+            f"sudo -n python3 -S - {shlex.quote(arg)}",
             input=PROBE.read_text(),
             timeout=timeout + 30,
         )
