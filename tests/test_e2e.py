@@ -22,12 +22,11 @@ from builder.keys import ssh_genkey
 from tests.conftest import EXAMPLE
 from tests.lab import lab as L
 from tests.lab.clients import PeerAddressServer, WgClient, ping, tcp_source_seen
+from tests.lab.internet import BLAN_HOST, BLAN_NS, BRANCH_NS, RW_NS, add_far_side, remove_far_side
 
 pytestmark = [pytest.mark.slow, pytest.mark.root, pytest.mark.vm]
 
 APPLIANCE = "192.168.77.50"
-RW_NS, BRANCH_NS, BLAN_NS = "wgl-rw", "wgl-branch", "wgl-blan"
-BLAN_HOST = "192.168.88.10"
 
 
 def cli(lab: L.Lab, *args: str, ns: str = L.LAN_NS, check: bool = False, timeout: float = 900):
@@ -36,9 +35,9 @@ def cli(lab: L.Lab, *args: str, ns: str = L.LAN_NS, check: bool = False, timeout
 
 
 def internet(lab: L.Lab) -> None:
-    """RED side: the host's red0 to an 'internet' router, a road warrior and a branch office
-    (gateway + branch LAN host) behind it. The host DNATs the listen port to the appliance,
-    as IPFire's firewall.local block does."""
+    """RED side: the host's red0 to an 'internet' router with a road warrior and a branch
+    office behind it. The host DNATs the listen port to the appliance, as IPFire's
+    firewall.local block does (tests/test_ipfire_lab.py runs the same through the tool's)."""
     if INET_UP.exists():
         return
     lab.add_namespace(L.INET_NS)
@@ -51,23 +50,7 @@ def internet(lab: L.Lab) -> None:
         peer_address=_if("203.0.113.2/24"),
     )
     lab.add_route(L.HOST_NS, "default", "203.0.113.2")
-    lab.sysctl(L.INET_NS, "net.ipv4.ip_forward", "1")
-    lab.add_bridge(L.INET_NS, "inet0", _if("198.51.100.1/24"))
-    for ns, addr in ((RW_NS, "198.51.100.10/24"), (BRANCH_NS, "198.51.100.20/24")):
-        lab.add_namespace(ns)
-        lab.add_veth(ns, "eth0", L.INET_NS, f"i-{ns[4:]}", address=_if(addr), bridge="inet0")
-        lab.add_route(ns, "default", "198.51.100.1")
-    lab.sysctl(BRANCH_NS, "net.ipv4.ip_forward", "1")
-    lab.add_namespace(BLAN_NS)
-    lab.add_veth(
-        BLAN_NS,
-        "eth0",
-        BRANCH_NS,
-        "blan0",
-        address=_if(f"{BLAN_HOST}/24"),
-        peer_address=_if("192.168.88.1/24"),
-    )
-    lab.add_route(BLAN_NS, "default", "192.168.88.1")
+    add_far_side(lab)
     lab.exec(
         L.HOST_NS,
         [
@@ -113,8 +96,10 @@ def site(tmp_path_factory) -> Path:
 def net(lab):
     internet(lab)
     yield lab
-    for ns in (BLAN_NS, BRANCH_NS, RW_NS, L.INET_NS):
-        lab.remove_namespace(ns)
+    lab.remove_namespace(RW2_NS)
+    remove_far_side(lab)
+    lab.exec(L.HOST_NS, ["iptables", "-t", "nat", "-F", "PREROUTING"], check=False)
+    lab.remove_namespace(L.INET_NS)
     INET_UP.unlink(missing_ok=True)
 
 
@@ -163,23 +148,8 @@ def test_interrupted_deploy_converges(net, appliance_image, site):
 
 
 def test_ssh_from_lan_host_with_pinned_key(net, site):
-    state = site.parent / ".wg-appliance" / "wg-gw"
-    r = net.exec(
-        L.LAN_NS,
-        [
-            "ssh",
-            "-i",
-            str(state / "admin_ed25519"),
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "StrictHostKeyChecking=yes",
-            "-o",
-            f"UserKnownHostsFile={state / 'known_hosts'}",
-            f"wgadmin@{APPLIANCE}",
-            "hostname; sudo -n wg show wg0 listen-port",
-        ],
-    )
+    """OpenSSH itself, with the state dir's known_hosts and StrictHostKeyChecking=yes."""
+    r = _ssh(net, site, "hostname; sudo -n wg show wg0 listen-port")
     assert r.stdout.split() == ["wg-gw", "51820"]
 
 
@@ -255,6 +225,8 @@ def _ssh(net, site, command: str, state: Path | None = None, check: bool = True)
             str(state / "admin_ed25519"),
             "-o",
             "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
             "-o",
             f"UserKnownHostsFile={state / 'known_hosts'}",
             f"wgadmin@{APPLIANCE}",

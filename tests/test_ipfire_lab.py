@@ -21,7 +21,8 @@ from builder import ipfire
 from builder.site import default_mac, load_site
 from tests.conftest import EXAMPLE, ROOT
 from tests.lab import lab as L
-from tests.lab.clients import WgClient
+from tests.lab.clients import PeerAddressServer, WgClient, tcp_source_seen
+from tests.lab.internet import BLAN_HOST, BLAN_NS, BRANCH_NS, RW_NS, add_far_side, remove_far_side
 from tests.lab.ipfire_host import HostRoot, IpfireLab, ipfire_cli_argv
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]
@@ -214,43 +215,15 @@ def _if(text: str):
     return IPv4Interface(text)
 
 
-PEER_SERVER = """
-import socket, sys
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", int(sys.argv[1])))
-s.listen(8)
-while True:
-    c, addr = s.accept()
-    c.sendall(addr[0].encode() + b"\\n")
-    c.close()
-"""
-
-PEER_CLIENT = """
-import socket, sys
-try:
-    c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3]))
-    print(c.recv(100).decode().strip())
-except OSError as e:
-    print("failed:", e)
-"""
-
-
 def tcp_seen(lab: L.Lab, server_ns: str, client_ns: str, address: str, port: int = 7781) -> str:
     """Connect from `client_ns` to a server in `server_ns`; the source address the server saw,
     or 'failed: ...'."""
-    server = subprocess.Popen(
-        ["ip", "netns", "exec", server_ns, "python3", "-c", PEER_SERVER, str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    server = PeerAddressServer(lab, server_ns, port)
+    server.start()
     try:
-        time.sleep(0.3)
-        r = lab.exec(client_ns, ["python3", "-c", PEER_CLIENT, address, str(port), "4"], timeout=15)
-        return r.stdout.strip()
+        return tcp_source_seen(lab, client_ns, address, port, timeout=4)
     finally:
-        server.kill()
-        server.wait()
+        server.stop()
 
 
 # --- preflight -------------------------------------------------------------------------
@@ -552,16 +525,22 @@ def eventually_seen(lab: L.Lab, server_ns: str, client_ns: str, address: str) ->
 
 
 @pytest.mark.vm
-def test_road_warrior_reaches_the_lan_host_through_applied_rules(
-    lab, ipf, start_host, tmp_path, appliance_image
+@pytest.mark.parametrize("mode", ["routed", "masquerade"])
+def test_road_warrior_and_branch_through_applied_rules(
+    lab, ipf, start_host, tmp_path, appliance_image, mode
 ):
-    """Routed mode, all real: the appliance VM on green0, the host side applied by the tool
-    over SSH, a wireguard-go road warrior in wgl-inet dialling RED. The LAN host, which only
-    knows its default gateway, sees the road warrior's tunnel address, both ways."""
+    """All real: the appliance VM on green0, the host side applied by the tool over SSH,
+    wireguard-go clients beyond RED (a road warrior, and a branch gateway with its LAN behind
+    it). The LAN host only knows its default gateway, IPFire. Routed: it sees tunnel and
+    branch addresses, both ways, through the tool's routes and NOTRACK rules. Masquerade: it
+    sees the appliance's address, and only the port forward is on the host."""
     site = site_file(tmp_path, {'name = "wg-gw"': 'name = "wg-ipf"'})
+    if mode == "masquerade":
+        site.write_text(site.read_text().replace('mode = "routed"', 'mode = "masquerade"'))
     host = start_host()
     _lan_routes_via_ipfire(lab)
-    client = WgClient(lab, L.INET_NS, "wgipf-rw0")
+    add_far_side(lab)
+    clients = [WgClient(lab, RW_NS, "wgipf-rw0"), WgClient(lab, BRANCH_NS, "wgipf-br0")]
     try:
         r = builder_cli(
             lab,
@@ -577,17 +556,31 @@ def test_road_warrior_reaches_the_lan_host_through_applied_rules(
         assert r.returncode == 0, r.stderr[-3000:]
         r = cli(lab, host, site, *ssh_args("--apply"))
         assert r.returncode == 0, r.stdout + r.stderr
-        assert "answers with this appliance's MAC" in r.stdout
-        conf = builder_cli(lab, L.LAN_NS, "peer-config", "--site", str(site), "laptop").stdout
-        assert "Endpoint = 203.0.113.1:51820" in conf
-        client.up(conf)
+        for client, peer in zip(clients, ("laptop", "branch"), strict=True):
+            conf = builder_cli(lab, L.LAN_NS, "peer-config", "--site", str(site), peer).stdout
+            assert "Endpoint = 203.0.113.1:51820" in conf
+            client.up(conf)
         lan_host = str(L.LAN_GREEN.ip)
-        assert eventually_seen(lab, L.LAN_NS, L.INET_NS, lan_host) == RW_ADDR
-        assert eventually_seen(lab, L.INET_NS, L.LAN_NS, RW_ADDR) == lan_host
-        # The packets took the tool's rules: the port forward and the untracked LAN half.
+        if mode == "routed":
+            assert eventually_seen(lab, L.LAN_NS, RW_NS, lan_host) == RW_ADDR
+            assert eventually_seen(lab, RW_NS, L.LAN_NS, RW_ADDR) == lan_host
+            assert eventually_seen(lab, L.LAN_NS, BLAN_NS, lan_host) == BLAN_HOST
+            assert eventually_seen(lab, BLAN_NS, L.LAN_NS, BLAN_HOST) == lan_host
+            # The packets took the tool's rules: the port forward and the untracked LAN half.
+            assert rule_packets(lab, "raw", "WGA_WG_IPF_RAW")[0] > 0
+            assert rule_packets(lab, "filter", "WGA_WG_IPF_FWD")[1] > 0
+            assert any("192.168.88.0/24" in line for line in table200(lab))
+        else:
+            assert eventually_seen(lab, L.LAN_NS, RW_NS, lan_host) == APPLIANCE
+            assert eventually_seen(lab, L.LAN_NS, BLAN_NS, lan_host) == APPLIANCE
         assert rule_packets(lab, "nat", "WGA_WG_IPF_NAT")[0] > 0
-        assert rule_packets(lab, "raw", "WGA_WG_IPF_RAW")[0] > 0
-        assert rule_packets(lab, "filter", "WGA_WG_IPF_FWD")[1] > 0
+        v = builder_cli(
+            lab, L.LAN_NS, "verify", "--site", str(site), "--require-handshake", "laptop", "branch"
+        )
+        assert v.returncode == 0, v.stdout
     finally:
-        client.down()
+        for client in clients:
+            client.down()
+        remove_far_side(lab)
+        cli(lab, host, site, *ssh_args("--remove"))
         builder_cli(lab, L.LAN_NS, "destroy", "--site", str(site))

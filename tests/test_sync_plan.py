@@ -50,10 +50,26 @@ def test_added_and_changed_peers_and_mode(site_dir, facts):
 def test_vm_changes_are_named(site_dir, facts):
     path = site_dir / "site.toml"
     text = path.read_text().replace("192.168.77.50/24", "192.168.77.51/24")
-    text = text.replace("\"10.77.0.1/24\", \"fd77", "\"10.77.0.5/24\", \"fd77")
+    text = text.replace('"10.77.0.1/24", "fd77', '"10.77.0.5/24", "fd77')
     path.write_text(text)
     site = load_site(path)
     refused = vm_changes(site, facts, {"memory-mib": "1024", "vcpus": "1", "disk-gib": "2"})
     assert any(r.startswith("lan.address:") for r in refused)
     assert any(r.startswith("wireguard.address:") for r in refused)
     assert "appliance.memory_mib: 1024 -> 512" in refused
+
+
+def test_guest_strip_equals_wg_quick_strip(tmp_path):
+    """The appliance strips wg-quick keys in Python; it must match `wg-quick strip`."""
+    import subprocess
+
+    from builder.guest_apply import strip
+    from tests.test_render import GOLDEN
+
+    conf = tmp_path / "wg0.conf"
+    conf.write_text((GOLDEN / "wg0.conf").read_text())
+    conf.chmod(0o600)
+    real = subprocess.run(
+        ["wg-quick", "strip", str(conf)], capture_output=True, text=True, check=True
+    ).stdout
+    assert strip(conf.read_text()).rstrip() == real.rstrip()  # wg-quick adds a blank line

@@ -123,13 +123,17 @@ class PeerAddressServer:
 
 CONNECT_CLIENT = """
 import socket, sys
-c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3]))
-print(c.recv(100).decode().strip())
+try:
+    c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3]))
+    print(c.recv(100).decode().strip())
+except OSError as e:
+    print("failed:", e)
 """
 
 
 def tcp_source_seen(lab: Lab, ns: str, host: str, port: int = 7777, timeout: float = 10) -> str:
-    """Open a TCP connection from `ns` to host:port; return the source address the server saw."""
+    """Open a TCP connection from `ns` to host:port; return the source address the server saw,
+    or 'failed: ...'."""
     r = lab.exec(
         ns, ["python3", "-c", CONNECT_CLIENT, host, str(port), str(timeout)], timeout=timeout + 5
     )

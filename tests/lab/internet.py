@@ -1,0 +1,44 @@
+"""The far side of RED: an 'internet' router namespace with a road warrior and a branch
+office (gateway plus a branch LAN host) behind it. The RED link itself (host red0 to
+`wgl-inet`) is made by whoever plays the host's firewall: the plain DNAT of test_e2e, or
+the IPFire stand-in in tests/lab/ipfire_host.py."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Interface
+
+from tests.lab.lab import INET_NS, Lab
+
+RW_NS, BRANCH_NS, BLAN_NS = "wgl-rw", "wgl-branch", "wgl-blan"
+BLAN_HOST = "192.168.88.10"
+FAR_NAMESPACES = (BLAN_NS, BRANCH_NS, RW_NS)
+
+
+def add_far_side(lab: Lab) -> None:
+    """Road warrior 198.51.100.10 and branch gateway 198.51.100.20 on the internet bridge;
+    the branch LAN 192.168.88.0/24 behind the gateway. `wgl-inet` must exist."""
+    lab.sysctl(INET_NS, "net.ipv4.ip_forward", "1")
+    lab.add_bridge(INET_NS, "inet0", IPv4Interface("198.51.100.1/24"))
+    for ns, addr in ((RW_NS, "198.51.100.10/24"), (BRANCH_NS, "198.51.100.20/24")):
+        lab.add_namespace(ns)
+        lab.add_veth(
+            ns, "eth0", INET_NS, f"i-{ns[4:]}", address=IPv4Interface(addr), bridge="inet0"
+        )
+        lab.add_route(ns, "default", "198.51.100.1")
+    lab.sysctl(BRANCH_NS, "net.ipv4.ip_forward", "1")
+    lab.add_namespace(BLAN_NS)
+    lab.add_veth(
+        BLAN_NS,
+        "eth0",
+        BRANCH_NS,
+        "blan0",
+        address=IPv4Interface(f"{BLAN_HOST}/24"),
+        peer_address=IPv4Interface("192.168.88.1/24"),
+    )
+    lab.add_route(BLAN_NS, "default", "192.168.88.1")
+
+
+def remove_far_side(lab: Lab) -> None:
+    for ns in FAR_NAMESPACES:
+        lab.remove_namespace(ns)
+    lab.exec(INET_NS, ["ip", "link", "del", "inet0"], check=False)
