@@ -230,7 +230,7 @@ def deploy(
                 pool, names["seed"], state.path / "seed" / "seed.iso", progress
             )
             disk = lh.create_disk(pool, names["disk"], base, site.appliance.disk_gib)
-        pool_dir = Path(lh._pool_path(pool))
+        pool_dir = Path(lh.pool_path(pool))
         spec = DomainSpec(
             name=site.name,
             memory_mib=site.appliance.memory_mib,

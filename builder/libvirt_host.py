@@ -163,7 +163,7 @@ def volume_xml(
     return ET.tostring(vol, encoding="unicode")
 
 
-def _pool_path(pool: libvirt.virStoragePool) -> str:
+def pool_path(pool: libvirt.virStoragePool) -> str:
     return ET.fromstring(pool.XMLDesc(0)).findtext("target/path", "")
 
 
@@ -184,7 +184,7 @@ def ensure_pool(conn: libvirt.virConnect, name: str, path: str) -> libvirt.virSt
     """
     pool = find_pool(conn, name)
     if pool is None:
-        pool = next((p for p in conn.listAllStoragePools(0) if _pool_path(p) == path), None)
+        pool = next((p for p in conn.listAllStoragePools(0) if pool_path(p) == path), None)
     try:
         if pool is None:
             pool = conn.storagePoolDefineXML(pool_xml(name, path), 0)

@@ -232,10 +232,6 @@ class IpfireLab:
                 )
                 self._made_inet = True
             self.lab.add_route(HOST_NS, "default", INET_RED.ip)
-            # A bridge takes the lowest MAC of its ports unless given one: pin it, or a
-            # test's stand-in device joining green0 changes it under the LAN host's ARP cache.
-            mac = self.lab.exec(HOST_NS, ["cat", f"/sys/class/net/{BRIDGE}/address"]).stdout
-            self.lab.exec(HOST_NS, ["ip", "link", "set", BRIDGE, "address", mac.strip()])
             for ns, key, value in (
                 (HOST_NS, "net.ipv4.conf.all.rp_filter", "1"),
                 (HOST_NS, "net.ipv4.conf.default.rp_filter", "1"),

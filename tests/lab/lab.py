@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import os
 import shutil
 import signal
@@ -215,7 +216,10 @@ class Lab:
         run(["ip", "netns", "del", ns], check=False)
 
     def add_bridge(self, ns: str, name: str, address: IPv4Interface | None = None) -> None:
-        ip(ns, "link", "add", name, "type", "bridge")
+        """A bridge with a fixed MAC: by default a bridge takes the lowest MAC of its ports, so
+        a port added later would change it under its neighbours' ARP caches."""
+        mac = "02:00:5e:" + ":".join(f"{b:02x}" for b in hashlib.sha256(name.encode()).digest()[:3])
+        ip(ns, "link", "add", name, "address", mac, "type", "bridge")
         if address is not None:
             ip(ns, "addr", "add", str(address), "dev", name)
         ip(ns, "link", "set", name, "up")
