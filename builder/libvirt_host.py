@@ -167,13 +167,18 @@ def pool_path(pool: libvirt.virStoragePool) -> str:
     return ET.fromstring(pool.XMLDesc(0)).findtext("target/path", "")
 
 
-def find_pool(conn: libvirt.virConnect, name: str) -> libvirt.virStoragePool | None:
+def _lookup(lookup, name: str, missing: int, what: str):
+    """libvirt's lookup by name, with "no such object" as None rather than an error."""
     try:
-        return conn.storagePoolLookupByName(name)
+        return lookup(name)
     except libvirt.libvirtError as e:
-        if e.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_POOL:
+        if e.get_error_code() == missing:
             return None
-        raise HostError(f"cannot look up storage pool {name}: {e}") from e
+        raise HostError(f"cannot look up {what} {name}: {e}") from e
+
+
+def find_pool(conn: libvirt.virConnect, name: str) -> libvirt.virStoragePool | None:
+    return _lookup(conn.storagePoolLookupByName, name, libvirt.VIR_ERR_NO_STORAGE_POOL, "pool")
 
 
 def ensure_pool(conn: libvirt.virConnect, name: str, path: str) -> libvirt.virStoragePool:
@@ -200,12 +205,7 @@ def ensure_pool(conn: libvirt.virConnect, name: str, path: str) -> libvirt.virSt
 
 
 def find_volume(pool: libvirt.virStoragePool, name: str) -> libvirt.virStorageVol | None:
-    try:
-        return pool.storageVolLookupByName(name)
-    except libvirt.libvirtError as e:
-        if e.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_VOL:
-            return None
-        raise HostError(f"cannot look up volume {name}: {e}") from e
+    return _lookup(pool.storageVolLookupByName, name, libvirt.VIR_ERR_NO_STORAGE_VOL, "volume")
 
 
 def volume_file_size(vol: libvirt.virStorageVol) -> int:
@@ -299,12 +299,7 @@ def create_disk(
 
 
 def find_domain(conn: libvirt.virConnect, name: str) -> libvirt.virDomain | None:
-    try:
-        return conn.lookupByName(name)
-    except libvirt.libvirtError as e:
-        if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-            return None
-        raise HostError(f"cannot look up domain {name}: {e}") from e
+    return _lookup(conn.lookupByName, name, libvirt.VIR_ERR_NO_DOMAIN, "domain")
 
 
 def domain_metadata(dom: libvirt.virDomain) -> dict[str, str] | None:
