@@ -13,7 +13,18 @@ from tests.conftest import wg_cli
 def test_help_on_every_command():
     r = wg_cli("--help")
     assert r.returncode == 0
-    commands = ["check", "render", "peer-config", "image"]
+    commands = [
+        "check",
+        "render",
+        "peer-config",
+        "image",
+        "deploy",
+        "up",
+        "destroy",
+        "sync",
+        "verify",
+        "ipfire",
+    ]
     for c in commands:
         assert c in r.stdout
         h = wg_cli(c, "--help")
@@ -85,3 +96,23 @@ def test_peer_config_and_qr(site_dir):
     assert "█" in r.stdout or "▀" in r.stdout
     r = wg_cli("peer-config", "--site", site, "nobody")
     assert r.returncode == 2 and "no peer named 'nobody'" in r.stderr
+
+
+def test_deploy_with_missing_image_is_bad_input(site_dir):
+    r = wg_cli("deploy", "--site", str(site_dir / "site.toml"), "--image", "/nonexistent.qcow2")
+    assert r.returncode == 2
+    assert r.stderr == "error: /nonexistent.qcow2: --image: no such file\n"
+
+
+@pytest.mark.parametrize("command", ["verify", "sync"])
+def test_commands_on_the_appliance_need_its_state(site_dir, command):
+    r = wg_cli(command, "--site", str(site_dir / "site.toml"))
+    assert r.returncode == 1
+    assert "no keys in" in r.stderr and "deploy first" in r.stderr
+    assert r.stderr.count("\n") == 1
+    assert not (site_dir / ".wg-appliance").exists()
+
+
+def test_require_handshake_of_unknown_peer_is_bad_input(site_dir):
+    r = wg_cli("verify", "--site", str(site_dir / "site.toml"), "--require-handshake", "nobody")
+    assert r.returncode == 2 and "--require-handshake: no peer named 'nobody'" in r.stderr
