@@ -127,10 +127,14 @@ def lab() -> dict[str, float]:
             deploy_s, r = _timed_cli(lab, "deploy", "--site", str(site), "--image", str(img.path))
             verify_first_s, r = _timed_cli(lab, "verify", "--site", str(site))
             verify_s = min(_timed_cli(lab, "verify", "--site", str(site))[0] for _ in range(3))
-            site.write_text(
-                site.read_text() + '\n[[peers]]\nname = "extra"\naddress = "10.100.9.9/32"\n'
-            )
-            sync_s, r = _timed_cli(lab, "sync", "--site", str(site))
+            sync_times = []
+            for i in range(3):  # one added peer each time; the best of three
+                site.write_text(
+                    site.read_text()
+                    + f'\n[[peers]]\nname = "extra{i}"\naddress = "10.100.9.{i + 1}/32"\n'
+                )
+                sync_times.append(_timed_cli(lab, "sync", "--site", str(site))[0])
+            sync_s = min(sync_times)
             # Direct path first: RED to GREEN through the host, no tunnel.
             lab.exec(L.INET_NS, ["ip", "route", "replace", "192.168.77.0/24", "via", "203.0.113.1"])
             direct = _iperf(lab, RW_NS, L.LAN_NS, "192.168.77.10")

@@ -20,8 +20,13 @@ from builder import libvirt_host as lh
 from builder.domain import META_SEED_DIGEST
 from builder.errors import ApplianceError, GuestError, HostError
 from builder.keys import Keys, State
-from builder.render import render_nftables, render_sysctl, render_wg_conf
-from builder.seed import make_seed
+from builder.render import (
+    render_nftables,
+    render_seed,
+    render_sysctl,
+    render_wg_conf,
+    seed_digest,
+)
 from builder.site import Site
 from builder.ssh import connect
 from builder.verify import PROBE, peer_drift, target_for
@@ -186,5 +191,5 @@ def _record_seed(conn, site: Site, keys: Keys) -> None:
     if dom is None:
         return
     meta = lh.domain_metadata(dom) or {}
-    meta[META_SEED_DIGEST] = make_seed(site, keys).digest
+    meta[META_SEED_DIGEST] = seed_digest(render_seed(site, keys))
     lh.set_domain_metadata(dom, meta)
