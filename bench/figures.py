@@ -112,7 +112,8 @@ def lab() -> dict[str, float]:
     push iperf3 through the tunnel beside the same path without it. TCG figures."""
     from tests.lab import lab as L
     from tests.lab.clients import WgClient, ping
-    from tests.test_e2e import RW_NS, internet
+    from tests.lab.internet import RW_NS
+    from tests.test_e2e import internet
 
     img = build_image(cache=default_cache_dir(), progress=Progress(quiet=True))
     with tempfile.TemporaryDirectory() as d:

@@ -24,7 +24,7 @@ from builder.domain import (
     DomainSpec,
 )
 from builder.errors import ConnectError, HostError
-from builder.keys import State
+from builder.keys import Keys, State
 from builder.progress import Progress
 from builder.seed import make_seed
 from builder.site import Site
@@ -128,7 +128,7 @@ def serial_tail(pool: libvirt.virStoragePool, name: str, max_bytes: int = 4096) 
 
 def _wait_ready(
     site: Site,
-    state: State,
+    keys: Keys,
     pool: libvirt.virStoragePool,
     serial: str,
     timeout: float,
@@ -136,7 +136,6 @@ def _wait_ready(
 ) -> None:
     """Ready means: SSH answers with the pinned key and cloud-init has finished, since sshd
     starts before cloud-init's final stage brings wg0 up."""
-    keys = state.keys_for(site)
     deadline = time.monotonic() + timeout
     with progress.stage(f"waiting for SSH on {site.lan.address.ip} (pinned host key)"):
         try:
@@ -217,7 +216,7 @@ def deploy(
                     outcome = "started"
                 else:
                     outcome = "up to date"
-                _wait_ready(site, state, pool, names["serial"], boot_timeout, progress)
+                _wait_ready(site, keys, pool, names["serial"], boot_timeout, progress)
                 return Deployed(
                     site.name, outcome, virt_type, str(site.lan.address.ip), time.monotonic() - t0
                 )
@@ -246,7 +245,7 @@ def deploy(
         with progress.stage(f"defining and starting {site.name} ({virt_type})"):
             dom = lh.start_domain(conn, spec, progress)
             virt_type = ET.fromstring(dom.XMLDesc(0)).get("type", virt_type)
-        _wait_ready(site, state, pool, names["serial"], boot_timeout, progress)
+        _wait_ready(site, keys, pool, names["serial"], boot_timeout, progress)
         return Deployed(
             site.name, outcome, virt_type, str(site.lan.address.ip), time.monotonic() - t0
         )

@@ -10,6 +10,7 @@ outcome printed as one JSON line: {"ok", "rolled_back", "error", "routes_added",
 applies the whole ruleset file (it starts with `flush ruleset`) as one transaction.
 """
 
+import ipaddress
 import json
 import os
 import subprocess
@@ -86,8 +87,6 @@ def wanted_routes():
         for net in line.split()[1:]:
             if net != "(none)":
                 nets.add(net)
-    import ipaddress
-
     own_nets = [ipaddress.ip_interface(a).network for a in own]
     return {
         n

@@ -16,6 +16,7 @@ class Progress:
         self.quiet = quiet
         self.stream = stream or sys.stderr
         self.start = time.monotonic()
+        self._last_decile = -1
 
     def say(self, message: str) -> None:
         if not self.quiet:
@@ -45,6 +46,6 @@ class Progress:
                 file=self.stream,
                 flush=True,
             )
-        elif done >= total or pct // 10 != getattr(self, "_last_decile", -1):
+        elif done >= total or pct // 10 != self._last_decile:
             self._last_decile = pct // 10
             self.say(text)

@@ -12,11 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "site.toml"
 
-pytest_plugins = [
-    p
-    for p in ("tests.plugins.image_fixture", "tests.plugins.lab_fixture")
-    if (ROOT / (p.replace(".", "/") + ".py")).exists()
-]
+pytest_plugins = ["tests.plugins.image_fixture", "tests.plugins.lab_fixture"]
 
 
 def wg_cli(

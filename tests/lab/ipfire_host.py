@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Interface
 from pathlib import Path
@@ -345,32 +346,15 @@ class IpfireLab:
 
         `green_is_bridge=False` hides green0's bridge attributes in that namespace: GREEN as
         IPFire has it when the admin never set bridge mode."""
-        mounts = [
-            f"mount -t overlay overlay -o lowerdir=/{d},upperdir={root.upper / d},"
-            f"workdir={root.path / 'work' / d} /{d}"
-            for d in OVERLAID
-        ]
-        if not green_is_bridge:
-            mounts.append(f"mount -t tmpfs none /sys/devices/virtual/net/{BRIDGE}")
-        script = " && ".join(
-            [*mounts, f"exec /usr/sbin/sshd -D -e -f {root.path / 'ssh/sshd_config'}"]
+        hide = [f"mount -t tmpfs none /sys/devices/virtual/net/{BRIDGE}"]
+        argv = _host_view(
+            root,
+            f"exec /usr/sbin/sshd -D -e -f {root.path / 'ssh/sshd_config'}",
+            extra_mounts=[] if green_is_bridge else hide,
         )
         log = (root.path / "sshd.log").open("w")
         proc = subprocess.Popen(
-            [
-                "ip",
-                "netns",
-                "exec",
-                HOST_NS,
-                "unshare",
-                "--mount",
-                "--propagation",
-                "private",
-                "--",
-                "sh",
-                "-c",
-                script,
-            ],
+            ["ip", "netns", "exec", HOST_NS, *argv],
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -396,25 +380,19 @@ class IpfireLab:
 
     def host_shell(self, root: HostRoot, command: str) -> subprocess.CompletedProcess[str]:
         """A command in wgl-host that sees `root`'s files, as an admin's shell on IPFire."""
-        mounts = [
-            f"mount -t overlay overlay -o lowerdir=/{d},upperdir={root.upper / d},"
-            f"workdir={root.path / 'work' / d} /{d}"
-            for d in OVERLAID
-        ]
-        return self.lab.exec(
-            HOST_NS,
-            [
-                "unshare",
-                "--mount",
-                "--propagation",
-                "private",
-                "--",
-                "sh",
-                "-c",
-                " && ".join([*mounts, command]),
-            ],
-            timeout=60,
-        )
+        return self.lab.exec(HOST_NS, _host_view(root, command), timeout=60)
+
+
+def _host_view(root: HostRoot, command: str, extra_mounts: Sequence[str] = ()) -> list[str]:
+    """argv running `command` in a private mount namespace where /etc/sysconfig,
+    /var/ipfire and /etc/rc.d show `root`'s files over the machine's."""
+    mounts = [
+        f"mount -t overlay overlay -o lowerdir=/{d},upperdir={root.upper / d},"
+        f"workdir={root.path / 'work' / d} /{d}"
+        for d in OVERLAID
+    ]
+    script = " && ".join([*mounts, *extra_mounts, command])
+    return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script]
 
 
 def cli_main(argv: list[str]) -> int:
