@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from builder.text import printable
+
 
 class ApplianceError(Exception):
     """Base class. `exit_code` is what the CLI exits with."""
@@ -25,7 +27,13 @@ class InputError(ApplianceError):
         where = self.file
         if self.line is not None:
             where += f":{self.line}"
-        return f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
+        line = f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
+        return printable(line, keep_newlines=False)
+
+
+class RenderError(ApplianceError):
+    """A value that validation let through would break the file it is written into: a bug,
+    refused rather than written."""
 
 
 class HostError(ApplianceError):

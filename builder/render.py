@@ -8,11 +8,22 @@ from pathlib import Path
 
 import jinja2
 
+from builder.errors import RenderError
 from builder.keys import Keys
-from builder.site import Peer, Site
+from builder.site import CONTROL_RE, Peer, Site
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "cloud-init"
 SEED_FILES = ("user-data", "meta-data", "network-config")
+
+
+def _one_line(value: object) -> object:
+    """Every `{{ }}` in every template ends on the line it started: a value with a line break
+    could start a new wg-quick key (`PreUp = ...`) or nftables rule. The site model refuses
+    such values already; this holds even if a new key forgets to. YAML templates pass values
+    through `tojson`, whose output never holds a raw control character."""
+    if isinstance(value, str) and CONTROL_RE.search(value):
+        raise RenderError(f"refusing to render a value with a control character: {value[:60]!r}")
+    return value
 
 
 @cache
@@ -22,6 +33,7 @@ def _env() -> jinja2.Environment:
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         autoescape=False,
+        finalize=_one_line,
     )
 
 

@@ -13,13 +13,18 @@ import binascii
 import difflib
 import hashlib
 import ipaddress
+import os
 import re
+import stat
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
 from pathlib import Path
 from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from builder.errors import InputError
 
@@ -27,8 +32,27 @@ IPInterface = IPv4Interface | IPv6Interface
 IPNetwork = IPv4Network | IPv6Network
 
 MODES = ("masquerade", "routed")
-HOSTNAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-PEER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+# Patterns are applied with fullmatch: `$` alone would let a trailing newline through.
+HOSTNAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+PEER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+# What the Linux kernel accepts as an interface name (IFNAMSIZ 16 with the NUL), narrowed to
+# characters that need no quoting in iptables, nftables, libvirt XML or a shell.
+IFNAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,14}")
+POOL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+# Characters an address or network is written with; anything else (a `%scope`, a space, a
+# line break) is refused before `ipaddress` sees it, since it accepts anything after `%`.
+ADDR_CHARS_RE = re.compile(r"[0-9A-Fa-f:./]+")
+LABEL_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+# Control characters, and the ones YAML also takes for line breaks.
+CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+MAX_STRING = 4096
+MAX_SITE_BYTES = 16 * 1024 * 1024
+MAX_KEY_FILE_BYTES = 64 * 1024
+SYSTEM_USERS = frozenset(
+    ("root", "daemon", "bin", "sys", "sync", "games", "man", "lp", "mail", "news", "uucp")
+    + ("proxy", "www-data", "backup", "list", "irc", "nobody", "messagebus", "sshd", "_apt")
+    + ("systemd-network", "systemd-resolve", "systemd-timesync")
+)
 SSH_KEY_TYPES = (
     "ssh-ed25519",
     "ssh-rsa",
@@ -179,23 +203,30 @@ def _int_range(lo: int, hi: int) -> Parser:
     def parse(value: Any, ctx: _Ctx, key: str) -> int:
         value = _typed(int, "an integer")(value, ctx, key)
         if not lo <= value <= hi:
-            raise ctx.fail(key, f"{value} is out of range ({lo}..{hi})")
+            # A huge TOML integer has too many digits for str(): never print it whole.
+            shown = str(value) if abs(value) < 10**12 else "the number"
+            raise ctx.fail(key, f"{shown} is out of range ({lo}..{hi})")
         return value
 
     return parse
 
 
 def _str(value: Any, ctx: _Ctx, key: str) -> str:
+    """A non-empty string on one line: no control character reaches any output file."""
     value = _typed(str, "a string")(value, ctx, key)
     if not value.strip():
         raise ctx.fail(key, "must not be empty")
+    if len(value) > MAX_STRING:
+        raise ctx.fail(key, f"is too long ({len(value)} characters, at most {MAX_STRING})")
+    if m := CONTROL_RE.search(value):
+        raise ctx.fail(key, f"holds a control character ({m.group()!r}); write it on one line")
     return value
 
 
 def _matching(pattern: re.Pattern[str], what: str) -> Parser:
     def parse(value: Any, ctx: _Ctx, key: str) -> str:
         value = _str(value, ctx, key)
-        if not pattern.match(value):
+        if not pattern.fullmatch(value):
             raise ctx.fail(key, f"{value!r} is not a valid {what}")
         return value
 
@@ -210,6 +241,29 @@ _hostname = _matching(
 _peer_name = _matching(
     PEER_NAME_RE, "peer name (letters, digits, '.', '_', '-', at most 63 characters)"
 )
+_ifname = _matching(
+    IFNAME_RE, "interface name (letters, digits, '.', '_', '-', at most 15 characters)"
+)
+_pool_name = _matching(POOL_RE, "pool name (letters, digits, '.', '_', '-', at most 64)")
+
+
+def _user(value: Any, ctx: _Ctx, key: str) -> str:
+    value = _matching(HOSTNAME_RE, "user name (lower-case letters, digits and '-')")(
+        value, ctx, key
+    )
+    if value in SYSTEM_USERS:
+        raise ctx.fail(key, f"{value!r} is a system account; choose another login name")
+    return value
+
+
+def _abs_path(value: Any, ctx: _Ctx, key: str) -> str:
+    """An absolute, normalised folder path on the host (it goes into XML and shell)."""
+    value = _str(value, ctx, key)
+    if not value.startswith("/") or any(p in ("..", ".") for p in value.split("/")):
+        raise ctx.fail(key, f"{value!r} must be an absolute path without '.' or '..'")
+    if not re.fullmatch(r"[A-Za-z0-9/_.+-]+", value) or "//" in value:
+        raise ctx.fail(key, f"{value!r}: use letters, digits and '/_.+-' only")
+    return value.rstrip("/") or "/"
 
 
 def _list_of(item: Parser, min_items: int = 0) -> Parser:
@@ -233,8 +287,17 @@ def _list_only(item: Parser) -> Parser:
     return parse
 
 
-def _interface(value: Any, ctx: _Ctx, key: str) -> IPInterface:
+def _addr_text(value: Any, ctx: _Ctx, key: str, what: str) -> str:
     value = _str(value, ctx, key)
+    if "%" in value:
+        raise ctx.fail(key, f"{value!r}: a scoped address (with '%') is not allowed here")
+    if not ADDR_CHARS_RE.fullmatch(value):
+        raise ctx.fail(key, f"{value!r} is not a valid {what}")
+    return value
+
+
+def _interface(value: Any, ctx: _Ctx, key: str) -> IPInterface:
+    value = _addr_text(value, ctx, key, "address with prefix")
     if "/" not in value:
         raise ctx.fail(key, f"{value!r} has no prefix length (write e.g. {value}/24)")
     try:
@@ -264,8 +327,15 @@ def _host_interface(value: Any, ctx: _Ctx, key: str) -> IPInterface:
     return iface
 
 
+# Networks a peer cannot sit behind: they never leave a host or a link.
+_NOT_ROUTABLE = tuple(
+    ipaddress.ip_network(n)
+    for n in ("127.0.0.0/8", "::1/128", "169.254.0.0/16", "fe80::/10", "224.0.0.0/4", "ff00::/8")
+)
+
+
 def _network(value: Any, ctx: _Ctx, key: str) -> IPNetwork:
-    value = _str(value, ctx, key)
+    value = _addr_text(value, ctx, key, "network in CIDR form")
     if "/" not in value:
         raise ctx.fail(key, f"{value!r} has no prefix length (write e.g. {value}/24)")
     try:
@@ -280,8 +350,23 @@ def _network(value: Any, ctx: _Ctx, key: str) -> IPNetwork:
         ) from None
 
 
+def _peer_network(value: Any, ctx: _Ctx, key: str) -> IPNetwork:
+    net = _network(value, ctx, key)
+    for bad in _NOT_ROUTABLE:
+        if net.version == bad.version and net.overlaps(bad):
+            kind = (
+                "loopback"
+                if bad.is_loopback
+                else "link-local"
+                if bad.is_link_local
+                else "multicast"
+            )
+            raise ctx.fail(key, f"{net} overlaps the {kind} range {bad}: it cannot be routed")
+    return net
+
+
 def _ipv4(value: Any, ctx: _Ctx, key: str) -> IPv4Address:
-    value = _str(value, ctx, key)
+    value = _addr_text(value, ctx, key, "IPv4 address")
     try:
         return IPv4Address(value)
     except ValueError:
@@ -289,7 +374,7 @@ def _ipv4(value: Any, ctx: _Ctx, key: str) -> IPv4Address:
 
 
 def _ip_str(value: Any, ctx: _Ctx, key: str) -> str:
-    value = _str(value, ctx, key)
+    value = _addr_text(value, ctx, key, "IP address")
     try:
         return str(ipaddress.ip_address(value))
     except ValueError:
@@ -305,10 +390,19 @@ def _mac(value: Any, ctx: _Ctx, key: str) -> str:
     return value
 
 
+def is_dns_name(host: str) -> bool:
+    """RFC 1123 host name: labels of letters, digits and '-', at most 253 characters; a name
+    of digits and dots only must be an IPv4 address instead."""
+    labels = host.split(".")
+    if len(host) > 253 or not all(LABEL_RE.fullmatch(label) for label in labels):
+        return False
+    return not all(label.isdigit() for label in labels)
+
+
 def _endpoint(value: Any, ctx: _Ctx, key: str) -> Endpoint:
     value = _str(value, ctx, key)
-    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)", value) or re.fullmatch(
-        r"([A-Za-z0-9.-]+):(\d+)", value
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})", value) or re.fullmatch(
+        r"([A-Za-z0-9.-]+):(\d{1,5})", value
     )
     if not m:
         raise ctx.fail(key, f"{value!r} is not host:port or [ipv6]:port")
@@ -318,61 +412,168 @@ def _endpoint(value: Any, ctx: _Ctx, key: str) -> Endpoint:
             ipaddress.IPv6Address(host)
         except ValueError:
             raise ctx.fail(key, f"{host!r} is not a valid IPv6 address") from None
-    elif not all(
-        re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?", label)
-        for label in host.split(".")
-    ):
-        raise ctx.fail(key, f"{host!r} is not a valid host name or IPv4 address")
+    elif not is_dns_name(host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ctx.fail(key, f"{host!r} is not a valid host name or IPv4 address") from None
     if not 1 <= port <= 65535:
         raise ctx.fail(key, f"port {port} is out of range (1..65535)")
     return Endpoint(host, port)
 
 
 def _wg_key(value: Any, ctx: _Ctx, key: str) -> str:
-    value = _str(value, ctx, key).strip()
+    value = _str(value, ctx, key)
     try:
         raw = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
         raw = b""
     if len(raw) != 32 or len(value) != 44:
         raise ctx.fail(key, "is not a WireGuard key (32 bytes in base64, 44 characters)")
+    if base64.b64encode(raw).decode() != value:
+        raise ctx.fail(key, "is not in canonical base64 (as `wg pubkey` prints it)")
+    if is_low_order(raw):
+        raise ctx.fail(key, "is a weak key (zero or a low-order point): make a new key pair")
     return value
 
 
+def is_low_order(public: bytes) -> bool:
+    """True for the all-zero key and the other low-order X25519 points: a Diffie-Hellman with
+    them gives the all-zero secret, which `cryptography` refuses."""
+    try:
+        _probe_key().exchange(X25519PublicKey.from_public_bytes(public))
+    except ValueError:
+        return True
+    return False
+
+
+@cache
+def _probe_key() -> X25519PrivateKey:
+    return X25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
+
+
+def read_small_text(path: Path, file: str, key: str, limit: int) -> str:
+    """A regular file of at most `limit` bytes of UTF-8, opened without blocking: a FIFO, a
+    device or a folder is refused before a byte is read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as e:
+        raise InputError(file, key, f"cannot read {path}: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise InputError(file, key, f"{path} is not a regular file")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise InputError(file, key, f"{path} is larger than {limit // 1024} KiB")
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        raise InputError(file, key, f"{path} is not UTF-8 text") from None
+    if "\0" in text:
+        raise InputError(file, key, f"{path} is binary, not text")
+    return text
+
+
 def _ssh_key(value: Any, ctx: _Ctx, key: str) -> str:
-    """A public key line, or a path (relative to the site file) to a .pub file."""
+    """Exactly one OpenSSH public key line (no options), or a path (relative to the site
+    file) to a .pub file holding one."""
     value = _str(value, ctx, key).strip()
     if value.split()[0] not in SSH_KEY_TYPES:
         path = (ctx.base / value).expanduser()
-        if "\n" in value or not (value.endswith(".pub") or "/" in value or path.exists()):
+        if not (value.endswith(".pub") or "/" in value or path.exists()):
             raise ctx.fail(key, f"is neither an SSH public key line nor a path: {value[:40]!r}")
-        try:
-            value = path.read_text().strip()
-        except OSError as e:
-            raise ctx.fail(key, f"cannot read {path}: {e.strerror}") from None
-        lines = [ln for ln in value.splitlines() if ln.strip() and not ln.startswith("#")]
+        text = read_small_text(path, ctx.file, key, MAX_KEY_FILE_BYTES)
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
         if len(lines) != 1:
             raise ctx.fail(key, f"{path} must hold exactly one public key line")
-        value = lines[0].strip()
-    parts = value.split()
+        value = _str(lines[0], ctx, key)
+    return _ssh_key_line(value, ctx, key)
+
+
+def _ssh_key_line(value: str, ctx: _Ctx, key: str) -> str:
+    parts = value.split(None, 2)
     if len(parts) < 2 or parts[0] not in SSH_KEY_TYPES:
         raise ctx.fail(
-            key, f"not an SSH public key (type must be one of {', '.join(SSH_KEY_TYPES[:3])}, ...)"
+            key,
+            "not an SSH public key line (type first, one of "
+            f"{', '.join(SSH_KEY_TYPES[:3])}, ...; no options before it)",
         )
+    if len(parts[1]) > 8192:
+        raise ctx.fail(key, "the SSH public key is too large")
     try:
         blob = base64.b64decode(parts[1], validate=True)
     except (binascii.Error, ValueError):
         raise ctx.fail(key, "the SSH public key's base64 part is malformed") from None
     n = int.from_bytes(blob[:4], "big")
-    if blob[4 : 4 + n].decode(errors="replace") != parts[0]:
+    if n > len(blob) or blob[4 : 4 + n].decode(errors="replace") != parts[0]:
         raise ctx.fail(key, f"the SSH public key's data does not match its type {parts[0]}")
-    return value
+    return " ".join(parts)
 
 
 def _mode(value: Any, ctx: _Ctx, key: str) -> str:
     value = _str(value, ctx, key)
     if value not in MODES:
         raise ctx.fail(key, f"unknown mode {value!r} (choose {' or '.join(MODES)})")
+    return value
+
+
+def host_uri_problem(uri: str) -> str | None:
+    """Why `uri` is not a libvirt URI the tool may use, or None.
+
+    Only transports whose peer the tool can pin: the local socket (`qemu:///system`) and the
+    SSH-based ones. `qemu+tcp://` would send the seed (with the appliance's private keys) in
+    clear, `qemu+ext://...?command=` runs a local program, and parameters like `no_verify=1`
+    or `known_hosts_verify=ignore` would accept an unknown host key.
+    """
+    if uri == "qemu:///system":
+        return None
+    m = re.fullmatch(
+        r"(qemu\+(?:ssh|libssh|libssh2))://(?:([a-z_][a-z0-9_-]{0,31})@)?"
+        r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::(\d{1,5}))?/system(?:\?(.*))?",
+        uri,
+    )
+    if not m:
+        return (
+            "use qemu:///system on the host itself, or "
+            "qemu+ssh://root@HOST:222/system (also qemu+libssh, qemu+libssh2) from elsewhere"
+        )
+    host, port, query = m.group(3), m.group(4), m.group(5)
+    if host.startswith("["):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return f"{host} is not a valid IPv6 address"
+    elif not is_dns_name(host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            return f"{host!r} is not a valid host name or address"
+    if port is not None and not 1 <= int(port) <= 65535:
+        return f"port {port} is out of range (1..65535)"
+    for param in (query or "").split("&") if query is not None else ():
+        name, _, value = param.partition("=")
+        if name not in URI_PARAMS:
+            return (
+                f"URI parameter {name!r} is not allowed (allowed: {', '.join(sorted(URI_PARAMS))})"
+            )
+        if name == "known_hosts_verify" and value != "normal":
+            return "known_hosts_verify must stay 'normal': the host key is always checked"
+        if not re.fullmatch(r"[A-Za-z0-9/_.,+~-]*", value):
+            return f"URI parameter {name} has characters that are not allowed"
+    return None
+
+
+# Parameters of libvirt's SSH transports that keep the host key checked.
+URI_PARAMS = frozenset(
+    {"keyfile", "known_hosts", "known_hosts_verify", "sshauth", "no_tty", "mode"}
+)
+
+
+def _host_uri(value: Any, ctx: _Ctx, key: str) -> str:
+    value = _str(value, ctx, key)
+    problem = host_uri_problem(value)
+    if problem:
+        raise ctx.fail(key, f"{value!r}: {problem}")
     return value
 
 
@@ -396,10 +597,17 @@ FIELDS: dict[str, tuple[Field, ...]] = {
         Field("disk_gib", _int_range(1, 1024), 2, "disk size in GiB (root grows to it)"),
     ),
     "host": (
-        Field("uri", _str, "qemu:///system", "libvirt URI, e.g. qemu+ssh://root@ipfire:222/system"),
-        Field("bridge", _str, "green0", "host bridge the appliance's NIC joins"),
-        Field("pool", _str, "wg-appliance", "libvirt storage pool (made if missing)"),
-        Field("pool_path", _str, "/var/lib/libvirt/images/wg-appliance", "folder of a new pool"),
+        Field(
+            "uri",
+            _host_uri,
+            "qemu:///system",
+            "libvirt URI, e.g. qemu+ssh://root@ipfire:222/system",
+        ),
+        Field("bridge", _ifname, "green0", "host bridge the appliance's NIC joins"),
+        Field("pool", _pool_name, "wg-appliance", "libvirt storage pool (made if missing)"),
+        Field(
+            "pool_path", _abs_path, "/var/lib/libvirt/images/wg-appliance", "folder of a new pool"
+        ),
     ),
     "lan": (
         Field("address", _ipv4_interface, REQUIRED, "appliance LAN address with prefix"),
@@ -408,7 +616,7 @@ FIELDS: dict[str, tuple[Field, ...]] = {
         Field("mac", _mac, None, "NIC MAC; default derived from the name"),
     ),
     "ssh": (
-        Field("user", _hostname, "wgadmin", "login user on the appliance"),
+        Field("user", _user, "wgadmin", "login user on the appliance"),
         Field("authorized_keys", _list_only(_ssh_key), (), "public key lines or .pub paths"),
     ),
     "wireguard": (
@@ -423,7 +631,7 @@ FIELDS: dict[str, tuple[Field, ...]] = {
         Field("name", _peer_name, REQUIRED, "peer name (unique)"),
         Field("address", _list_of(_host_interface, 1), REQUIRED, "tunnel address(es), /32 or /128"),
         Field("public_key", _wg_key, None, "peer public key; generated when absent"),
-        Field("networks", _list_only(_network), (), "LANs behind a site-to-site peer"),
+        Field("networks", _list_only(_peer_network), (), "LANs behind a site-to-site peer"),
         Field("endpoint", _endpoint, None, "where the appliance dials this peer"),
         Field("keepalive", _int_range(0, 65535), None, "PersistentKeepalive seconds"),
         Field("preshared_key", _typed(bool, "a boolean"), True, "add a preshared key"),
@@ -466,20 +674,19 @@ def load_site(path: str | Path) -> Site:
     """Read and validate a site file. Raises InputError naming the file and key path."""
     path = Path(path)
     file = str(path)
+    if not path.exists() and not path.is_symlink():
+        raise InputError(file, "", "no such file")
+    text = read_small_text(path, file, "", MAX_SITE_BYTES)
     try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(file, "", "no such file") from None
-    except OSError as e:
-        raise InputError(file, "", f"cannot read: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise InputError(file, "", "not UTF-8 text") from None
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         m = re.search(r"\(at line (\d+), column (\d+)\)", str(e))
         msg = re.sub(r"\s*\(at line.*\)", "", str(e))
         line = int(m.group(1)) if m else None
         col = f" (column {m.group(2)})" if m else ""
         raise InputError(file, "", f"TOML syntax error: {msg}{col}", line=line) from None
+    except RecursionError:
+        raise InputError(file, "", "TOML nested too deeply") from None
     return parse_site(data, path)
 
 
@@ -573,6 +780,7 @@ def _check_peers(peers: tuple[Peer, ...], wg: WireGuard, lan: Lan, ctx: _Ctx) ->
     keys: dict[str, int] = {}
     nets: list[tuple[IPNetwork, str]] = []
     own = {a.ip for a in wg.addresses}
+    families = {n.version for n in wg.networks}
     for i, p in enumerate(peers):
         if p.name in names:
             raise ctx.fail(
@@ -595,12 +803,35 @@ def _check_peers(peers: tuple[Peer, ...], wg: WireGuard, lan: Lan, ctx: _Ctx) ->
             addrs[a.ip] = i
         for j, n in enumerate(p.networks):
             key = f"peers[{i}].networks[{j}]"
+            if n.version not in families:
+                raise ctx.fail(
+                    key, f"{n} is IPv{n.version}, but the tunnel has no IPv{n.version} subnet"
+                )
             for wn in wg.networks:
                 if n.overlaps(wn):
                     raise ctx.fail(key, f"{n} overlaps the wireguard subnet {wn}")
             if n.overlaps(lan.address.network):
                 raise ctx.fail(key, f"{n} overlaps the LAN subnet {lan.address.network}")
-            for other, where in nets:
-                if n.overlaps(other):
-                    raise ctx.fail(key, f"{n} overlaps {other} ({where})")
             nets.append((n, key))
+    _check_disjoint(nets, ctx)
+
+
+def _check_disjoint(nets: list[tuple[IPNetwork, str]], ctx: _Ctx) -> None:
+    """Peer networks must not overlap: sorted by start address, two CIDR blocks overlap only
+    if one holds the next, so one pass finds any overlap (n log n; 3000 branches in ms)."""
+    order = {key: i for i, (_, key) in enumerate(nets)}
+    for version in (4, 6):
+        spans = sorted(
+            (int(n.network_address), -int(n.broadcast_address), n, key)
+            for n, key in nets
+            if n.version == version
+        )
+        widest: tuple[int, IPNetwork, str] | None = None
+        for start, neg_end, n, key in spans:
+            if widest is not None and start <= widest[0]:
+                (net_a, key_a), (net_b, key_b) = sorted(
+                    [(widest[1], widest[2]), (n, key)], key=lambda nk: order[nk[1]]
+                )
+                raise ctx.fail(key_b, f"{net_b} overlaps {net_a} ({key_a})")
+            if widest is None or -neg_end > widest[0]:
+                widest = (-neg_end, n, key)
