@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from builder import __version__
 from builder.errors import ApplianceError, InputError
+from builder.files import write_file
 from builder.ipfire_cmd import add_ipfire_arguments, cmd_ipfire
 from builder.keys import State
 from builder.progress import Progress
@@ -41,7 +44,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     site, state = _site_and_state(args)
     out = Path(args.out) if args.out else state.path / "seed"
     seed = make_seed(site, state.keys_for(site))
-    changed, digest = seed.write(out), seed.digest
+    changed, digest = seed.write(out, option="--out" if args.out else ""), seed.digest
     result = {
         "out": str(out),
         "changed": changed,
@@ -64,23 +67,25 @@ def cmd_peer_config(args: argparse.Namespace) -> int:
     peer = site.peer(args.name)
     keys = state.keys_for(site)
     text = render_peer_config(site, keys, peer, full_tunnel=args.full_tunnel)
+    qr = _qr(text) if args.qr else None
+    if qr is not None and args.qr != "-":
+        png = io.BytesIO()
+        qr.save(png, kind="png", scale=6)
+        write_file(Path(args.qr), png.getvalue(), 0o600, option="--qr")
+        print(
+            f"# QR code written to {args.qr} (it holds the private key: keep it private)",
+            file=sys.stderr,
+        )
     sys.stdout.write(text)
-    if args.qr:
-        import segno
-
-        qr = segno.make(text, error="l")
-        if args.qr == "-":
-            qr.terminal(out=sys.stdout, compact=True)
-        else:
-            qr_path = Path(args.qr)
-            fd = os.open(qr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                qr.save(f, kind="png", scale=6)
-            print(
-                f"# QR code written to {qr_path} (it holds the private key: keep it private)",
-                file=sys.stderr,
-            )
+    if qr is not None and args.qr == "-":
+        qr.terminal(out=sys.stdout, compact=True)
     return 0
+
+
+def _qr(text: str):
+    import segno
+
+    return segno.make(text, error="l")
 
 
 def cmd_image(args: argparse.Namespace) -> int:
@@ -385,13 +390,24 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()
+        return code
     except ApplianceError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:
+        return _stdout_closed()
     except KeyboardInterrupt:
         print("interrupted: run the same command again to finish", file=sys.stderr)
         return 130
+
+
+def _stdout_closed() -> int:
+    """The reader went away (`| head`): stop quietly, as cat or grep do when SIGPIPE ends
+    them; 141 is the status the shell shows for those (128 + SIGPIPE). Python's own recipe:
+    point stdout at /dev/null so the flush at exit does not fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE

@@ -8,18 +8,21 @@ secret files in it are 0600. `keys.json` holds every secret in one file so a
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from builder.errors import HostError
+from builder.files import OutDir
 from builder.site import Site
+from builder.text import printable
 
 KEYS_FILE = "keys.json"
 ADMIN_KEY_FILE = "admin_ed25519"
@@ -91,33 +94,97 @@ class Keys:
         return ssh_pubkey(self.admin_key, "wg-appliance")
 
 
-def _write_secret(path: Path, text: str) -> None:
-    """Atomic write, 0600 from the start: never a moment with wider permissions."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+RESTORE = "restore it from a backup; deleting it makes new keys and every client must be re-issued"
+STATE_FIX = "pass --state DIR with a folder of your own"
 
 
-def _write_if_changed(path: Path, text: str, secret: bool) -> bool:
-    if path.exists() and path.read_text() == text:
+def _is_wg_key(value: object) -> bool:
+    """32 bytes in canonical base64, as `wg genkey` prints them."""
+    if not isinstance(value, str):
         return False
-    if secret:
-        _write_secret(path, text)
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except ValueError:
+        return False
+    return len(raw) == 32 and base64.b64encode(raw).decode() == value
+
+
+def _is_ssh_ed25519(value: object) -> bool:
+    if not isinstance(value, str) or not value.startswith("-----BEGIN OPENSSH PRIVATE KEY-----"):
+        return False
+    try:
+        key = serialization.load_ssh_private_key(value.encode(), password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return False
+    return isinstance(key, Ed25519PrivateKey)
+
+
+def _peer_problem(entry: object) -> str:
+    """What is wrong with one stored peer, or "" when nothing is."""
+    if not isinstance(entry, dict):
+        return "is not an object"
+    extra = sorted(set(entry) - {"public", "private", "psk"})
+    if extra:
+        return f"has unknown field {extra[0]!r}"
+    if not _is_wg_key(entry.get("public")):
+        return "public: not a 32-byte base64 key"
+    for name in ("private", "psk"):
+        if entry.get(name) is not None and not _is_wg_key(entry[name]):
+            return f"{name}: not a 32-byte base64 key"
+    if entry.get("private") and wg_pubkey(entry["private"]) != entry["public"]:
+        return "public does not match private"
+    return ""
+
+
+def _keys_problem(data: object) -> str:
+    """What is wrong with a parsed keys.json, or "" when nothing is."""
+    if not isinstance(data, dict):
+        return "not a JSON object"
+    for name in ("wg_private", "host_key", "admin_key", "peers"):
+        if name not in data:
+            return f"{name}: missing"
+    if not _is_wg_key(data["wg_private"]):
+        return "wg_private: not a 32-byte base64 key"
+    for name in ("host_key", "admin_key"):
+        if not _is_ssh_ed25519(data[name]):
+            return f"{name}: not an OpenSSH ed25519 private key"
+    if not isinstance(data["peers"], dict):
+        return "peers: not an object"
+    for peer, entry in data["peers"].items():
+        problem = _peer_problem(entry)
+        if problem:
+            return f"peers.{peer}: {problem}"
+    return ""
+
+
+def _parse_keys(file: Path, raw: bytes) -> dict:
+    """keys.json as stored, or a one-line error naming the file: never new keys over it."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        problem = f"not valid JSON ({e})" if isinstance(e, ValueError) else "nested too deeply"
     else:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    return True
+        problem = _keys_problem(data)
+    if problem:
+        where = printable(str(file), keep_newlines=False)
+        raise HostError(f"{where}: {printable(problem, keep_newlines=False)}", RESTORE)
+    return data
+
+
+def _keys(data: dict) -> Keys:
+    return Keys(
+        wg_private=data["wg_private"],
+        host_key=data["host_key"],
+        admin_key=data["admin_key"],
+        peers={
+            n: PeerKeys(p["public"], p.get("private"), p.get("psk"))
+            for n, p in data["peers"].items()
+        },
+    )
 
 
 class State:
-    """The state dir of one appliance."""
+    """The state dir of one appliance: 0700, ours, refused (never chmod'ed) when not."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -126,40 +193,21 @@ class State:
     def for_site(cls, site: Site, override: str | Path | None = None) -> State:
         return cls(Path(override) if override else site.default_state_dir())
 
-    def _ensure_dir(self) -> None:
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            os.chmod(self.path, 0o700)
-        except OSError as e:
-            raise HostError(
-                f"cannot create state dir {self.path}: {e.strerror}",
-                "pass --state DIR with a writable folder",
-            ) from None
+    def folder(self) -> OutDir:
+        return OutDir(self.path, fix=STATE_FIX, private=True)
 
-    def _read(self) -> dict:
-        f = self.path / KEYS_FILE
-        if not f.exists():
-            return {}
-        try:
-            return json.loads(f.read_text())
-        except (OSError, ValueError) as e:
-            raise HostError(
-                f"cannot read {f}: {e}",
-                "restore it from a backup; "
-                "deleting it makes new keys and every client must be re-issued",
-            ) from None
+    def _read(self) -> dict | None:
+        """The stored keys; None when there is no state dir or no keys.json in it."""
+        if not os.path.lexists(self.path):
+            return None
+        with contextlib.closing(self.folder().open(create=False)) as d:
+            raw = d.read(KEYS_FILE, fix=RESTORE)
+        return None if raw is None else _parse_keys(self.path / KEYS_FILE, raw)
 
     def load(self) -> Keys | None:
-        """Keys as stored, without making any; None when the state dir is empty."""
+        """Keys as stored, without making any; None when there are none yet."""
         data = self._read()
-        if not data:
-            return None
-        return Keys(
-            wg_private=data["wg_private"],
-            host_key=data["host_key"],
-            admin_key=data["admin_key"],
-            peers={n: PeerKeys(**p) for n, p in data.get("peers", {}).items()},
-        )
+        return None if data is None else _keys(data)
 
     def keys_for(self, site: Site) -> Keys:
         """Load the keys, make what the site needs and is missing, save only on change.
@@ -167,12 +215,13 @@ class State:
         Keys of peers no longer in the site are dropped, so a re-added peer gets a
         fresh key and an old device cannot come back.
         """
-        data = self._read()
-        old = json.dumps(data, sort_keys=True)
-        data.setdefault("wg_private", wg_genkey())
-        data.setdefault("host_key", ssh_genkey())
-        data.setdefault("admin_key", ssh_genkey())
-        stored = data.get("peers", {})
+        data = self._read() or {
+            "wg_private": wg_genkey(),
+            "host_key": ssh_genkey(),
+            "admin_key": ssh_genkey(),
+            "peers": {},
+        }
+        stored = data["peers"]
         peers: dict[str, dict] = {}
         for p in site.peers:
             prev = stored.get(p.name, {})
@@ -187,23 +236,12 @@ class State:
                 pub = wg_pubkey(priv)
             psk = (prev.get("psk") or wg_genpsk()) if p.preshared_key else None
             peers[p.name] = {"public": pub, "private": priv, "psk": psk}
-        data["peers"] = peers
-        if json.dumps(data, sort_keys=True) != old:
-            self._ensure_dir()
-            _write_secret(self.path / KEYS_FILE, json.dumps(data, indent=1, sort_keys=True) + "\n")
-        keys = Keys(
-            wg_private=data["wg_private"],
-            host_key=data["host_key"],
-            admin_key=data["admin_key"],
-            peers={n: PeerKeys(**v) for n, v in peers.items()},
-        )
-        self._ensure_dir()
-        _write_if_changed(self.path / ADMIN_KEY_FILE, keys.admin_key, secret=True)
-        _write_if_changed(
-            self.path / KNOWN_HOSTS_FILE,
-            f"{site.lan.address.ip} {keys.host_public}\n",
-            secret=False,
-        )
+        data = {**data, "peers": peers}
+        keys = _keys(data)
+        with self.folder() as d:
+            d.write(KEYS_FILE, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode(), 0o600)
+            d.write(ADMIN_KEY_FILE, keys.admin_key.encode(), 0o600)
+            d.write(KNOWN_HOSTS_FILE, f"{site.lan.address.ip} {keys.host_public}\n".encode(), 0o644)
         return keys
 
     @property

@@ -19,9 +19,10 @@ class Seed:
     files: dict[str, bytes]
     digest: str
 
-    def write(self, out: Path) -> list[str]:
-        """Write what changed into `out`; return the names written."""
-        return write_files(out, self.files, secret=SECRET)
+    def write(self, out: Path, option: str = "") -> list[str]:
+        """Write what changed into `out`; return the names written. `option` names the
+        command line option that chose `out`, if one did."""
+        return write_files(out, self.files, secret=SECRET, option=option)
 
 
 def make_seed(site: Site, keys: Keys) -> Seed:
