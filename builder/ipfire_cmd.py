@@ -11,6 +11,8 @@ from pathlib import Path
 
 from builder import ipfire
 from builder.errors import InputError
+from builder.files import OutDir
+from builder.keys import STATE_FIX, State
 from builder.site import Site, load_site
 
 
@@ -78,11 +80,13 @@ def cmd_ipfire(args: argparse.Namespace) -> int:
     return 0
 
 
-def _out_dir(args: argparse.Namespace, site: Site) -> Path:
+def _out_dir(args: argparse.Namespace, site: Site) -> OutDir:
+    """--out as given, else STATE/ipfire in a state dir made (or checked) private first."""
     if args.out:
-        return Path(args.out)
-    state = Path(args.state) if getattr(args, "state", None) else site.default_state_dir()
-    return state / "ipfire"
+        return OutDir(Path(args.out), option="--out")
+    state = State.for_site(site, getattr(args, "state", None))
+    state.ensure()
+    return OutDir(state.path / "ipfire", fix=STATE_FIX)
 
 
 def _write_out(
@@ -92,12 +96,10 @@ def _write_out(
     result: dict,
     checks: list | None = None,
 ) -> int:
-    out = _out_dir(args, site)
-    out.mkdir(parents=True, exist_ok=True)
-    fw, rt = out / "firewall.local", out / "routing"
-    fw.write_text(plan.firewall_local)
-    fw.chmod(0o755)
-    rt.write_text(plan.routing)
+    with _out_dir(args, site) as out:
+        out.write("firewall.local", plan.firewall_local.encode(), 0o755)
+        out.write("routing", plan.routing.encode(), 0o644)
+    fw, rt = out.path / "firewall.local", out.path / "routing"
     result["out"] = {"firewall.local": str(fw), "routing": str(rt)}
     result["notes"] = list(plan.notes)
     _print(args, result, checks or [])

@@ -196,6 +196,11 @@ class State:
     def folder(self) -> OutDir:
         return OutDir(self.path, fix=STATE_FIX, private=True)
 
+    def ensure(self) -> None:
+        """Make the state dir 0700, or refuse one that others can use."""
+        with self.folder():
+            pass
+
     def _read(self) -> dict | None:
         """The stored keys; None when there is no state dir or no keys.json in it."""
         if not os.path.lexists(self.path):
