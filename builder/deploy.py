@@ -29,6 +29,7 @@ from builder.progress import Progress
 from builder.seed import make_seed
 from builder.site import Site
 from builder.ssh import execute, wait_for_ssh
+from builder.text import printable
 from builder.verify import target_for
 
 BOOT_TIMEOUT_S = 900.0
@@ -107,7 +108,8 @@ def preflight(conn: libvirt.virConnect, site: Site, need_memory: bool) -> tuple[
 
 
 def serial_tail(pool: libvirt.virStoragePool, name: str, max_bytes: int = 4096) -> str:
-    """The end of the serial log, read through libvirt so it works on remote hosts too."""
+    """The end of the serial log, read through libvirt so it works on remote hosts too; the
+    guest wrote it, so its controls are escaped (a console's CRLF line ends become LF)."""
     try:
         pool.refresh(0)
         vol = pool.storageVolLookupByName(name)
@@ -121,9 +123,10 @@ def serial_tail(pool: libvirt.virStoragePool, name: str, max_bytes: int = 4096) 
                 break
             chunks.append(data)
         stream.finish()
-        return b"".join(chunks).decode(errors="replace")
+        text = b"".join(chunks).decode(errors="replace")
+        return printable(text.replace("\r\n", "\n"))
     except libvirt.libvirtError as e:
-        return f"(serial log {name} unreadable: {e})"
+        return printable(f"(serial log {name} unreadable: {e})")
 
 
 def _wait_ready(

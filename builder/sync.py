@@ -29,6 +29,7 @@ from builder.render import (
 )
 from builder.site import Site
 from builder.ssh import connect
+from builder.text import printable
 from builder.verify import PROBE, peer_drift, target_for
 
 APPLIER = Path(__file__).with_name("guest_apply.py")
@@ -62,26 +63,27 @@ def vm_changes(site: Site, facts: dict, metadata: dict[str, str] | None) -> list
     out = []
     lan = facts["addresses"].get("lan0", [])
     if str(site.lan.address) not in lan:
-        have = ", ".join(lan) or "none"
+        have = _shown(", ".join(lan)) or "none"
         out.append(f"lan.address: appliance has {have}, site says {site.lan.address}")
     wg_have = set(facts["addresses"].get("wg0", []))
     wg_want = {str(a) for a in site.wireguard.addresses}
     if wg_have and wg_have != wg_want:
         out.append(
-            f"wireguard.address: appliance has {', '.join(sorted(wg_have))}, "
+            f"wireguard.address: appliance has {_shown(', '.join(sorted(wg_have)))}, "
             f"site says {', '.join(sorted(wg_want))}"
         )
     if metadata:
         for meta_key, attr in VM_KEYS.items():
             want = str(getattr(site.appliance, attr))
             if meta_key in metadata and metadata[meta_key] != want:
-                out.append(f"appliance.{attr}: {metadata[meta_key]} -> {want}")
+                out.append(f"appliance.{attr}: {_shown(metadata[meta_key])} -> {want}")
     return out
 
 
 def plan(site: Site, keys: Keys, facts: dict) -> list[str]:
-    """What sync would change, one line each (peers by name, then files)."""
-    changes = peer_drift(site, keys, facts["wg"].get("peers", []))
+    """What sync would change, one line each (peers by name, then files); the lines quote
+    the guest (endpoints, AllowedIPs) and go to the terminal, so they are escaped here."""
+    changes = [_shown(d) for d in peer_drift(site, keys, facts["wg"].get("peers", []))]
     files = wanted_files(site, keys)
     have = facts.get("files", {})
     if have.get("nftables.conf") != _sha(files["nftables.conf"]):
@@ -130,12 +132,9 @@ def sync(site: Site, state: State, dry_run: bool = False) -> SyncResult:
         stdin.write(json.dumps(payload) + "\n")
         stdin.flush()
         result = _answer(site, stdout, stderr)
-        if not result["ok"]:
-            how = (
-                "rolled back to the previous files" if result["rolled_back"] else "NOT rolled back"
-            )
+        if not result.get("ok"):
             raise GuestError(
-                f"sync failed on {site.name}: {result['error']}; {how}",
+                f"sync failed on {site.name}: {failure(result)}",
                 "fix the site file and run sync again; `wg-appliance verify` shows the live state",
             )
         if conn is not None and metadata is not None:
@@ -145,14 +144,31 @@ def sync(site: Site, state: State, dry_run: bool = False) -> SyncResult:
             tuple(changes),
             True,
             time.monotonic() - t0,
-            tuple(result.get("routes_added", ())),
-            tuple(result.get("routes_removed", ())),
+            tuple(_shown(str(r)) for r in result.get("routes_added", ())),
+            tuple(_shown(str(r)) for r in result.get("routes_removed", ())),
         )
     finally:
         stdin.channel.shutdown_write()
         client.close()
         if conn is not None:
             conn.close()
+
+
+def _shown(text: str) -> str:
+    """Guest text on one terminal line: controls and newlines escaped."""
+    return printable(text, keep_newlines=False)
+
+
+def failure(result: dict) -> str:
+    """The guest's outcome line for a failed apply, as one safe line saying where it left
+    the appliance."""
+    error = _shown(str(result.get("error") or "no reason given"))
+    if result.get("untouched"):
+        return f"{error}; nothing was changed"
+    if result.get("rolled_back"):
+        return f"{error}; rolled back to the previous files, ruleset, peers, MTU and routes"
+    left = [_shown(str(x)) for x in result.get("not_restored") or ["(not said)"]]
+    return f"{error}; NOT rolled back: could not restore " + "; ".join(left)
 
 
 def _keys_without_saving(site: Site, state: State) -> Keys:
@@ -176,11 +192,14 @@ def _answer(site: Site, stdout, stderr) -> dict:
     """One JSON line from the guest program, or what went wrong there."""
     line = stdout.readline()
     try:
-        return json.loads(line)
+        answer = json.loads(line)
+        if not isinstance(answer, dict):
+            raise ValueError(line)
+        return answer
     except ValueError:
         err = stderr.channel.recv_stderr(4096).decode(errors="replace").strip()
         raise GuestError(
-            f"sync: the appliance did not answer: {(err or line)[-300:]}",
+            f"sync: the appliance did not answer: {_shown((err or line)[-300:])}",
             "check that the admin user has passwordless sudo; `wg-appliance verify` shows more",
         ) from None
 

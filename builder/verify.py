@@ -14,6 +14,7 @@ from builder.errors import GuestError, HostError, InputError
 from builder.keys import Keys, State
 from builder.site import Site
 from builder.ssh import Target, connect, execute
+from builder.text import printable
 
 HANDSHAKE_FRESH_S = 180
 PROBE = Path(__file__).with_name("guest_probe.py")
@@ -41,12 +42,20 @@ class Report:
         )
 
     def table(self) -> str:
-        width = max(len(c.name) for c in self.checks)
+        """One line per check; details quote the guest, so its text is escaped (and
+        to_json keeps it raw, as json.dumps escapes controls itself)."""
+        names = [_line(c.name) for c in self.checks]
+        width = max(len(n) for n in names)
         lines = [
-            f"{'PASS' if c.ok else 'FAIL'}  {c.name:<{width}}  {c.detail}" for c in self.checks
+            f"{'PASS' if c.ok else 'FAIL'}  {n:<{width}}  {_line(c.detail)}"
+            for c, n in zip(self.checks, names, strict=True)
         ]
         summary = "all checks pass" if self.ok else f"{sum(not c.ok for c in self.checks)} failed"
-        return "\n".join([f"appliance {self.appliance}: {summary}", *lines])
+        return "\n".join([f"appliance {_line(self.appliance)}: {summary}", *lines])
+
+
+def _line(text: str) -> str:
+    return printable(text, keep_newlines=False)
 
 
 def target_for(site: Site, keys: Keys) -> Target:
@@ -73,7 +82,8 @@ def gather(site: Site, keys: Keys, timeout: float = 20.0) -> dict[str, Any]:
         client.close()
     if result.rc != 0:
         raise GuestError(
-            f"the probe failed on the appliance (exit {result.rc}): {result.stderr.strip()[-300:]}",
+            f"the probe failed on the appliance (exit {result.rc}): "
+            + _line(result.stderr.strip()[-300:]),
             "check that the admin user has passwordless sudo and python3 is present",
         )
     return json.loads(result.stdout)
