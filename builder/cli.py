@@ -13,9 +13,9 @@ from pathlib import Path
 
 from builder import __version__
 from builder.errors import ApplianceError, InputError
-from builder.files import write_file
+from builder.files import OutDir, file_target
 from builder.ipfire_cmd import add_ipfire_arguments, cmd_ipfire
-from builder.keys import State
+from builder.keys import STATE_FIX, State
 from builder.progress import Progress
 from builder.seed import make_seed
 from builder.site import Site, load_site
@@ -42,20 +42,25 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_render(args: argparse.Namespace) -> int:
     site, state = _site_and_state(args)
-    out = Path(args.out) if args.out else state.path / "seed"
-    seed = make_seed(site, state.keys_for(site))
-    changed, digest = seed.write(out, option="--out" if args.out else ""), seed.digest
+    if args.out:
+        out = OutDir(Path(args.out), option="--out")
+    else:
+        state.ensure()
+        out = OutDir(state.path / "seed", fix=STATE_FIX)
+    with out:
+        seed = make_seed(site, state.keys_for(site))
+        changed = seed.write(out)
     result = {
-        "out": str(out),
+        "out": str(out.path),
         "changed": changed,
-        "seed_digest": digest,
+        "seed_digest": seed.digest,
         "files": ["user-data", "meta-data", "network-config", "seed.iso"],
     }
     if args.json:
         print(json.dumps(result))
     else:
         what = ", ".join(changed) if changed else "nothing changed"
-        print(f"rendered {site.name} into {out}/ ({what})")
+        print(f"rendered {site.name} into {out.path}/ ({what})")
         print(f"next: wg-appliance deploy --site {args.site}")
     return 0
 
@@ -65,20 +70,22 @@ def cmd_peer_config(args: argparse.Namespace) -> int:
 
     site, state = _site_and_state(args)
     peer = site.peer(args.name)
-    keys = state.keys_for(site)
-    text = render_peer_config(site, keys, peer, full_tunnel=args.full_tunnel)
-    qr = _qr(text) if args.qr else None
-    if qr is not None and args.qr != "-":
-        png = io.BytesIO()
-        qr.save(png, kind="png", scale=6)
-        write_file(Path(args.qr), png.getvalue(), 0o600, option="--qr")
+    if args.qr and args.qr != "-":
+        folder, name = file_target(Path(args.qr), "--qr")
+        with folder:
+            text = render_peer_config(site, state.keys_for(site), peer, args.full_tunnel)
+            png = io.BytesIO()
+            _qr(text).save(png, kind="png", scale=6)
+            folder.write(name, png.getvalue(), 0o600)
         print(
             f"# QR code written to {args.qr} (it holds the private key: keep it private)",
             file=sys.stderr,
         )
+    else:
+        text = render_peer_config(site, state.keys_for(site), peer, args.full_tunnel)
     sys.stdout.write(text)
-    if qr is not None and args.qr == "-":
-        qr.terminal(out=sys.stdout, compact=True)
+    if args.qr == "-":
+        _qr(text).terminal(out=sys.stdout, compact=True)
     return 0
 
 

@@ -39,7 +39,7 @@ class OutDir:
         self.fd = -1
 
     def __enter__(self) -> OutDir:
-        return self.open(create=True)
+        return self if self.fd >= 0 else self.open(create=True)
 
     def __exit__(self, *exc) -> None:
         self.close()
@@ -127,18 +127,24 @@ class OutDir:
                 raise self.error("too large", self.path / name, fix)
             return f.read()
 
-    def unchanged(self, name: str, data: bytes, mode: int) -> bool:
-        """True when the target is already a regular file of ours with these bytes and mode."""
+    def target(self, name: str) -> os.stat_result | None:
+        """What is at `name` now, without following a link; a folder, FIFO, device or
+        socket there is refused (renaming over it would lose it or surprise its reader)."""
         try:
             st = os.stat(name, dir_fd=self.fd, follow_symlinks=False)
         except FileNotFoundError:
-            return False
-        if stat.S_ISLNK(st.st_mode):
-            return False
+            return None
         if stat.S_ISDIR(st.st_mode):
             raise self.error("is a folder, not a file", self.path / name)
-        if not stat.S_ISREG(st.st_mode):
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
             raise self.error("is a FIFO, device or socket, not a file", self.path / name)
+        return st
+
+    def unchanged(self, name: str, data: bytes, mode: int) -> bool:
+        """True when the target is already a regular file of ours with these bytes and mode."""
+        st = self.target(name)
+        if st is None or not stat.S_ISREG(st.st_mode):
+            return False
         if st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) != mode:
             return False
         return st.st_size == len(data) and self.read(name) == data
@@ -182,22 +188,22 @@ def _trusted_owner(st: os.stat_result) -> bool:
     return st.st_uid in (os.getuid(), 0)
 
 
-def write_files(
-    out: Path, files: dict[str, bytes], secret: set[str], option: str = "", fix: str = ""
-) -> list[str]:
-    """Write each of `files` into the folder `out` (secrets 0600, the rest 0644);
+def write_files(out: OutDir, files: dict[str, bytes], secret: set[str]) -> list[str]:
+    """Write each of `files` into the open folder `out` (secrets 0600, the rest 0644);
     return the names written, so re-runs with the same input write nothing."""
-    with OutDir(out, option, fix) as d:
-        return [n for n, data in files.items() if d.write(n, data, 0o600 if n in secret else 0o644)]
+    return [n for n, data in files.items() if out.write(n, data, 0o600 if n in secret else 0o644)]
 
 
-def write_file(path: Path, data: bytes, mode: int, option: str = "") -> bool:
-    """Write one file into an existing folder; True when written."""
+def file_target(path: Path, option: str) -> tuple[OutDir, str]:
+    """The open, checked folder of the file `path` (made by nobody but its user) and the
+    file's name in it: checked before any work, so a bad path costs nothing."""
     path = Path(path)
-    if not path.name or path.name in (".", ".."):
+    if path.name in ("", ".", ".."):
         raise OutDir(path, option).error("names a folder, not a file")
-    d = OutDir(path.parent, option).open(create=False)
+    out = OutDir(path.parent, option).open(create=False)
     try:
-        return d.write(path.name, data, mode)
-    finally:
-        d.close()
+        out.target(path.name)
+    except BaseException:
+        out.close()
+        raise
+    return out, path.name

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder.files import write_files
+from builder.files import OutDir, write_files
 from builder.keys import Keys
 from builder.render import render_seed, seed_digest
 from builder.seediso import make_iso
@@ -19,10 +19,13 @@ class Seed:
     files: dict[str, bytes]
     digest: str
 
-    def write(self, out: Path, option: str = "") -> list[str]:
-        """Write what changed into `out`; return the names written. `option` names the
-        command line option that chose `out`, if one did."""
-        return write_files(out, self.files, secret=SECRET, option=option)
+    def write(self, out: Path | OutDir) -> list[str]:
+        """Write what changed into `out` (a path, or a folder already open and checked);
+        return the names written."""
+        if isinstance(out, OutDir):
+            return write_files(out, self.files, secret=SECRET)
+        with OutDir(out) as d:
+            return write_files(d, self.files, secret=SECRET)
 
 
 def make_seed(site: Site, keys: Keys) -> Seed:
