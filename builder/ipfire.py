@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import hashlib
 import re
+import shlex
 from dataclasses import dataclass
 from ipaddress import IPv4Network
 from pathlib import Path
 
-from builder.errors import HostError
+from builder.errors import HostError, InputError
 from builder.site import Site
+from builder.text import printable
 
 DATA = Path(__file__).resolve().parent.parent / "ipfire"
 FIREWALL_LOCAL = "/etc/sysconfig/firewall.local"
@@ -46,6 +48,8 @@ BEGIN_RE = re.compile(rf"^# BEGIN {MARK} (\S+)\s*$")
 END_RE = re.compile(rf"^# END {MARK} (\S+)\s*$")
 META_RE = re.compile(rf"^# {MARK}-meta: (.*)$")
 CASE_RE = re.compile(r"""^\s*case\s+["']?\$\{?1\}?["']?\s+in\b""")
+# A name in the BEGIN/END markers: one token that BEGIN_RE and END_RE read back whole.
+MARKER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,67 @@ class Route:
 
     def line(self) -> str:
         return f"on,{self.network},{self.gateway},{self.remark}"
+
+
+def host_text(data: bytes) -> str:
+    """A host file as text that encodes back to exactly its bytes, UTF-8 or not."""
+    return data.decode("utf-8", errors="surrogateescape")
+
+
+def host_bytes(text: str) -> bytes:
+    """The inverse of host_text: the bytes to write to the host."""
+    return text.encode("utf-8", errors="surrogateescape")
+
+
+def lines_of(text: str, keepends: bool = False) -> list[str]:
+    """Lines as sh sees them: split at newlines only (str.splitlines also splits at
+    \r, \x0c, \x85, \u2028, ... which sh leaves inside a line)."""
+    if not text:
+        return []
+    parts = text.split("\n")
+    if keepends:
+        parts = [p + "\n" for p in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
+    elif not parts[-1]:
+        parts.pop()
+    return parts
+
+
+def _has_control(text: str) -> bool:
+    return printable(text, keep_newlines=False) != text
+
+
+def _word(site: Site, key: str, value: object) -> str:
+    """A site value as one shell word on one line: quoted, and refused if it holds a
+    newline or another control character (no interface name or address does)."""
+    text = str(value)
+    if _has_control(text):
+        raise InputError(
+            str(site.path),
+            key,
+            f"{printable(text, keep_newlines=False)!r} holds control characters",
+        )
+    return shlex.quote(text)
+
+
+def _comment(value: object) -> str:
+    """A site value inside a shell comment: control characters (newlines too) escaped."""
+    return printable(str(value), keep_newlines=False)
+
+
+def _meta(**values: object) -> str:
+    """key=value tokens for the meta line: one token each, as find_blocks reads them."""
+    return " ".join(f"{k}={_comment(v).replace(' ', '_')}" for k, v in values.items())
+
+
+def _marker_name(site: Site) -> str:
+    """The appliance name as the BEGIN/END markers hold it; anything else is refused."""
+    if not MARKER_NAME_RE.fullmatch(site.name):
+        raise InputError(
+            str(site.path),
+            "appliance.name",
+            f"{_comment(site.name)!r} cannot mark a block in {FIREWALL_LOCAL}",
+        )
+    return site.name
 
 
 @dataclass(frozen=True)
@@ -110,10 +175,22 @@ def routes(site: Site) -> tuple[Route, ...]:
     gateway = str(site.lan.address.ip)
     out = []
     tunnel = set(site.wireguard.networks)
+    name = _marker_name(site)
     for net in routed_networks(site):
         what = "tunnel" if net in tunnel else "peer " + _peer_of(site, net)
-        out.append(Route(net, gateway, f"{MARK} {site.name} {what}"))
+        out.append(Route(net, gateway, _remark(site, f"{MARK} {name} {what}")))
     return tuple(out)
+
+
+def _remark(site: Site, remark: str) -> str:
+    """The routing file's last field: IPFire's web UI splits lines at ',', so none in it."""
+    if "," in remark or _has_control(remark):
+        raise InputError(
+            str(site.path),
+            "peers",
+            f"{_comment(remark)!r} cannot be a remark in {ROUTING} (no ',' or control characters)",
+        )
+    return remark
 
 
 def _peer_of(site: Site, net: IPv4Network) -> str:
@@ -140,20 +217,30 @@ def teardown_script(name: str) -> str:
 
 
 def render_block(site: Site) -> str:
-    """The marked block for one appliance, ending with a newline."""
-    c = chains_for(site.name)
-    addr = site.lan.address.ip
-    lan = site.lan.address.network
-    br = site.host.bridge
-    port, listen = red_port(site), site.wireguard.listen_port
+    """The marked block for one appliance, ending with a newline.
+
+    Every site value reaches the shell as one quoted word (_word) or inside a comment with
+    its control characters escaped (_comment); chain and function names are [A-Za-z0-9_]."""
+    name = _marker_name(site)
+    c = chains_for(name)
+    mode = site.wireguard.mode
+    addr = _word(site, "lan.address", site.lan.address.ip)
+    lan = _word(site, "lan.address", site.lan.address.network)
+    br = _word(site, "host.bridge", site.host.bridge)
+    port = _word(site, "wireguard.endpoint", red_port(site))
+    listen = site.wireguard.listen_port
+    dest = _word(site, "wireguard.listen_port", f"{site.lan.address.ip}:{listen}")
+    dport = _word(site, "wireguard.listen_port", listen)
     nets = routed_networks(site)
     ipt = IPTABLES
     t = "\t"
+    red = f'"${c.function}_red"'
+    no_red = shlex.quote(f"{MARK} {name}: no port forward until RED is up")
     lines = [
-        f"# BEGIN {MARK} {site.name}",
-        f"# {MARK}-meta: address={addr} port={port} mode={site.wireguard.mode}",
-        f"# Managed by {MARK} for appliance {site.name} ({addr} on {br}, "
-        f"{site.wireguard.mode} mode).",
+        f"# BEGIN {MARK} {name}",
+        f"# {MARK}-meta: " + _meta(address=site.lan.address.ip, port=red_port(site), mode=mode),
+        f"# Managed by {MARK} for appliance {name} ({_comment(site.lan.address.ip)} on "
+        f"{_comment(site.host.bridge)}, {_comment(mode)} mode).",
         f"# Do not edit: `{MARK} ipfire --apply` rewrites this block, `--remove` deletes it.",
         f"# Its rules live in chains {c.forward[:-4]}_* of their own: stop removes exactly them",
         "# and never flushes the CUSTOM* chains that hold your own rules.",
@@ -163,15 +250,16 @@ def render_block(site: Site) -> str:
         f"{t}{ipt} -N {c.forward}",
         f"{t}{ipt} -t nat -N {c.nat}",
         f"{t}{ipt} -t raw -N {c.raw}",
-        f"{t}# Clients dial RED udp/{port}; RED's name is read now, as it changes with the uplink.",
+        f"{t}# Clients dial RED udp/{_comment(red_port(site))}; RED's name is read now, "
+        "as it changes with the uplink.",
         f"{t}{c.function}_red=$(cat {RED_IFACE} 2>/dev/null)",
-        f'{t}if [ -n "${c.function}_red" ]; then',
-        f'{t}{t}{ipt} -t nat -A {c.nat} -i "${c.function}_red" -p udp --dport {port} '
-        f"-j DNAT --to-destination {addr}:{listen}",
-        f'{t}{t}{ipt} -A {c.forward} -i "${c.function}_red" -o {br} -p udp -d {addr} '
-        f"--dport {listen} -m conntrack --ctstate DNAT -j ACCEPT",
+        f"{t}if [ -n {red} ]; then",
+        f"{t}{t}{ipt} -t nat -A {c.nat} -i {red} -p udp --dport {port} "
+        f"-j DNAT --to-destination {dest}",
+        f"{t}{t}{ipt} -A {c.forward} -i {red} -o {br} -p udp -d {addr} "
+        f"--dport {dport} -m conntrack --ctstate DNAT -j ACCEPT",
         f"{t}else",
-        f'{t}{t}echo "{MARK} {site.name}: no port forward until RED is up" >&2',
+        f"{t}{t}echo {no_red} >&2",
         f"{t}fi",
     ]
     if nets:
@@ -180,8 +268,9 @@ def render_block(site: Site) -> str:
             f"{t}# appliance answers LAN hosts directly): keep it out of conntrack, accept it.",
         ]
         for net in nets:
-            lines.append(f"{t}{ipt} -t raw -A {c.raw} -i {br} -s {lan} -d {net} -j CT --notrack")
-            lines.append(f"{t}{ipt} -A {c.forward} -i {br} -o {br} -s {lan} -d {net} -j ACCEPT")
+            d = _word(site, "wireguard.networks", net)
+            lines.append(f"{t}{ipt} -t raw -A {c.raw} -i {br} -s {lan} -d {d} -j CT --notrack")
+            lines.append(f"{t}{ipt} -A {c.forward} -i {br} -o {br} -s {lan} -d {d} -j ACCEPT")
     lines += [
         f"{t}{ipt} -A CUSTOMFORWARD -j {c.forward}",
         f"{t}{ipt} -t nat -A CUSTOMPREROUTING -j {c.nat}",
@@ -190,7 +279,7 @@ def render_block(site: Site) -> str:
         'case "$1" in',
         f'start|stop) {c.function} "$1" ;;',
         "esac",
-        f"# END {MARK} {site.name}",
+        f"# END {MARK} {name}",
     ]
     return "\n".join(lines) + "\n"
 
@@ -205,7 +294,7 @@ class Block:
 
 def find_blocks(text: str, where: str = FIREWALL_LOCAL) -> list[Block]:
     """The wg-appliance blocks in a firewall.local; a broken marker pair is a HostError."""
-    lines = text.splitlines()
+    lines = lines_of(text)
     blocks: list[Block] = []
     open_name, open_at, meta = None, 0, {}
     for i, line in enumerate(lines):
@@ -269,8 +358,8 @@ def merge_firewall_local(current: str, site: Site) -> str:
                 "give this site another wireguard.endpoint port, or remove the other "
                 f"appliance with `{MARK} ipfire --remove`",
             )
-    lines = current.splitlines()
-    block = render_block(site).splitlines()
+    lines = lines_of(current)
+    block = lines_of(render_block(site))
     mine = next((b for b in blocks if b.name == site.name), None)
     if mine is not None:
         lines[mine.start : mine.end + 1] = block
@@ -285,7 +374,7 @@ def remove_firewall_block(current: str, name: str) -> str:
     mine = next((b for b in find_blocks(current) if b.name == name), None)
     if mine is None:
         return current
-    lines = current.splitlines(keepends=True)
+    lines = lines_of(current, keepends=True)
     end = mine.end + 1
     if end < len(lines) and not lines[end].strip():
         end += 1
@@ -306,7 +395,7 @@ def merge_routing(current: str, site: Site) -> tuple[str, tuple[str, ...]]:
     would install whichever comes first. Via the same gateway it is only noted.
     """
     mine = routes(site)
-    kept = [ln for ln in current.splitlines() if not _is_ours(ln, site.name)]
+    kept = [ln for ln in lines_of(current) if not _is_ours(ln, site.name)]
     notes = []
     gateway = str(site.lan.address.ip)
     wanted = {str(r.network) for r in mine}
@@ -330,7 +419,7 @@ def merge_routing(current: str, site: Site) -> tuple[str, tuple[str, ...]]:
 
 
 def remove_routing(current: str, name: str) -> str:
-    kept = [ln for ln in current.splitlines() if not _is_ours(ln, name)]
+    kept = [ln for ln in lines_of(current) if not _is_ours(ln, name)]
     return "\n".join(kept) + "\n" if kept else ""
 
 

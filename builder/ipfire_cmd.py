@@ -14,6 +14,7 @@ from builder.errors import InputError
 from builder.files import OutDir
 from builder.keys import STATE_FIX, State
 from builder.site import Site, load_site
+from builder.text import printable
 
 
 def add_ipfire_arguments(sp: argparse.ArgumentParser) -> None:
@@ -129,6 +130,7 @@ def _write_out(
 
 
 def _print(args: argparse.Namespace, result: dict, checks: list) -> None:
+    """The result for the admin; every value the host reported goes through _shown."""
     if args.json:
         print(json.dumps(result))
         return
@@ -137,11 +139,11 @@ def _print(args: argparse.Namespace, result: dict, checks: list) -> None:
         failed = sum(not c.ok for c in checks)
         print(f"{result.get('host', 'host')}: " + (f"{failed} failed" if failed else "all ok"))
         for c in checks:
-            print(f"{'ok  ' if c.ok else 'FAIL'}  {c.name:<{width}}  {c.detail}")
+            print(f"{'ok  ' if c.ok else 'FAIL'}  {c.name:<{width}}  {_shown(c.detail)}")
             if not c.ok and c.fix:
-                print(f"{'':6}{'':<{width}}  fix: {c.fix}")
+                print(f"{'':6}{'':<{width}}  fix: {_shown(c.fix)}")
     for note in result.get("notes", []):
-        print(f"note: {note}", file=sys.stderr)
+        print(f"note: {_shown(note)}", file=sys.stderr)
     applied = result.get("applied")
     if applied:
         what = [
@@ -155,10 +157,18 @@ def _print(args: argparse.Namespace, result: dict, checks: list) -> None:
         verb = "removed" if args.remove else "applied"
         print(f"{verb}: " + (", ".join(what) + " changed" if what else "files unchanged"))
         for b in applied["backups"]:
-            print(f"backup: {b}")
+            print(f"backup: {_shown(b)}")
+        for line in _shown(applied["reload_output"], one_line=False).splitlines():
+            print(f"reload: {line}")
         print(
             f"live: {len(applied['rules'])} rules in the appliance's chains, "
             f"{len(applied['routes'])} routes in table 200"
         )
         if not args.remove:
             print(f"next: wg-appliance verify --site {args.site}")
+
+
+def _shown(text: str, one_line: bool = True) -> str:
+    """Host text with control characters escaped and bytes that are not UTF-8 as \\xNN."""
+    text = text.encode(errors="surrogateescape").decode(errors="backslashreplace")
+    return printable(text, keep_newlines=not one_line)
