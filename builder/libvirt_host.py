@@ -36,6 +36,7 @@ from builder.domain import (
 )
 from builder.errors import ConnectError, HostError, InputError
 from builder.progress import Progress
+from builder.site import host_uri_problem
 
 ENV_VIRT_TYPE = "WG_APPLIANCE_VIRT_TYPE"
 MIB = 1024**2
@@ -63,6 +64,9 @@ def connect(uri: str) -> libvirt.virConnect:
     scheme = uri.split(":", 1)[0]
     if scheme.split("+")[0] not in ("qemu", "test") or "://" not in uri:
         raise HostError(f"{uri} is not a libvirt URI for qemu guests", URI_FIX)
+    problem = host_uri_problem(uri) if scheme not in ("test", "qemu") else None
+    if problem:
+        raise HostError(f"{uri}: {problem}", URI_FIX)
     try:
         return libvirt.open(uri)
     except libvirt.libvirtError as e:

@@ -459,9 +459,10 @@ def read_small_text(path: Path, file: str, key: str, limit: int) -> str:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as e:
         raise InputError(file, key, f"cannot read {path}: {e.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise InputError(file, key, f"{path} is not a regular file")
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise InputError(file, key, f"{path} is not a regular file")
         data = f.read(limit + 1)
     if len(data) > limit:
         raise InputError(file, key, f"{path} is larger than {limit // 1024} KiB")
@@ -687,6 +688,9 @@ def load_site(path: str | Path) -> Site:
         raise InputError(file, "", f"TOML syntax error: {msg}{col}", line=line) from None
     except RecursionError:
         raise InputError(file, "", "TOML nested too deeply") from None
+    except ValueError as e:
+        # tomllib lets int() refuse numbers of more than 4300 digits with a plain ValueError.
+        raise InputError(file, "", f"a value cannot be read: {str(e)[:80]}") from None
     return parse_site(data, path)
 
 
