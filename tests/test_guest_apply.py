@@ -1,0 +1,340 @@
+"""The guest side of `sync` against a fake appliance: apply, and the rollback after a failure
+at any step (the real thing runs in tests/test_e2e.py, where failures are forced in the VM)."""
+
+from __future__ import annotations
+
+import copy
+import ipaddress
+import json
+import os
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from builder import guest_apply as ga
+
+WG = ga.FILES["wg0.conf"][0]
+NFT = ga.FILES["nftables.conf"][0]
+SYSCTL = ga.FILES["sysctl"][0]
+FWD4 = "/proc/sys/net/ipv4/ip_forward"
+FWD6 = "/proc/sys/net/ipv6/conf/all/forwarding"
+
+OLD_WG = "[Interface]\nAddress = 10.77.0.1/24\nMTU = 1420\nPrivateKey = old=\n"
+NEW_WG = (
+    "[Interface]\nAddress = 10.77.0.1/24\nMTU = 1380\nPrivateKey = new=\n"
+    "[Peer]\nPublicKey = branch=\nAllowedIPs = 10.77.0.10/32, 192.168.88.0/24\n"
+)
+NEW = {
+    "wg0.conf": NEW_WG,
+    "nftables.conf": "flush ruleset\ntable inet new {}\n",
+    "sysctl": "# forwarding\nnet.ipv4.ip_forward = 1\nnet.ipv6.conf.all.forwarding = 1\n",
+    "mtu": 1380,
+}
+
+
+def entry(text: str, mode: int = 0o644) -> dict:
+    return {"data": text.encode(), "mode": mode, "uid": 0, "gid": 0}
+
+
+class FakeSystem:
+    """The appliance as guest_apply sees it: files (with /proc/sys and wg0's MTU among
+    them), the live ruleset, peers and routes. Operation number `fail_at` (counting every
+    command, write and remove) raises `error`; with `fail_on`, every operation whose words
+    start so raises it."""
+
+    def __init__(self, files: dict, fail_at: int | None = None, fail_on=(), error=None):
+        self.files = files
+        self.live = {"ruleset": "table inet old {}\n", "peers": "[Interface]\nold\n"}
+        self.routes = {"192.168.99.0/24"}
+        self.fail_at, self.fail_on = fail_at, tuple(fail_on)
+        self.error = error or ga.Failed("injected")
+        self.ops: list[tuple] = []
+
+    def state(self):
+        return copy.deepcopy((self.files, self.live, self.routes))
+
+    def _op(self, *words):
+        self.ops.append(words)
+        if len(self.ops) - 1 == self.fail_at or (
+            self.fail_on and words[: len(self.fail_on)] == self.fail_on
+        ):
+            raise self.error
+
+    def read(self, path):
+        return copy.deepcopy(self.files.get(path))
+
+    def write(self, path, data, mode, owner=(0, 0)):
+        self._op("write", path)
+        self.files[path] = {"data": data, "mode": mode, "uid": owner[0], "gid": owner[1]}
+
+    def remove(self, path):
+        self._op("remove", path)
+        self.files.pop(path, None)
+
+    def run(self, *argv, input=None):
+        self._op(*argv)
+        handler = getattr(self, "_" + "_".join(argv[:2]).replace("-", ""), None)
+        assert handler, f"unexpected command {argv}"
+        return handler(list(argv[2:]), input) or ""
+
+    def _sysctl_load(self, args, _):
+        text = self.files[args[0]]["data"].decode()
+        for key in ga.sysctl_keys(text):
+            value = text.split(key, 1)[1].split("=", 1)[1].splitlines()[0].strip()
+            self.files[ga.sysctl_path(key)] = entry(value + "\n")
+
+    def _sysctl_q(self, args, _):
+        key, value = args[1].split("=", 1)
+        self.files[ga.sysctl_path(key)] = entry(value + "\n")
+
+    def _nft_file(self, args, input):
+        text = input if args[0] == "/dev/stdin" else self.files[args[0]]["data"].decode()
+        self.live["ruleset"] = text.removeprefix("flush ruleset\n")
+
+    def _nft_list(self, args, _):
+        return self.live["ruleset"]
+
+    def _wg_syncconf(self, args, input):
+        assert "MTU" not in input and "Address" not in input, "wg-quick keys must be stripped"
+        self.live["peers"] = input
+
+    def _wg_showconf(self, args, _):
+        return self.live["peers"]
+
+    def _wg_show(self, args, _):
+        nets = [
+            n.strip()
+            for line in self.live["peers"].splitlines()
+            if line.startswith("AllowedIPs")
+            for n in line.split("=", 1)[1].split(",")
+        ]
+        return "peer=\t" + (" ".join(nets) or "(none)") + "\n"
+
+    def _ip_j(self, args, _):
+        if args[:2] == ["addr", "show"]:
+            return json.dumps([{"addr_info": [{"local": "10.77.0.1", "prefixlen": 24}]}])
+        version = 4 if args[0] == "-4" else 6
+        shown = []
+        for net in map(ipaddress.ip_network, self.routes):
+            if net.version == version:
+                host = net.prefixlen == net.max_prefixlen
+                shown.append({"dst": str(net.network_address) if host else str(net)})
+        return json.dumps(shown)
+
+    def _ip_link(self, args, _):
+        self.files[ga.MTU_PATH] = entry(args[-1] + "\n")
+
+    def _ip_route(self, args, _):
+        if args[0] == "replace":
+            self.routes.add(args[1])
+        else:
+            self.routes.remove(args[1])
+
+
+def guest(absent=(), **kwargs) -> FakeSystem:
+    files = {
+        WG: entry(OLD_WG, 0o600),
+        NFT: entry("flush ruleset\ntable inet old {}\n"),
+        SYSCTL: entry("net.ipv4.ip_forward = 1\n"),
+        FWD4: entry("1\n"),
+        FWD6: entry("0\n"),
+        ga.MTU_PATH: entry("1420\n"),
+    }
+    for path in absent:
+        del files[path]
+    system = FakeSystem(files, **kwargs)
+    if WG in files:
+        system.live["peers"] = ga.strip(OLD_WG)
+    return system
+
+
+def run(system: FakeSystem, request=NEW) -> dict:
+    return ga.outcome(json.dumps(request), system)
+
+
+def test_apply_changes_all_of_it():
+    system = guest()
+    out = run(system)
+    assert out == {
+        "ok": True,
+        "rolled_back": False,
+        "untouched": False,
+        "error": "",
+        "routes_added": ["192.168.88.0/24"],
+        "routes_removed": ["192.168.99.0/24"],
+    }
+    assert system.files[WG] == entry(NEW_WG, 0o600)
+    assert system.files[SYSCTL]["data"] == NEW["sysctl"].encode()
+    assert system.files[FWD6]["data"] == b"1\n"
+    assert system.files[ga.MTU_PATH]["data"] == b"1380\n"
+    assert system.live["ruleset"] == "table inet new {}\n"
+    assert system.live["peers"] == ga.strip(NEW_WG)
+    assert system.routes == {"192.168.88.0/24"}
+
+
+def apply_ops(absent=()) -> int:
+    system = guest(absent)
+    assert run(system)["ok"]
+    return len(system.ops)
+
+
+OPTIONAL = [WG, NFT, SYSCTL]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    absent=st.sets(st.sampled_from(OPTIONAL)),
+    data=st.data(),
+    error=st.sampled_from(
+        [ga.Failed("nft: boom"), PermissionError(1, "denied"), KeyError("x"), ValueError("v")]
+    ),
+)
+def test_a_failure_at_any_step_leaves_the_guest_as_it_was(absent, data, error):
+    step = data.draw(st.integers(0, apply_ops(absent) - 1), label="failing step")
+    system = guest(absent, fail_at=step, error=error)
+    before = system.state()
+    out = run(system)
+    assert out["ok"] is False and out["rolled_back"] is True, out
+    assert out["not_restored"] == []
+    assert system.state() == before
+    assert type(error).__name__ in out["error"] or isinstance(error, ga.Failed)
+
+
+def test_a_new_file_is_removed_and_its_sysctl_values_put_back():
+    system = guest(absent=[SYSCTL], fail_on=("ip", "route", "replace"))
+    out = run(system)
+    assert out["rolled_back"] is True, out
+    assert SYSCTL not in system.files
+    assert system.files[FWD6]["data"] == b"0\n"
+    assert system.files[ga.MTU_PATH]["data"] == b"1420\n"
+    assert ("remove", SYSCTL) in system.ops
+
+
+def test_without_old_files_the_live_ruleset_and_peers_come_back():
+    system = guest(absent=[WG, NFT], fail_on=("ip", "link", "set", "wg0", "mtu", "1380"))
+    out = run(system)
+    assert out["rolled_back"] is True, out
+    assert system.live == {"ruleset": "table inet old {}\n", "peers": "[Interface]\nold\n"}
+    assert WG not in system.files and NFT not in system.files
+
+
+def test_json_from_a_broken_command_is_rolled_back_too():
+    system = guest()
+    listing = system._ip_j
+    system._ip_j = lambda args, _: "not json" if args[0] == "addr" else listing(args, _)
+    before = system.state()
+    out = run(system)
+    assert out["rolled_back"] is True and out["error"].startswith("JSONDecodeError"), out
+    assert system.state() == before
+
+
+def test_what_cannot_be_restored_is_named_and_the_rest_is():
+    system = guest(fail_on=("ip", "link", "set"))
+    out = run(system)
+    assert out["ok"] is False and out["rolled_back"] is False
+    assert out["not_restored"] == ["wg0 MTU 1420: injected"]
+    assert system.files[WG] == entry(OLD_WG, 0o600)
+    assert system.live["ruleset"] == "table inet old {}\n"
+    assert json.loads(json.dumps(out)) == out
+
+
+@pytest.mark.parametrize(
+    "request_line",
+    [
+        "{not json",
+        "[1, 2]",
+        json.dumps({**NEW, "sysctl": None}),
+        json.dumps({k: v for k, v in NEW.items() if k != "wg0.conf"}),
+        json.dumps({**NEW, "mtu": "1380"}),
+        json.dumps({**NEW, "mtu": True}),
+        json.dumps({**NEW, "mtu": 10}),
+    ],
+)
+def test_a_bad_request_changes_nothing(request_line):
+    system = guest()
+    out = ga.outcome(request_line, system)
+    assert out["untouched"] is True and out["error"].startswith("bad request"), out
+    assert system.ops == []
+
+
+def test_without_wg0_nothing_is_changed():
+    system = guest(absent=[ga.MTU_PATH])
+    out = run(system)
+    assert out["untouched"] is True and "wg0 does not exist" in out["error"], out
+    assert system.ops == []
+
+
+def test_strip_drops_wg_quick_keys_only():
+    conf = (
+        "# comment = kept\n[Interface]\n address= 10.0.0.1/24\nMTU=1400\nPostUp = iptables -A\n"
+        "ListenPort = 51820\nPrivateKey = abc=\n[Peer]\nPublicKey = xyz=\nTable = off\n"
+        "AllowedIPs = 10.0.0.2/32\n"
+    )
+    assert ga.strip(conf) == (
+        "# comment = kept\n[Interface]\nListenPort = 51820\nPrivateKey = abc=\n"
+        "[Peer]\nPublicKey = xyz=\nAllowedIPs = 10.0.0.2/32\n"
+    )
+
+
+def test_sysctl_keys_and_paths():
+    text = "# a = b\n; c = d\n\nnet.ipv4.ip_forward = 1\n-net.ipv4.conf.eth0/1.rp_filter=2\n"
+    assert ga.sysctl_keys(text) == ["net.ipv4.ip_forward", "net.ipv4.conf.eth0/1.rp_filter"]
+    assert ga.sysctl_path("net.ipv4.ip_forward") == "/proc/sys/net/ipv4/ip_forward"
+    assert ga.sysctl_path("net.ipv4.conf.eth0/1.rp_filter") == (
+        "/proc/sys/net/ipv4/conf/eth0.1/rp_filter"
+    )
+    assert ga.sysctl_path("net/ipv4/conf/eth0.1/rp_filter") == (
+        "/proc/sys/net/ipv4/conf/eth0.1/rp_filter"
+    )
+
+
+def test_real_write_is_atomic_and_cleans_up(tmp_path, monkeypatch):
+    system, me = ga.System(), (os.getuid(), os.getgid())
+    path = str(tmp_path / "f.conf")
+    system.write(path, b"one\n", 0o600, me)
+    assert system.read(path) == {"data": b"one\n", "mode": 0o600, "uid": me[0], "gid": me[1]}
+    inode = os.stat(path).st_ino
+    system.write(path, b"one\n", 0o600, me)
+    assert os.stat(path).st_ino == inode, "identical content is left alone"
+    system.write(path, b"one\n", 0o644, me)
+    assert system.read(path)["mode"] == 0o644
+
+    def immutable(*_):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(ga.os, "replace", immutable)
+    with pytest.raises(PermissionError):
+        system.write(path, b"two\n", 0o644, me)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["f.conf"] and system.read(path)["data"] == b"one\n"
+    system.remove(path)
+    system.remove(path)
+    assert system.read(path) is None
+
+
+def test_real_read_does_not_follow_links_and_run_names_the_failure(tmp_path):
+    (tmp_path / "secret").write_text("s")
+    (tmp_path / "link").symlink_to(tmp_path / "secret")
+    with pytest.raises(OSError):
+        ga.System().read(str(tmp_path / "link"))
+    with pytest.raises(ga.Failed, match="sh -c .*: bad"):
+        ga.System().run("sh", "-c", "echo bad >&2; exit 3")
+    assert ga.System().run("cat", input="é\n") == "é\n"
+
+
+def test_the_program_sync_sends_runs_without_site_packages():
+    """As sync sends it: the probe's source, then this file, under `python3 -S -c`."""
+    import subprocess
+    import sys
+
+    from builder.sync import APPLIER
+    from builder.verify import PROBE
+
+    program = f"PROBE = {PROBE.read_text()!r}\n" + APPLIER.read_text()
+    p = subprocess.run(
+        [sys.executable, "-S", "-I", "-c", program], input="\n", capture_output=True, text=True
+    )
+    assert p.returncode == 0, p.stderr
+    facts = json.loads(p.stdout)
+    assert set(facts) == {"wg", "files", "addresses"} and p.stdout.count("\n") == 1
