@@ -9,8 +9,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from builder.image import build_image, default_cache_dir, measure_boot, measure_kernel_to_init
+from builder.image import build_image, default_cache_dir
 from builder.progress import Progress
+from tests.lab.boot import measure_boot, measure_kernel_to_init
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""The appliance disk image: Debian 12 built from the recipe in images/, cached by its digest.
+"""The appliance disk image: Debian built from the recipe in images/, cached by its digest.
 
 The build is a straight pipeline of stages (bootstrap, configure, trim, initrd, bytecode,
 scrub, filesystem, bootloader, compress), each a plain function over one BuildContext, each
@@ -30,10 +30,9 @@ from pathlib import Path
 
 import yaml
 
-from builder.errors import GuestError, HostError
+from builder.errors import HostError
 from builder.progress import Progress
 from builder.run import run
-from builder.seediso import make_iso
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "images"
@@ -162,7 +161,7 @@ def bootstrap(ctx: BuildContext) -> None:
     run(argv, timeout=1800)
     kernels = sorted(p.name.removeprefix("vmlinuz-") for p in (ctx.root / "boot").glob("vmlinuz-*"))
     if len(kernels) != 1:
-        raise GuestError(f"expected one kernel in /boot, found {kernels}")
+        raise HostError(f"expected one kernel in /boot, found {kernels}")
     ctx.kernel = kernels[0]
 
 
@@ -248,7 +247,7 @@ def make_initrd(ctx: BuildContext) -> None:
     order = module_load_order(base, spec["module"])
     klibc = sorted((ctx.root / "usr/lib").glob("klibc-*.so"))
     if len(klibc) != 1:
-        raise GuestError(f"expected one klibc library, found {klibc}")
+        raise HostError(f"expected one klibc library, found {klibc}")
     archive = Cpio()
     for d in ("bin", "dev", "lib", "lib/modules", "proc", "sys", "root"):
         archive.directory(d)
@@ -409,7 +408,7 @@ def module_load_order(base: Path, names: list[str]) -> list[str]:
 
     for name in names:
         if name.replace("-", "_") not in by_name:
-            raise GuestError(f"initrd module {name} is not in the image's kernel")
+            raise HostError(f"initrd module {name} is not in the image's kernel")
         visit(by_name[name.replace("-", "_")])
     return order
 
@@ -591,88 +590,3 @@ def _build(cache: Path, entry: Path, digest: str, mirror: str | None, progress: 
         f"in {manifest['build_seconds']:.0f}s"
     )
     return image
-
-
-# Boot measurements ------------------------------------------------------------------------
-
-INIT_LINE = re.compile(r"\[\s*(\d+\.\d+)\] Run (\S+) as init process")
-CLOUD_INIT_DONE = re.compile(r"Cloud-init v\. \S+ finished at .* Up (\d+(?:\.\d+)?) seconds")
-
-
-@dataclass(frozen=True)
-class BootTiming:
-    """Seconds: kernel start to the initramfs' init, guest uptime when cloud-init finished,
-    and wall time from starting qemu until the guest powered off."""
-
-    kernel_to_init: float
-    cloud_init_done: float
-    wall: float
-
-
-def qemu_command(disk: Path, serial: Path, memory_mib: int = 512) -> list[str]:
-    """qemu as libvirt runs the appliance here: `pc` machine, TCG (nested KVM does not work in
-    the lab), one vCPU, virtio disk, serial console to a file."""
-    return [
-        "qemu-system-x86_64", "-machine", "pc", "-accel", "tcg", "-m", str(memory_mib),
-        "-smp", "1", "-display", "none", "-monitor", "none", "-no-reboot",
-        "-serial", f"file:{serial}", "-drive", f"file={disk},if=virtio,format=qcow2",
-    ]  # fmt: skip
-
-
-def extract_boot_files(image: Image, workdir: Path) -> tuple[Path, Path]:
-    """The image's kernel and initrd, read with debugfs from a raw copy of the partition."""
-    kernel = image.manifest()["kernel"]
-    part = workdir / "root.raw"
-    run(["qemu-img", "dd", "-f", "qcow2", "-O", "raw", f"bs={PART_OFFSET}", "skip=1",
-         f"if={image.path}", f"of={part}"])  # fmt: skip
-    files = []
-    for name in (f"vmlinuz-{kernel}", f"initrd.img-{kernel}"):
-        run(["debugfs", "-R", f"dump /boot/{name} {workdir / name}", part])
-        files.append(workdir / name)
-    part.unlink()
-    return files[0], files[1]
-
-
-def measure_kernel_to_init(image: Image, workdir: Path) -> float:
-    """Guest seconds from kernel start until it runs the initramfs' init, with `/bin/true` as
-    that init so the guest stops right there (panic, then qemu exits on -no-reboot)."""
-    kernel, initrd = extract_boot_files(image, workdir)
-    serial = workdir / "kernel-to-init.log"
-    run(
-        [
-            "qemu-system-x86_64", "-machine", "pc", "-accel", "tcg", "-m", "512", "-smp", "1",
-            "-display", "none", "-monitor", "none", "-no-reboot", "-serial", f"file:{serial}",
-            "-kernel", kernel, "-initrd", initrd,
-            "-append", "console=ttyS0 rdinit=/bin/true panic=-1",
-        ],
-        timeout=300,
-    )  # fmt: skip
-    found = INIT_LINE.search(serial.read_text(errors="replace"))
-    if not found:
-        raise GuestError(f"the kernel never ran init; see {serial}")
-    return float(found.group(1))
-
-
-def measure_boot(image: Image, workdir: Path, timeout: float = 900) -> BootTiming:
-    """A first boot from a minimal NoCloud seed that powers the guest off when cloud-init is
-    done. The NIC is user-mode with restrict=on: the guest reaches nothing outside."""
-    user_data = (
-        "#cloud-config\nhostname: measure\nmanage_etc_hosts: true\nssh_genkeytypes: [ed25519]\n"
-        "power_state: {mode: poweroff, delay: now, timeout: 60}\n"
-    )
-    seed = workdir / "seed.iso"
-    seed.write_bytes(make_iso({"user-data": user_data, "meta-data": "instance-id: measure\n"}))
-    disk = workdir / "boot.qcow2"
-    run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", image.path, "-F", "qcow2", disk, "2G"])
-    serial = workdir / "boot.log"
-    argv = qemu_command(disk, serial) + [
-        "-cdrom", str(seed), "-nic", "user,restrict=on,model=virtio-net-pci",
-    ]  # fmt: skip
-    t0 = time.monotonic()
-    run(argv, timeout=timeout)
-    wall = time.monotonic() - t0
-    log = serial.read_text(errors="replace")
-    init, done = INIT_LINE.search(log), CLOUD_INIT_DONE.search(log)
-    if not (init and done):
-        raise GuestError(f"cloud-init did not finish; see {serial}")
-    return BootTiming(float(init.group(1)), float(done.group(1)), round(wall, 1))

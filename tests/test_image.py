@@ -24,20 +24,19 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
 
 from builder.image import (
-    CLOUD_INIT_DONE,
     MBR_BIN,
     PART_OFFSET,
     RECIPE,
     Image,
     build_image,
     default_cache_dir,
-    qemu_command,
     read_list,
     recipe_digest,
     trim_modules,
 )
 from builder.progress import Progress
 from builder.seediso import make_iso
+from tests.lab.boot import CLOUD_INIT_DONE, disk_args, qemu_command
 
 MAC = "52:54:00:12:34:56"
 USER = "netadmin"
@@ -386,7 +385,7 @@ def guest(appliance_image: Image, tmp_path_factory: pytest.TempPathFactory) -> I
          disk, "2G"], check=True,
     )  # fmt: skip
     serial, port = work / "serial.log", free_port()
-    argv = qemu_command(disk, serial) + [
+    argv = qemu_command(serial, *disk_args(disk)) + [
         "-cdrom", str(work / "seed.iso"),
         "-nic", f"user,restrict=on,model=virtio-net-pci,mac={MAC},"
         f"hostfwd=tcp:127.0.0.1:{port}-:22",
