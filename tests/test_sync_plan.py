@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import re
+from types import SimpleNamespace
 
 import pytest
 
+from builder.errors import GuestError
 from builder.keys import State
 from builder.site import load_site
-from builder.sync import plan, vm_changes, wanted_files
+from builder.sync import _answer, failure, plan, vm_changes, wanted_files
 from tests.test_verify_checks import facts as healthy_facts  # noqa: F401  (fixture)
 from tests.test_verify_checks import site_keys  # noqa: F401  (fixture)
 
@@ -73,3 +76,75 @@ def test_guest_strip_equals_wg_quick_strip(tmp_path):
         ["wg-quick", "strip", str(conf)], capture_output=True, text=True, check=True
     ).stdout
     assert strip(conf.read_text()).rstrip() == real.rstrip()  # wg-quick adds a blank line
+
+
+CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def test_plan_lines_escape_what_the_guest_reported(site_dir, facts):
+    path = site_dir / "site.toml"
+    text = path.read_text().replace(
+        'networks = ["192.168.88.0/24"]',
+        'networks = ["192.168.88.0/24"]\nendpoint = "198.51.100.7:51820"',
+    )
+    path.write_text(text)
+    site = load_site(path)
+    keys = State.for_site(site).keys_for(site)
+    hostile = copy.deepcopy(facts)
+    branch = next(
+        p for p in hostile["wg"]["peers"] if p["public_key"] == keys.peers["branch"].public
+    )
+    branch["endpoint"] = "203.0.113.9:1\x1b[2J\r\nlaptop: fine"
+    hostile["wg"]["peers"].append({**branch, "public_key": "\x1b]0;x\x07" + "A" * 40})
+    changes = plan(site, keys, hostile)
+    assert len(changes) == 2 and not any(CONTROLS.search(c) for c in changes), changes
+    assert changes[0] == (
+        "branch: endpoint 203.0.113.9:1\\x1b[2J\\x0d\\nlaptop: fine != 198.51.100.7:51820"
+    )
+    assert changes[1].startswith("unknown peer \\x1b]0;x\\x07AAA")
+
+
+def test_vm_changes_escape_guest_addresses(site_keys, facts):  # noqa: F811
+    site, _ = site_keys
+    hostile = copy.deepcopy(facts)
+    hostile["addresses"] = {"lan0": ["10.1.1.1/24\x1b[2J"], "wg0": ["10.9.9.9/24\r"]}
+    refused = vm_changes(site, hostile, {"memory-mib": "1\x1b[A"})
+    assert len(refused) == 3 and not any(CONTROLS.search(r) for r in refused), refused
+    assert "10.1.1.1/24\\x1b[2J" in refused[0] and "10.9.9.9/24\\x0d" in refused[1]
+
+
+@pytest.mark.parametrize(
+    "result,fragment",
+    [
+        ({"ok": False, "rolled_back": True, "error": "nft\x1b[2J"}, "nft\\x1b[2J; rolled back"),
+        (
+            {"ok": False, "untouched": True, "rolled_back": True, "error": "bad request"},
+            "bad request; nothing was changed",
+        ),
+        (
+            {
+                "ok": False,
+                "rolled_back": False,
+                "error": "ip route replace: x",
+                "not_restored": ["wg0 MTU 1420: \x1b[1Aoops\n", "route 10.0.0.0/8: y"],
+            },
+            "NOT rolled back: could not restore wg0 MTU 1420: \\x1b[1Aoops\\n; route 10.0.0.0/8: y",
+        ),
+    ],
+)
+def test_failure_says_where_the_appliance_was_left(result, fragment):
+    said = failure(result)
+    assert fragment in said and not CONTROLS.search(said), said
+
+
+def test_a_garbled_answer_is_escaped(site_keys):  # noqa: F811
+    site, _ = site_keys
+    stdout = SimpleNamespace(readline=lambda: "\x1b[2Jnot json\r\n")
+    stderr = SimpleNamespace(channel=SimpleNamespace(recv_stderr=lambda n: b"Trace\x1b[31m\n"))
+    with pytest.raises(GuestError) as e:
+        _answer(site, stdout, stderr)
+    assert "Trace\\x1b[31m" in str(e.value) and not CONTROLS.search(str(e.value))
+    quiet = SimpleNamespace(channel=SimpleNamespace(recv_stderr=lambda n: b""))
+    for line in ("[1, 2]\n", '"text"\n', ""):
+        with pytest.raises(GuestError):
+            _answer(site, SimpleNamespace(readline=lambda line=line: line), quiet)

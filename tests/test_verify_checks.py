@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 
 import pytest
 
@@ -163,3 +164,50 @@ def test_handshakes_required_only_when_asked(site_keys, facts):
     assert evaluate(site, keys, stale, NOW).ok, "road warriors' handshakes are informational"
     report = evaluate(site, keys, stale, NOW, required={"laptop"})
     assert failing(report) == {"handshake laptop": "no handshake yet"}
+
+
+CONTROLS = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")
+
+
+def test_guest_text_is_escaped_in_the_table_and_raw_in_json(site_keys, facts):
+    site, keys = site_keys
+    hostile = copy.deepcopy(facts)
+    hostile["cloud_init_result"] = json.dumps({"v1": {"errors": ["boom\r\x1b[2J"]}})
+    hostile["cloud_init_log_tail"] = "a WARNING \x1b[2J cleared\rPASS  cloud-init  fine\n"
+    hostile["gateway"] = {"ok": False, "detail": "lost\nPASS  gateway  \x1b]0;title\x07ok"}
+    hostile["nft"] = {"rc": 1, "out": "", "err": "\x1b[31mred\x9b1m"}
+    hostile["wg"]["peers"][0]["allowed_ips"] = ["10.77.0.2/32\x1b[1A"]
+    report = evaluate(site, keys, hostile, NOW)
+    table = report.table()
+    assert not CONTROLS.search(table), repr(table)
+    assert len(table.splitlines()) == len(report.checks) + 1, "guest text added a line"
+    shown = failing_lines(table)
+    assert "boom\\x0d\\x1b[2J" in shown["cloud-init"] and "\\x1b[2J cleared" in shown["cloud-init"]
+    assert "lost\\nPASS  gateway  \\x1b]0;title\\x07ok" in shown["gateway"]
+    assert "\\x1b[31mred\\x9b1m" in shown["nftables"]
+    assert "10.77.0.2/32\\x1b[1A" in shown["peers"]
+    raw = {c["name"]: c["detail"] for c in json.loads(report.to_json())["checks"]}
+    assert "\x1b]0;title\x07" in raw["gateway"] and "\r\x1b[2J" in raw["cloud-init"]
+
+
+def failing_lines(table: str) -> dict[str, str]:
+    return {line.split()[1]: line for line in table.splitlines()[1:] if line.startswith("FAIL")}
+
+
+def test_serial_tail_is_escaped_and_crlf_read_as_lines(monkeypatch):
+    from types import SimpleNamespace
+
+    from builder import deploy
+
+    log = b"Debian login: \r\n\x1b[2J\x1b[Hroot\rpwned\r\n"
+    chunks = [log, b""]
+    stream = SimpleNamespace(recv=lambda n: chunks.pop(0), finish=lambda: None)
+    vol = SimpleNamespace(download=lambda *a: None)
+    pool = SimpleNamespace(
+        refresh=lambda flags: None,
+        storageVolLookupByName=lambda name: vol,
+        connect=lambda: SimpleNamespace(newStream=lambda flags: stream),
+    )
+    monkeypatch.setattr(deploy.lh, "volume_file_size", lambda v: len(log))
+    tail = deploy.serial_tail(pool, "wg-gw-serial.log")
+    assert tail == "Debian login: \n\\x1b[2J\\x1b[Hroot\\x0dpwned\n"
