@@ -32,10 +32,10 @@ import yaml
 
 from builder.errors import HostError
 from builder.progress import Progress
+from builder.resources import checkout, data_dir
 from builder.run import run
 
-REPO = Path(__file__).resolve().parent.parent
-RECIPE = REPO / "images"
+RECIPE = data_dir("images")
 NAME = "wg-appliance"
 SUITE = "bookworm"
 # Bump when a stage changes what it produces, so cached images built by older code go stale.
@@ -93,8 +93,9 @@ def default_cache_dir() -> Path:
     env = os.environ.get("WG_APPLIANCE_CACHE")
     if env:
         return Path(env)
-    if (REPO / ".git").exists() and RECIPE.is_dir():
-        return REPO / ".cache" / "images"
+    root = checkout()
+    if root is not None and (root / ".git").exists():
+        return root / ".cache" / "images"
     return Path.home() / ".cache" / NAME / "images"
 
 

@@ -28,13 +28,13 @@ import re
 import shlex
 from dataclasses import dataclass
 from ipaddress import IPv4Network
-from pathlib import Path
 
 from builder.errors import HostError, InputError
+from builder.resources import data_dir
 from builder.site import Site
 from builder.text import printable
 
-DATA = Path(__file__).resolve().parent.parent / "ipfire"
+DATA = data_dir("ipfire")
 FIREWALL_LOCAL = "/etc/sysconfig/firewall.local"
 ROUTING = "/var/ipfire/main/routing"
 RED_IFACE = "/var/ipfire/red/iface"

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import hashlib
 from functools import cache
-from pathlib import Path
 
 import jinja2
 
 from builder.errors import RenderError
 from builder.keys import Keys
+from builder.resources import data_dir
 from builder.site import CONTROL_RE, Peer, Site
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "cloud-init"
+TEMPLATES = data_dir("cloud-init")
 SEED_FILES = ("user-data", "meta-data", "network-config")
 
 
