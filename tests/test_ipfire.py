@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import dataclasses
+import hashlib
 import json
+import re
 import subprocess
+import tempfile
+from collections.abc import Iterator
+from ipaddress import IPv4Interface
 from pathlib import Path
+from unittest import mock
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from builder import ipfire, ipfire_host
 from builder.errors import HostError, InputError
 from builder.site import Site, load_site
+from builder.text import printable
 from tests.conftest import EXAMPLE, ROOT
 
 # An admin-edited firewall.local as found on real boxes: an add-on's sed'ed variable under
@@ -512,3 +524,503 @@ def test_cli_unreachable_host_is_exit_3(tmp_path):
     )
     assert r.returncode == 3, r.stderr
     assert "cannot connect" in r.stderr and r.stderr.count("\n") == 1
+
+
+# --- hostile site values: quoted, refused or escaped, never run ---------------------------
+
+# Fragments that end a word, a quote, a command or a line in sh, around a command that
+# leaves a mark when it runs. MARK is replaced by a path in each example's own directory.
+BREAKERS = [
+    "; touch MARK; #",
+    " -j ACCEPT; touch MARK; #",
+    "$(touch MARK)",
+    "`touch MARK`",
+    "' ; touch MARK ; '",
+    '" ; touch MARK ; "',
+    "&& touch MARK",
+    "| touch MARK",
+    "\ntouch MARK\n",
+    "\rtouch MARK",
+    "${IFS}touch${IFS}MARK",
+    "\\",
+    "*",
+    "-o",
+    "",
+    " ",
+    "#",
+    "\u2028touch MARK",
+]
+hostile = st.builds(
+    lambda a, b, c: a + b + c,
+    st.sampled_from(["green0", "", "-i", "br0 "]),
+    st.sampled_from(BREAKERS),
+    st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=12),
+)
+
+IPTABLES_STUB = r"""#!/bin/sh
+# Logs each call (a header with the argument count, then one argument a line) and keeps
+# the rules of each table in $STUB/table.NAME, enough for -A/-I/-D/-S/-F/-N/-X.
+{ echo "@@@ $#"; for a in "$@"; do printf '%s\n' "$a"; done; } >> "$STUB/iptables.log"
+t=filter
+[ "$1" = -w ] && shift
+[ "$1" = -t ] && { t=$2; shift 2; }
+s="$STUB/table.$t"
+touch "$s"
+op=$1
+shift
+case "$op" in
+-N) grep -qxF -- "-N $1" "$s" && exit 1; echo "-N $1" >> "$s" ;;
+-A|-I) echo "-A $*" >> "$s" ;;
+-D) grep -qxF -- "-A $*" "$s" || exit 1
+    grep -vxF -- "-A $*" "$s" > "$s.new"; mv "$s.new" "$s" ;;
+-S) grep -- "^-[AN] $1\( \|\$\)" "$s" ;;
+-F) grep -v -- "^-A $1 " "$s" > "$s.new"; mv "$s.new" "$s" ;;
+-X) grep -qxF -- "-N $1" "$s" || exit 1
+    grep -vxF -- "-N $1" "$s" > "$s.new"; mv "$s.new" "$s" ;;
+esac
+exit 0
+"""
+STUBS = {
+    "iptables": IPTABLES_STUB,
+    "cat": "#!/bin/sh\necho red0\n",
+    "chown": "#!/bin/sh\nexit 0\n",
+    # `ip route show table 200` shows what the static-routes stand-in put there.
+    "ip": '#!/bin/sh\n[ "$1 $2" = "route show" ] && /bin/cat "$STUB/table200" 2>/dev/null\n'
+    "exit 0\n",
+    # A failure to inject: `mv` refuses when its target or source is named in $STUB/mv-fails.
+    "mv": '#!/bin/sh\nif [ -f "$STUB/mv-fails" ]; then while read -r p; do\n'
+    '\tfor a in "$@"; do case "$a" in $p) exit 1 ;; esac; done\n'
+    'done < "$STUB/mv-fails"; fi\nexec /bin/mv "$@"\n',
+}
+STATIC_ROUTES_STUB = r"""#!/bin/sh
+# Routes from the routing file into $STUB/table200; fails while the routing file holds
+# the text in $STUB/routes-fail.
+if [ -f "$STUB/routes-fail" ] && grep -qF "$(/bin/cat "$STUB/routes-fail")" "$ROUTING"; then
+	echo "static-routes: RTNETLINK answers: Invalid argument"
+	exit 2
+fi
+: > "$STUB/table200"
+while IFS=, read -r status network gateway remark; do
+	[ "$status" = on ] && echo "$network via $gateway dev green0 proto static" >> "$STUB/table200"
+done < "$ROUTING"
+exit 0
+"""
+
+
+class Sandbox:
+    """A directory standing in for the IPFire host's files, with stub commands first in
+    PATH; the block and the apply script run there without touching this machine."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.stub = path / "bin"
+        self.stub.mkdir(parents=True)
+        for name, text in STUBS.items():
+            (self.stub / name).write_text(text)
+            (self.stub / name).chmod(0o755)
+        (path / "sysconfig").mkdir()
+        (path / "main").mkdir()
+        self.firewall_local = path / "sysconfig" / "firewall.local"
+        self.routing = path / "main" / "routing"
+        self.static_routes = path / "static-routes"
+        self.static_routes.write_text(STATIC_ROUTES_STUB)
+        self.static_routes.chmod(0o755)
+
+    @contextlib.contextmanager
+    def active(self):
+        """ipfire's paths and commands pointed into the sandbox."""
+        with contextlib.ExitStack() as stack:
+            for module, name, value in (
+                (ipfire, "IPTABLES", "iptables -w"),
+                (ipfire, "FIREWALL_LOCAL", str(self.firewall_local)),
+                (ipfire, "ROUTING", str(self.routing)),
+                (ipfire, "STATIC_ROUTES", str(self.static_routes)),
+                (ipfire_host, "HOST_PATH", f"{self.stub}:/usr/bin:/bin"),
+            ):
+                stack.enter_context(mock.patch.object(module, name, value))
+            yield self
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            "PATH": f"{self.stub}:/usr/bin:/bin",
+            "STUB": str(self.stub),
+            "ROUTING": str(self.routing),
+        }
+
+    def sh(self, *argv: str, stdin: str = "") -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["sh", *argv], input=stdin, capture_output=True, text=True, env=self.env, timeout=30
+        )
+
+    def iptables_calls(self) -> list[list[str]]:
+        log = self.stub / "iptables.log"
+        lines = log.read_text().split("\n") if log.exists() else []
+        calls, i = [], 0
+        while i < len(lines) and lines[i].startswith("@@@ "):
+            n = int(lines[i][4:])
+            calls.append(lines[i + 1 : i + 1 + n])
+            i += 1 + n
+        return calls
+
+    def tables(self) -> dict[str, str]:
+        """The rules of each table and table 200's routes (an empty table counts as none)."""
+        return {p.name: p.read_text() for p in sorted(self.stub.glob("table*")) if p.stat().st_size}
+
+    def files(self) -> dict[str, bytes | None]:
+        return {
+            p.name: p.read_bytes() if p.exists() else None
+            for p in (self.firewall_local, self.routing)
+        }
+
+
+def interface_args(call: list[str]) -> list[tuple[str, str]]:
+    """(-i or -o, value) pairs of one iptables call, read left to right as iptables does."""
+    pairs, i = [], 0
+    while i < len(call):
+        if call[i] in ("-i", "-o") and i + 1 < len(call):
+            pairs.append((call[i], call[i + 1]))
+            i += 2
+        else:
+            i += 1
+    return pairs
+
+
+@pytest.fixture(scope="module")
+def routed_site(tmp_path_factory) -> Site:
+    return routed(tmp_path_factory.mktemp("site"))
+
+
+def run_block(site: Site, where: Path) -> Sandbox:
+    """firewall.local (stock + this site's block) checked by sh -n, then run with `start`."""
+    box = Sandbox(where)
+    with box.active():
+        text = ipfire.merge_firewall_local(ipfire.stock_firewall_local(), site)
+    box.firewall_local.write_text(text)
+    assert box.sh("-n", str(box.firewall_local)).returncode == 0, text
+    r = box.sh(str(box.firewall_local), "start")
+    assert r.returncode == 0, r.stderr
+    return box
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(template=hostile)
+def test_hostile_bridge_is_one_quoted_word_or_refused(routed_site, template):
+    with tempfile.TemporaryDirectory() as d:
+        marker = Path(d) / "pwned"
+        bridge = template.replace("MARK", str(marker))
+        site = dataclasses.replace(
+            routed_site, host=dataclasses.replace(routed_site.host, bridge=bridge)
+        )
+        if printable(bridge, keep_newlines=False) != bridge:
+            with pytest.raises(InputError) as e:
+                ipfire.render_block(site)
+            assert e.value.key == "host.bridge"
+            return
+        box = run_block(site, Path(d) / "host")
+        calls = box.iptables_calls()
+        assert not marker.exists(), f"{bridge!r} ran a command"
+        pairs = [p for call in calls for p in interface_args(call)]
+        assert [v for flag, v in pairs if flag == "-o"] == [bridge] * 3, pairs
+        assert {v for flag, v in pairs if flag == "-i"} == {"red0", bridge}, pairs
+        # The same calls as with a plain bridge: nothing added, nothing split.
+        plain = run_block(routed_site, Path(d) / "plain").iptables_calls()
+        assert len(calls) == len(plain)
+        assert [len(c) for c in calls] == [len(c) for c in plain]
+
+
+@settings(max_examples=200, deadline=None)
+@given(name=st.one_of(hostile, st.text(max_size=70)))
+def test_hostile_name_cannot_break_its_markers_or_chains(routed_site, name):
+    site = dataclasses.replace(
+        routed_site, appliance=dataclasses.replace(routed_site.appliance, name=name)
+    )
+    c = ipfire.chains_for(name)
+    assert all(re.fullmatch(r"[A-Z0-9_]{1,28}", chain) for _, chain in c.all)
+    assert re.fullmatch(r"[a-z0-9_]+", c.function)
+    try:
+        merged = ipfire.merge_firewall_local(ADMIN_FIREWALL_LOCAL, site)
+    except InputError as e:
+        assert e.key == "appliance.name"
+        assert not ipfire.MARKER_NAME_RE.fullmatch(name)
+        return
+    assert [b.name for b in ipfire.find_blocks(merged)] == [name]
+    assert ipfire.remove_firewall_block(merged, name) == ADMIN_FIREWALL_LOCAL
+
+
+def test_the_example_of_the_issue_is_one_word(routed_site, tmp_path):
+    marker = tmp_path / "x"
+    bridge = f"green0 -j ACCEPT; touch {marker}; #"
+    site = dataclasses.replace(
+        routed_site, host=dataclasses.replace(routed_site.host, bridge=bridge)
+    )
+    block = ipfire.render_block(site)
+    assert f"-o '{bridge}' -p udp" in block
+    box = run_block(site, tmp_path / "host")
+    assert not marker.exists()
+    accepts = [c for c in box.iptables_calls() if c[-2:] == ["-j", "ACCEPT"]]
+    assert accepts and all(c[c.index("-o") + 1] == bridge for c in accepts)
+
+
+def test_hostile_values_in_comments_stay_on_their_line(routed_site, tmp_path):
+    marker = tmp_path / "x"
+    site = dataclasses.replace(
+        routed_site,
+        wireguard=dataclasses.replace(routed_site.wireguard, mode=f"routed\ntouch {marker}"),
+    )
+    block = ipfire.render_block(site)
+    assert "masquerade" not in block and "routed\\ntouch" in block
+    assert not any(line.startswith("touch") for line in block.splitlines())
+    meta = ipfire.find_blocks(ipfire.merge_firewall_local("", site))[0].meta
+    assert set(meta) == {"address", "port", "mode"}
+    run_block(site, tmp_path / "host")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("peer_name", ["a,b", "a\nb", "a\rb"])
+def test_routing_remark_holds_no_comma_or_newline(routed_site, peer_name):
+    peers = list(routed_site.peers)
+    peers[-1] = dataclasses.replace(peers[-1], name=peer_name)
+    site = dataclasses.replace(routed_site, peers=tuple(peers))
+    with pytest.raises(InputError) as e:
+        ipfire.merge_routing(ADMIN_ROUTING, site)
+    assert "no ','" in e.value.message
+
+
+def test_lines_are_split_where_sh_splits_them(routed_site):
+    """\\x0c, \\x85 or \\u2028 inside an admin's comment are not line ends: kept as they are,
+    and the rest of that comment does not become a line of code."""
+    odd = "#!/bin/sh\n# note\x0cx\x85y\u2028rm -rf /tmp/nothing\r\n" + ADMIN_FIREWALL_LOCAL[10:]
+    merged = ipfire.merge_firewall_local(odd, routed_site)
+    assert "# note\x0cx\x85y\u2028rm -rf /tmp/nothing\r\n" in merged
+    assert ipfire.remove_firewall_block(merged, routed_site.name) == odd
+    routing = "on,10.10.0.0/16,192.168.77.2,office\u2028box\n"
+    assert ipfire.merge_routing(routing, routed_site)[0].startswith(routing)
+
+
+# --- host files that are not UTF-8 ----------------------------------------------------------
+
+LATIN1_FIREWALL_LOCAL = ADMIN_FIREWALL_LOCAL.encode().replace(
+    b"# NAS from outside", b"# NAS bei M\xfcller, \xa7 3"
+)
+
+
+def probe_facts(firewall_local: bytes | None, routing: bytes | None) -> ipfire_host.Facts:
+    """good_facts, with the two files as the probe reports real bytes."""
+
+    def line(key: str, data: bytes | None) -> str:
+        return f"{key}=" + ("-" if data is None else "b64:" + base64.b64encode(data).decode())
+
+    parsed = ipfire_host.parse_probe(
+        line("firewall_local", firewall_local) + "\n" + line("routing", routing) + "\n"
+    )
+    facts = good_facts()
+    facts.files.update(parsed.files)
+    return facts
+
+
+def test_probe_keeps_bytes_that_are_not_utf8(routed_site):
+    facts = probe_facts(LATIN1_FIREWALL_LOCAL, b"")
+    text = facts.files["firewall_local"]
+    assert ipfire.host_bytes(text) == LATIN1_FIREWALL_LOCAL
+    assert ipfire_host._sha(text) == hashlib.sha256(LATIN1_FIREWALL_LOCAL).hexdigest()
+    plan = ipfire_host.current_plan(routed_site, facts, removing=False)
+    merged = ipfire.host_bytes(plan.firewall_local)
+    assert b"# NAS bei M\xfcller, \xa7 3, port 8443\n" in merged
+    script = ipfire_host.apply_script(routed_site, facts, plan, removing=False)
+    assert hashlib.sha256(LATIN1_FIREWALL_LOCAL).hexdigest() in script
+    assert base64.b64encode(merged).decode() in script
+
+
+# --- apply in a sandbox: rollback, bytes, no fixed paths in /tmp ---------------------------
+
+
+@pytest.fixture
+def box(tmp_path) -> Iterator[Sandbox]:
+    with Sandbox(tmp_path / "host").active() as b:
+        yield b
+
+
+def install_host(box: Sandbox, firewall_local: bytes | None, routing: bytes | None) -> None:
+    """The host's files as given, and its rules as IPFire's reload leaves them."""
+    for path, data in ((box.firewall_local, firewall_local), (box.routing, routing)):
+        if data is not None:
+            path.write_bytes(data)
+    if firewall_local is not None:
+        box.firewall_local.chmod(0o755)
+        assert box.sh(str(box.firewall_local), "reload").returncode == 0
+    assert box.sh(str(box.static_routes), "start").returncode == 0
+
+
+def apply_in(box: Sandbox, site: Site, removing: bool = False) -> subprocess.CompletedProcess:
+    """Probe the sandbox, plan, and run the apply script as the host would."""
+    facts = probe_facts(
+        *(p.read_bytes() if p.exists() else None for p in (box.firewall_local, box.routing))
+    )
+    plan = ipfire_host.current_plan(site, facts, removing)
+    return box.sh("-s", stdin=ipfire_host.apply_script(site, facts, plan, removing))
+
+
+STUB_FIREWALL_LOCAL = (
+    ipfire.stock_firewall_local()
+    .replace(
+        "## add your 'start' rules here",
+        "## add your 'start' rules here\n"
+        "        iptables -A CUSTOMINPUT -p tcp --dport 22 -j ACCEPT",
+    )
+    .replace(
+        "## add your 'stop' rules here",
+        "## add your 'stop' rules here\n        iptables -F CUSTOMINPUT",
+    )
+)
+
+
+def test_apply_installs_and_reads_back(box, routed_site):
+    install_host(box, STUB_FIREWALL_LOCAL.encode(), b"")
+    r = apply_in(box, routed_site)
+    assert r.returncode == 0, r.stdout + r.stderr
+    values, backups = ipfire_host.parse_apply(r.stdout)
+    assert values["jump_forward"] == values["jump_nat"] == values["jump_raw"] == "1"
+    assert values["fw_changed"] == values["rt_changed"] == "1"
+    assert sorted(Path(b).name for b in backups)[0].startswith("firewall.local.bak-wg-appliance-")
+    assert "10.77.0.0/24 via" in values["table200"]
+    assert box.sh(str(box.firewall_local), "stop").returncode == 0
+    leftover = sorted(p.name for p in box.firewall_local.parent.iterdir())
+    assert len(leftover) == 2, "no staged file is left next to the installed one"
+
+
+@pytest.mark.parametrize("before", ["stock", "absent", "applied"])
+@pytest.mark.parametrize("failure", ["routes", "install-routing", "read-back"])
+def test_a_failed_step_restores_the_files_and_rules(box, routed_site, tmp_path, before, failure):
+    fw = {"stock": STUB_FIREWALL_LOCAL.encode(), "absent": None, "applied": None}[before]
+    if before == "applied":
+        install_host(box, STUB_FIREWALL_LOCAL.encode(), b"")
+        assert apply_in(box, routed_site).returncode == 0
+        for b in box.firewall_local.parent.glob("*.bak-*"):
+            b.unlink()
+        for b in box.routing.parent.glob("*.bak-*"):
+            b.unlink()
+    else:
+        install_host(box, fw, None if before == "absent" else b"on,10.10.0.0/16,192.168.77.2,x\n")
+    files, tables = box.files(), box.tables()
+    changed = dataclasses.replace(
+        routed_site,
+        wireguard=dataclasses.replace(routed_site.wireguard, listen_port=51999),
+        lan=dataclasses.replace(routed_site.lan, address=IPv4Interface("192.168.77.60/24")),
+    )
+    if failure == "routes":
+        (box.stub / "routes-fail").write_text("192.168.77.60")
+    elif failure == "install-routing":
+        (box.stub / "mv-fails").write_text(str(box.routing) + "\n")
+    else:
+        (box.stub / "ip").write_text("#!/bin/sh\nexit 0\n")  # table 200 stays empty
+    r = apply_in(box, changed)
+    assert r.returncode == ipfire_host.ROLLED_BACK, r.stdout + r.stderr
+    values, backups = ipfire_host.parse_apply(r.stdout)
+    assert values["restored"] == "1", values
+    assert box.files() == files
+    assert box.tables() == tables
+    assert backups == []
+    assert sorted(p.name for p in box.firewall_local.parent.iterdir()) == (
+        [] if files["firewall.local"] is None else ["firewall.local"]
+    )
+    err = ipfire_host._rolled_back(values)
+    assert "restored the previous files and rules" in str(err)
+
+
+def test_a_failed_restore_says_what_is_left_where(box, routed_site):
+    install_host(box, STUB_FIREWALL_LOCAL.encode(), b"")
+    (box.stub / "routes-fail").write_text("wg-appliance")
+    (box.stub / "mv-fails").write_text("*firewall.local.bak-wg-appliance-*\n")
+    r = apply_in(box, routed_site)
+    assert r.returncode == ipfire_host.ROLLED_BACK, r.stdout + r.stderr
+    values, _ = ipfire_host.parse_apply(r.stdout)
+    assert values["restored"] == "0"
+    err = ipfire_host._rolled_back(values)
+    backup = next(box.firewall_local.parent.glob("firewall.local.bak-wg-appliance-*"))
+    assert f"{box.firewall_local} is the new one, the old is {backup}" in str(err)
+    assert "static-routes start exited 2" in str(err) and "restoring failed too" in str(err)
+    assert backup.read_bytes() == STUB_FIREWALL_LOCAL.encode()
+
+
+def test_staging_failure_changes_nothing(box, routed_site):
+    install_host(box, STUB_FIREWALL_LOCAL.encode(), b"")
+    files, tables = box.files(), box.tables()
+    box.routing.parent.chmod(0o500)
+    (box.stub / "mktemp").write_text(
+        f'#!/bin/sh\ncase "$1" in {box.routing}*) exit 1 ;; esac\nexec /usr/bin/mktemp "$@"\n'
+    )
+    (box.stub / "mktemp").chmod(0o755)
+    r = apply_in(box, routed_site)
+    box.routing.parent.chmod(0o755)
+    assert r.returncode == ipfire_host.NOT_STAGED, r.stdout + r.stderr
+    assert box.files() == files and box.tables() == tables
+    assert sorted(p.name for p in box.firewall_local.parent.iterdir()) == ["firewall.local"]
+
+
+def test_a_file_changed_since_the_probe_is_not_touched(box, routed_site):
+    install_host(box, STUB_FIREWALL_LOCAL.encode(), b"")
+    facts = probe_facts(box.firewall_local.read_bytes(), box.routing.read_bytes())
+    plan = ipfire_host.current_plan(routed_site, facts, False)
+    box.routing.write_bytes(b"on,10.1.0.0/16,192.168.77.2,new\n")
+    r = box.sh("-s", stdin=ipfire_host.apply_script(routed_site, facts, plan, False))
+    assert r.returncode == ipfire_host.CHANGED
+    assert box.routing.read_bytes() == b"on,10.1.0.0/16,192.168.77.2,new\n"
+
+
+def test_non_utf8_firewall_local_applies_byte_exact(box, routed_site):
+    original = STUB_FIREWALL_LOCAL.encode().replace(b"# Used for", b"# M\xfcller: used for")
+    install_host(box, original, b"")
+    r = apply_in(box, routed_site)
+    assert r.returncode == 0, r.stdout + r.stderr
+    data = box.firewall_local.read_bytes()
+    assert data.startswith(b"#!/bin/sh\n# M\xfcller: used for private firewall rules\n")
+    assert ipfire.remove_firewall_block(ipfire.host_text(data), routed_site.name) == (
+        ipfire.host_text(original)
+    )
+    r = apply_in(box, routed_site)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert ipfire_host.parse_apply(r.stdout)[0]["fw_changed"] == "0"
+
+
+def test_host_scripts_write_no_fixed_path_in_tmp(routed_site):
+    facts = good_facts()
+    for removing in (False, True):
+        script = ipfire_host.apply_script(routed_site, facts, ipfire.plan(routed_site), removing)
+        assert "/tmp" not in script
+    assert "/tmp" not in ipfire_host.probe_script(routed_site)
+
+
+# --- host text on the terminal ----------------------------------------------------------
+
+
+def test_host_values_reach_the_terminal_escaped(routed_site, capsys):
+    from builder.ipfire_cmd import _print
+
+    facts = good_facts()
+    facts.files["release"] = "IPFire 2.29\x1b]0;owned\x07\x1b[2J"
+    facts.files["red_iface"] = ipfire.host_text(b"red0\xff\x1b[31m")
+    checks = ipfire_host.judge(routed_site, facts)
+    applied = {
+        "firewall_local_changed": True,
+        "routing_changed": False,
+        "backups": ["/etc/sysconfig/firewall.local.bak\x1b[1A"],
+        "rules": [],
+        "routes": [],
+        "reload_output": "wg-appliance: no port forward\n\x1b[2Kdone\r",
+    }
+    args = mock.Mock(json=False, remove=False, site="site.toml")
+    _print(args, {"host": "root@ipfire:222", "applied": applied}, checks)
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\r" not in out and "\x07" not in out
+    assert "IPFire 2.29\\x1b]0;owned\\x07\\x1b[2J" in out
+    assert "red0\\xff\\x1b[31m" in out
+    assert "reload: wg-appliance: no port forward\nreload: \\x1b[2Kdone\\x0d\n" in out
+
+
+def test_host_output_in_errors_is_escaped():
+    err = ipfire_host._rolled_back(
+        {"failed": "reload exited 1", "reload_out": "bad\x1b[2J\nend\x9b", "restored": "1"}
+    )
+    assert "\x1b" not in str(err) and "\x9b" not in str(err)
+    assert "bad\\x1b[2J | end\\x9b" in str(err)
