@@ -549,6 +549,7 @@ def _rollback_lines(files: tuple[_HostFile, ...], teardown: list[str]) -> list[s
             f'{{ restored=0; left="$left; {f.path} is the new one, the old is ${v}_bak"; }}',
             f'\telse rm -f {p} || {{ restored=0; left="$left; {f.path} is new, it was absent"; }}',
             "\tfi",
+            f'else drop "${v}_bak"',
             "fi",
         ]
     lines += [

@@ -921,9 +921,9 @@ def test_a_failed_step_restores_the_files_and_rules(box, routed_site, tmp_path, 
     assert box.files() == files
     assert box.tables() == tables
     assert backups == []
-    assert sorted(p.name for p in box.firewall_local.parent.iterdir()) == (
-        [] if files["firewall.local"] is None else ["firewall.local"]
-    )
+    for name, path in (("firewall.local", box.firewall_local), ("routing", box.routing)):
+        left = sorted(p.name for p in path.parent.iterdir())
+        assert left == ([] if files[name] is None else [name]), "no backup, no staged file"
     err = ipfire_host._rolled_back(values)
     assert "restored the previous files and rules" in str(err)
 

@@ -156,7 +156,19 @@ def host_rules(lab: L.Lab) -> dict[str, list[str]]:
     """`iptables -S` per table inside the host namespace."""
     return {
         t: lab.exec(L.HOST_NS, ["iptables", "-w", "-t", t, "-S"]).stdout.splitlines()
-        for t in ("filter", "nat", "raw")
+        for t in ("filter", "nat", "mangle", "raw")
+    }
+
+
+def host_state(lab: L.Lab, root: HostRoot) -> dict:
+    """Everything an apply may touch: the two files' bytes, the files beside them, the
+    live rules of every table and table 200."""
+    dirs = {ipfire.FIREWALL_LOCAL, ipfire.ROUTING}
+    return {
+        "files": {p: root.read_bytes(p) for p in dirs},
+        "beside": {p: sorted(x.name for x in root.file(p).parent.iterdir()) for p in dirs},
+        "rules": host_rules(lab),
+        "table200": table200(lab),
     }
 
 
@@ -395,6 +407,80 @@ def test_apply_installs_live_rules_and_routes_and_is_idempotent(lab, host, tmp_p
     assert {p: host.file(p).read_bytes() for p in files} == files
     assert host_rules(lab) == rules, "a second apply adds or loses no rule"
     assert table200(lab) == routes
+
+
+# A stand-in for IPFire's static-routes that fails once the routing file holds a line of
+# the appliance's, as `ip route add` does for a gateway it cannot reach.
+STATIC_ROUTES_FAILING = """#!/bin/sh
+if grep -q wg-appliance /var/ipfire/main/routing; then
+	echo "RTNETLINK answers: No route to host" >&2
+	exit 2
+fi
+exec /bin/sh /etc/rc.d/init.d/static-routes.lab "$@"
+"""
+
+
+def _static_routes_fail(root: HostRoot) -> None:
+    real = root.file(ipfire.STATIC_ROUTES)
+    real.rename(real.with_name("static-routes.lab"))
+    root.write(ipfire.STATIC_ROUTES, STATIC_ROUTES_FAILING, 0o755)
+
+
+@pytest.mark.parametrize("failure", ["routing-immutable", "static-routes-fails"])
+def test_apply_whose_routing_step_fails_leaves_the_host_as_it_was(
+    lab, ipf, start_host, tmp_path, failure
+):
+    """The new firewall.local was installed and the old hooks stopped when the routing step
+    fails: the same script puts back the old files and starts the old rules."""
+
+    def prepare(root: HostRoot) -> None:
+        root.write(ipfire.FIREWALL_LOCAL, ADMIN_FIREWALL_LOCAL, 0o755)
+        root.write(ipfire.ROUTING, ADMIN_ROUTING, 0o644, owner=65534)
+        if failure == "static-routes-fails":
+            _static_routes_fail(root)
+
+    root = start_host(prepare=prepare)
+    ipf.host_shell(root, "/etc/rc.d/init.d/static-routes start")
+    routing = root.file(ipfire.ROUTING)
+    before = host_state(lab, root)
+    assert before["table200"] and any("CUSTOMINPUT" in r for r in before["rules"]["filter"])
+    if failure == "routing-immutable":
+        subprocess.run(["chattr", "+i", str(routing)], check=True)
+    try:
+        r = cli(lab, root, site_file(tmp_path), *ssh_args("--apply"))
+    finally:
+        subprocess.run(["chattr", "-i", str(routing)], check=True)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "restored the previous files and rules" in r.stderr, r.stderr
+    what = (
+        "installing /var/ipfire/main/routing"
+        if failure == "routing-immutable"
+        else ("static-routes start exited 2")
+    )
+    assert what in r.stderr, r.stderr
+    assert host_state(lab, root) == before
+
+
+def test_non_utf8_firewall_local_applies_cleanly(lab, ipf, host, tmp_path):
+    latin1 = ADMIN_FIREWALL_LOCAL.encode().replace(
+        b"# Used for private firewall rules", b"# Regeln f\xfcr M\xfcller \xa7 3"
+    )
+    host.write(ipfire.FIREWALL_LOCAL, latin1, 0o755)
+    ipf.firewall_start(host)
+    site = site_file(tmp_path)
+    r = cli(lab, host, site, *ssh_args("--apply"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    applied = host.read_bytes(ipfire.FIREWALL_LOCAL)
+    merged = ipfire.merge_firewall_local(ipfire.host_text(latin1), load_site(site))
+    assert applied == ipfire.host_bytes(merged)
+    assert applied.startswith(b"#!/bin/sh\n# Regeln f\xfcr M\xfcller \xa7 3\n")
+    assert "-A CUSTOMFORWARD -j WGA_WG_GW_FWD" in host_rules(lab)["filter"]
+    r = cli(lab, host, site, *ssh_args("--apply", "--json"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not json.loads(r.stdout)["applied"]["firewall_local_changed"]
+    r = cli(lab, host, site, *ssh_args("--apply", "--remove"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert host.read_bytes(ipfire.FIREWALL_LOCAL) == latin1
 
 
 def test_admin_rules_survive_ipfire_reload_and_removal_is_exact(lab, ipf, host, tmp_path):

@@ -18,7 +18,6 @@ Traffic stays between lab namespaces. down() restores what up() changed.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Interface
 from pathlib import Path
 
-from builder.errors import ApplianceError, HostError
+from builder.errors import HostError
 from builder.run import run
 from tests.lab.lab import (
     BRIDGE,
@@ -40,7 +39,6 @@ from tests.lab.lab import (
     _stop_pid,
 )
 
-ROOT = Path(__file__).resolve().parent.parent.parent
 RED = "red0"
 HOST_RED = IPv4Interface("203.0.113.1/24")
 INET_RED = IPv4Interface("203.0.113.2/24")
@@ -198,16 +196,19 @@ class HostRoot:
         """Where the host's `host_path` lives in this root (it may not exist yet)."""
         return self.upper / host_path.lstrip("/")
 
-    def write(self, host_path: str, text: str, mode: int = 0o644, owner: int = 0) -> Path:
+    def write(self, host_path: str, data: str | bytes, mode: int = 0o644, owner: int = 0) -> Path:
         p = self.file(host_path)
         p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(text)
+        p.write_bytes(data.encode() if isinstance(data, str) else data)
         p.chmod(mode)
         shutil.chown(p, owner, owner)
         return p
 
     def read(self, host_path: str) -> str:
         return self.file(host_path).read_text()
+
+    def read_bytes(self, host_path: str) -> bytes:
+        return self.file(host_path).read_bytes()
 
     def remove(self, host_path: str) -> None:
         self.file(host_path).unlink()
@@ -395,31 +396,6 @@ def _host_view(root: HostRoot, command: str, extra_mounts: Sequence[str] = ()) -
     return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script]
 
 
-def cli_main(argv: list[str]) -> int:
-    """`wg-appliance ipfire` before builder.cli declares it: same arguments, same exits."""
-    from builder.ipfire_cmd import add_ipfire_arguments, cmd_ipfire
-
-    p = argparse.ArgumentParser(prog="wg-appliance ipfire")
-    p.add_argument("--site", required=True)
-    p.add_argument("--state")
-    add_ipfire_arguments(p)
-    args = p.parse_args(argv)
-    try:
-        return cmd_ipfire(args)
-    except ApplianceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-
-
 def ipfire_cli_argv() -> list[str]:
     """The argv prefix that runs `wg-appliance ipfire` in a fresh process."""
-    from builder import cli
-
-    cli._parser()
-    if "ipfire" in cli.COMMANDS:
-        return [sys.executable, "-m", "builder", "ipfire"]
-    return [sys.executable, "-m", "tests.lab.ipfire_host"]
-
-
-if __name__ == "__main__":
-    sys.exit(cli_main(sys.argv[1:]))
+    return [sys.executable, "-m", "builder", "ipfire"]
