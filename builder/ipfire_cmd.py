@@ -98,8 +98,8 @@ def _write_out(
     checks: list | None = None,
 ) -> int:
     with _out_dir(args, site) as out:
-        out.write("firewall.local", plan.firewall_local.encode(), 0o755)
-        out.write("routing", plan.routing.encode(), 0o644)
+        out.write("firewall.local", ipfire.host_bytes(plan.firewall_local), 0o755)
+        out.write("routing", ipfire.host_bytes(plan.routing), 0o644)
     fw, rt = out.path / "firewall.local", out.path / "routing"
     result["out"] = {"firewall.local": str(fw), "routing": str(rt)}
     result["notes"] = list(plan.notes)

@@ -1024,3 +1024,20 @@ def test_host_output_in_errors_is_escaped():
     )
     assert "\x1b" not in str(err) and "\x9b" not in str(err)
     assert "bad\\x1b[2J | end\\x9b" in str(err)
+
+
+def test_out_writes_a_non_utf8_host_file_byte_exact(routed_site, tmp_path, capsys):
+    from builder.ipfire_cmd import _write_out
+
+    facts = probe_facts(LATIN1_FIREWALL_LOCAL, b"on,10.10.0.0/16,192.168.77.2,B\xfcro\n")
+    plan = ipfire_host.current_plan(routed_site, facts, removing=False)
+    args = mock.Mock(out=str(tmp_path / "out"), json=True, remove=False, ssh="root@ipfire")
+    assert _write_out(args, routed_site, plan, {"source": "the host"}) == 0
+    assert (tmp_path / "out/firewall.local").read_bytes() == ipfire.host_bytes(plan.firewall_local)
+    assert b"# NAS bei M\xfcller" in (tmp_path / "out/firewall.local").read_bytes()
+    assert (
+        (tmp_path / "out/routing")
+        .read_bytes()
+        .startswith(b"on,10.10.0.0/16,192.168.77.2,B\xfcro\n")
+    )
+    assert json.loads(capsys.readouterr().out)["out"]
