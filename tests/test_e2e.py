@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -395,10 +396,63 @@ def test_failed_sync_rolls_back(net, site):
         r = cli(net, "sync", "--site", str(site))
         assert r.returncode == 1
         assert "rolled back to the previous files" in r.stderr, r.stderr
+        assert "EPERM" in r.stderr or "not permitted" in r.stderr, r.stderr
     finally:
         _ssh(net, site, "sudo chattr -i /etc/nftables.conf")
         site.write_text(original)
     assert _ssh(net, site, "sudo sha256sum /etc/wireguard/wg0.conf").stdout == before
+    v = cli(net, "verify", "--site", str(site), "--json")
+    assert json.loads(v.stdout)["ok"], v.stdout
+
+
+@contextmanager
+def _wg0_down(net, site):
+    """wg0 down (its IPv6 addresses kept, so sync sees the same VM): a live apply then gets
+    through files, sysctl, ruleset, peers and MTU and fails at the last step, since no route
+    goes via a device that is not up. Up again afterwards as wg-quick brings it at boot."""
+    _ssh(
+        net,
+        site,
+        "sudo sysctl -qw net.ipv6.conf.wg0.keep_addr_on_down=1 && sudo ip link set wg0 down",
+    )
+    try:
+        yield
+    finally:
+        _ssh(net, site, "sudo systemctl restart wg-quick@wg0")
+
+
+def test_failed_sync_restores_the_mtu(net, site):
+    conf = _ssh(net, site, "sudo sha256sum /etc/wireguard/wg0.conf").stdout
+    original = site.read_text()
+    site.write_text(original.replace("mtu = 1420", "mtu = 1380"))
+    try:
+        with _wg0_down(net, site):
+            r = cli(net, "sync", "--site", str(site))
+            link = _ssh(net, site, "ip link show wg0").stdout
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert "ip route replace" in r.stderr and "rolled back" in r.stderr, r.stderr
+        assert " mtu 1420 " in link, link
+    finally:
+        site.write_text(original)
+    assert _ssh(net, site, "sudo sha256sum /etc/wireguard/wg0.conf").stdout == conf
+    v = cli(net, "verify", "--site", str(site), "--json")
+    assert json.loads(v.stdout)["ok"], v.stdout
+
+
+SYSCTL = "/etc/sysctl.d/90-wg-appliance.conf"
+
+
+def test_failed_sync_removes_a_file_that_was_not_there(net, site):
+    _ssh(net, site, f"sudo rm {SYSCTL}")
+    with _wg0_down(net, site):
+        r = cli(net, "sync", "--site", str(site))
+        after = _ssh(net, site, f"sudo ls {SYSCTL} {SYSCTL}.wga-new", check=False)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "ip route replace" in r.stderr and "rolled back" in r.stderr, r.stderr
+    assert after.returncode != 0 and after.stdout == "", after.stdout
+    r = cli(net, "sync", "--site", str(site))
+    assert r.returncode == 0 and "forwarding settings" in r.stdout, r.stdout + r.stderr
+    assert _ssh(net, site, f"sudo cat {SYSCTL}").stdout.startswith("# Forwarding")
     v = cli(net, "verify", "--site", str(site), "--json")
     assert json.loads(v.stdout)["ok"], v.stdout
 
