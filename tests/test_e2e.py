@@ -405,6 +405,9 @@ def test_failed_sync_rolls_back(net, site):
     assert json.loads(v.stdout)["ok"], v.stdout
 
 
+ROLLED_BACK = "rolled back to the previous files, ruleset, peers, MTU and routes"
+
+
 @contextmanager
 def _wg0_down(net, site):
     """wg0 down (its IPv6 addresses kept, so sync sees the same VM): a live apply then gets
@@ -430,7 +433,7 @@ def test_failed_sync_restores_the_mtu(net, site):
             r = cli(net, "sync", "--site", str(site))
             link = _ssh(net, site, "ip link show wg0").stdout
         assert r.returncode == 1, r.stdout + r.stderr
-        assert "ip route replace" in r.stderr and "rolled back" in r.stderr, r.stderr
+        assert "ip route replace" in r.stderr and ROLLED_BACK in r.stderr, r.stderr
         assert " mtu 1420 " in link, link
     finally:
         site.write_text(original)
@@ -448,7 +451,7 @@ def test_failed_sync_removes_a_file_that_was_not_there(net, site):
         r = cli(net, "sync", "--site", str(site))
         after = _ssh(net, site, f"sudo ls {SYSCTL} {SYSCTL}.wga-new", check=False)
     assert r.returncode == 1, r.stdout + r.stderr
-    assert "ip route replace" in r.stderr and "rolled back" in r.stderr, r.stderr
+    assert "ip route replace" in r.stderr and ROLLED_BACK in r.stderr, r.stderr
     assert after.returncode != 0 and after.stdout == "", after.stdout
     r = cli(net, "sync", "--site", str(site))
     assert r.returncode == 0 and "forwarding settings" in r.stdout, r.stdout + r.stderr
