@@ -119,13 +119,14 @@ class OutDir:
         except OSError as e:
             what = "it is a link, not a file" if e.errno == errno.ELOOP else e.strerror
             raise self.error(f"cannot read: {what}", self.path / name, fix) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise self.error("not a regular file", self.path / name, fix)
         with os.fdopen(fd, "rb") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise self.error("not a regular file", self.path / name, fix)
-            if st.st_size > MAX_READ:
-                raise self.error("too large", self.path / name, fix)
-            return f.read()
+            data = f.read(MAX_READ + 1)
+        if len(data) > MAX_READ:
+            raise self.error("too large", self.path / name, fix)
+        return data
 
     def target(self, name: str) -> os.stat_result | None:
         """What is at `name` now, without following a link; a folder, FIFO, device or
