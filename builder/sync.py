@@ -168,7 +168,7 @@ def failure(result: dict) -> str:
     if result.get("rolled_back"):
         return f"{error}; rolled back to the previous files, ruleset, peers, MTU and routes"
     left = [_shown(str(x)) for x in result.get("not_restored") or ["(not said)"]]
-    return f"{error}; NOT rolled back: could not restore " + "; ".join(left)
+    return f"{error}; NOT fully rolled back, could not restore: " + "; ".join(left)
 
 
 def _keys_without_saving(site: Site, state: State) -> Keys:

@@ -128,7 +128,8 @@ def test_vm_changes_escape_guest_addresses(site_keys, facts):  # noqa: F811
                 "error": "ip route replace: x",
                 "not_restored": ["wg0 MTU 1420: \x1b[1Aoops\n", "route 10.0.0.0/8: y"],
             },
-            "NOT rolled back: could not restore wg0 MTU 1420: \\x1b[1Aoops\\n; route 10.0.0.0/8: y",
+            "NOT fully rolled back, could not restore: "
+            "wg0 MTU 1420: \\x1b[1Aoops\\n; route 10.0.0.0/8: y",
         ),
     ],
 )
