@@ -163,7 +163,7 @@ class OutDir:
                 dir_fd=self.fd,
             )
         except OSError as e:
-            raise self.error(f"cannot write here: {e.strerror}") from None
+            raise self.error(f"cannot make a file in this folder: {e.strerror}") from None
         try:
             with os.fdopen(fd, "wb") as f:
                 os.fchmod(f.fileno(), mode)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -116,3 +118,72 @@ def test_commands_on_the_appliance_need_its_state(site_dir, command):
 def test_require_handshake_of_unknown_peer_is_bad_input(site_dir):
     r = wg_cli("verify", "--site", str(site_dir / "site.toml"), "--require-handshake", "nobody")
     assert r.returncode == 2 and "--require-handshake: no peer named 'nobody'" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "where, message",
+    [
+        ("{d}/sub/..", "names a folder, not a file"),
+        ("{d}/sub", "is a folder, not a file"),
+        ("{d}/missing/laptop.png", "no such folder"),
+        ("{d}/site.toml/laptop.png", "not a folder"),
+        ("/dev/null", "is a FIFO, device or socket, not a file"),
+        ("{d}/fifo", "is a FIFO, device or socket, not a file"),
+        ("/proc/laptop.png", "cannot make a file in this folder"),
+    ],
+    ids=["dotdot", "folder", "missing", "under-a-file", "device", "fifo", "unwritable"],
+)
+def test_qr_that_cannot_be_written_is_exit_2_one_line(site_dir, where, message):
+    (site_dir / "sub").mkdir()
+    os.mkfifo(site_dir / "fifo")
+    qr = where.format(d=site_dir)
+    before = sorted(p.name for p in site_dir.iterdir())
+    r = wg_cli("peer-config", "--site", str(site_dir / "site.toml"), "laptop", "--qr", qr)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: ") and f"--qr: {message}" in r.stderr
+    assert r.stdout == "", "the config was printed although the QR code failed"
+    if not qr.startswith("/proc"):
+        assert sorted(p.name for p in site_dir.iterdir()) == before, "keys made before the check"
+    assert stat.S_ISFIFO((site_dir / "fifo").lstat().st_mode)
+
+
+@pytest.mark.parametrize(
+    "where, message",
+    [
+        ("{d}/site.toml", "not a folder"),
+        ("{d}/site.toml/out", "is under a file, not a folder"),
+        ("/proc/wga-out", "cannot make this folder"),
+        ("/dev/null", "not a folder"),
+    ],
+    ids=["a-file", "under-a-file", "unwritable", "device"],
+)
+@pytest.mark.parametrize("command", ["render", "ipfire"])
+def test_out_that_cannot_be_used_is_exit_2_one_line(site_dir, command, where, message):
+    out = where.format(d=site_dir)
+    r = wg_cli(command, "--site", str(site_dir / "site.toml"), "--out", out)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr == f"error: {Path(out)}: --out: {message}\n" or (
+        r.stderr.startswith(f"error: {Path(out)}: --out: {message}: ") and r.stderr.count("\n") == 1
+    ), r.stderr
+    assert sorted(p.name for p in site_dir.iterdir()) == ["site.toml"]
+
+
+def test_fifo_in_the_out_folder_is_refused_and_kept(site_dir):
+    out = site_dir / "out"
+    out.mkdir()
+    os.mkfifo(out / "seed.iso")
+    r = wg_cli("render", "--site", str(site_dir / "site.toml"), "--out", str(out))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert f"{out / 'seed.iso'}: --out: is a FIFO" in r.stderr
+    assert stat.S_ISFIFO((out / "seed.iso").lstat().st_mode)
+
+
+def test_state_path_that_is_a_file_is_exit_1_one_line(site_dir):
+    state = site_dir / "state"
+    state.write_text("not a folder")
+    r = wg_cli("render", "--site", str(site_dir / "site.toml"), "--state", str(state))
+    assert r.returncode == 1
+    assert r.stderr.startswith(f"error: {state}: not a folder (pass --state DIR")
+    assert r.stderr.count("\n") == 1
+    assert state.read_text() == "not a folder"
