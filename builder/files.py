@@ -1,7 +1,8 @@
 """Writing output files: the one way the tool puts a file on disk.
 
-A file is made under a fresh random name in its own folder (O_EXCL, O_NOFOLLOW, its final
-mode from the first byte), synced, then renamed over the target. The rename replaces
+A file is made under a fresh random name in its own folder (O_EXCL, O_NOFOLLOW, no more
+than 0600 until it gets its final mode, before its first byte), synced, then renamed over
+the target. The rename replaces
 whatever link sits at the target and never writes through it. The folder is opened once
 and checked on that handle (a real folder, ours or root's, nobody else may write to it),
 and every file operation goes through that handle, so swapping the path midway changes

@@ -71,3 +71,25 @@ def test_psk_optional(site_dir):
     )
     site = load_site(path)
     assert State.for_site(site).keys_for(site).peers["laptop"].psk is None
+
+
+def test_hand_formatted_keys_are_kept_and_loose_mode_is_mended(site_dir):
+    site = load_site(site_dir / "site.toml")
+    state = State.for_site(site)
+    first = state.keys_for(site)
+    keys_json = state.path / "keys.json"
+    keys_json.write_text(json.dumps(json.loads(keys_json.read_text())))
+    keys_json.chmod(0o644)
+    assert state.load() == first
+    assert state.keys_for(site) == first
+    assert stat.S_IMODE(keys_json.stat().st_mode) == 0o600
+
+
+def test_load_without_state_makes_nothing(site_dir):
+    site = load_site(site_dir / "site.toml")
+    state = State.for_site(site)
+    assert state.load() is None
+    assert not (site_dir / ".wg-appliance").exists()
+    state.path.mkdir(parents=True, mode=0o700)
+    assert state.load() is None
+    assert list(state.path.iterdir()) == []
