@@ -30,13 +30,23 @@ class OutDir:
 
     `option` names the command line option that chose the folder (errors are then bad
     input, exit 2); without one the folder is the tool's own (errors exit 1 with `fix`).
+    A link at a folder the user `chosen` is followed when the user (or root) made it; a
+    link at one of the tool's own folders is refused.
     """
 
-    def __init__(self, path: Path, option: str = "", fix: str = "", private: bool = False):
+    def __init__(
+        self,
+        path: Path,
+        option: str = "",
+        fix: str = "",
+        private: bool = False,
+        chosen: bool | None = None,
+    ):
         self.path = Path(path)
         self.option = option
         self.fix = fix
         self.private = private
+        self.chosen = bool(option) if chosen is None else chosen
         self.fd = -1
 
     def __enter__(self) -> OutDir:
@@ -63,6 +73,8 @@ class OutDir:
             raise self.error("no such folder") from None
         except OSError as e:
             raise self.error(f"cannot use this folder: {e.strerror}") from None
+        if stat.S_ISLNK(before.st_mode) and not self.chosen:
+            raise self.error("is a link, not a folder", fix="put the real folder here")
         if stat.S_ISLNK(before.st_mode) and not _trusted_owner(before):
             raise self.error("is a link made by another user", fix="use the real folder")
         try:

@@ -186,15 +186,18 @@ def _keys(data: dict) -> Keys:
 class State:
     """The state dir of one appliance: 0700, ours, refused (never chmod'ed) when not."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, chosen: bool = False):
         self.path = Path(path)
+        self.chosen = chosen  # named by --state: a link there of the user's own is followed
 
     @classmethod
     def for_site(cls, site: Site, override: str | Path | None = None) -> State:
-        return cls(Path(override) if override else site.default_state_dir())
+        if override:
+            return cls(Path(override), chosen=True)
+        return cls(site.default_state_dir())
 
     def folder(self) -> OutDir:
-        return OutDir(self.path, fix=STATE_FIX, private=True)
+        return OutDir(self.path, fix=STATE_FIX, private=True, chosen=self.chosen)
 
     def ensure(self) -> None:
         """Make the state dir 0700, or refuse one that others can use."""

@@ -400,3 +400,36 @@ def test_new_key_is_not_made_over_a_refused_state(made_state):
     made_state.chmod(0o700)
     assert State.for_site(site).keys_for(site).wg_private == json.loads(before)["wg_private"]
     assert (made_state / "keys.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("folder", ["state", "seed"])
+def test_link_at_a_folder_the_tool_makes_is_refused(site_dir, folder):
+    state = _state(site_dir)
+    real = site_dir / "real"
+    real.mkdir(mode=0o700)
+    if folder == "state":
+        state.parent.mkdir(mode=0o700)
+        state.symlink_to(real)
+    else:
+        state.mkdir(parents=True, mode=0o700)
+        (state / "seed").symlink_to(real)
+    r = wg_cli("render", "--site", str(site_dir / "site.toml"))
+    link = state if folder == "state" else state / "seed"
+    _one_line_error(r, 1, f"error: {link}: is a link, not a folder")
+    assert list(real.iterdir()) == []
+
+
+def test_state_dir_chosen_by_a_link_of_ones_own_is_used(site_dir):
+    real = site_dir / "real"
+    real.mkdir(mode=0o700)
+    (site_dir / "link").symlink_to(real)
+    r = wg_cli(
+        "peer-config",
+        "--site",
+        str(site_dir / "site.toml"),
+        "laptop",
+        "--state",
+        str(site_dir / "link"),
+    )
+    assert r.returncode == 0, r.stderr
+    assert (real / "keys.json").is_file()
