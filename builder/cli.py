@@ -6,6 +6,7 @@ import argparse
 import io
 import json
 import os
+import select
 import signal
 import sys
 from collections.abc import Callable
@@ -403,14 +404,29 @@ def main(argv: list[str] | None = None) -> int:
     except ApplianceError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    except BrokenPipeError:
-        return _stdout_closed()
+    except BrokenPipeError as e:
+        if _stdout_closed():
+            return _quiet_on_closed_stdout()
+        print(
+            f"error: {e.strerror}: a program or connection it wrote to went away", file=sys.stderr
+        )
+        return 1
     except KeyboardInterrupt:
         print("interrupted: run the same command again to finish", file=sys.stderr)
         return 130
 
 
-def _stdout_closed() -> int:
+def _stdout_closed() -> bool:
+    """Whether the broken pipe is our stdout (its reader gone), not some other pipe."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+    except (AttributeError, OSError, ValueError):
+        return False
+    return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poll.poll(0))
+
+
+def _quiet_on_closed_stdout() -> int:
     """The reader went away (`| head`): stop quietly, as cat or grep do when SIGPIPE ends
     them; 141 is the status the shell shows for those (128 + SIGPIPE). Python's own recipe:
     point stdout at /dev/null so the flush at exit does not fail again."""

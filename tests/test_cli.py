@@ -187,3 +187,16 @@ def test_state_path_that_is_a_file_is_exit_1_one_line(site_dir):
     assert r.stderr.startswith(f"error: {state}: not a folder (pass --state DIR")
     assert r.stderr.count("\n") == 1
     assert state.read_text() == "not a folder"
+
+
+def test_broken_pipe_other_than_stdout_is_exit_1_one_line(site_dir, monkeypatch, capsys):
+    """Only a closed stdout ends quietly; a pipe to another program breaking is an error."""
+    from builder import cli
+
+    def broken(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "cmd_check", broken)
+    assert cli.main(["check", "--site", str(site_dir / "site.toml")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: Broken pipe: ") and err.count("\n") == 1
