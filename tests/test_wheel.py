@@ -25,9 +25,15 @@ def installed(tmp_path_factory) -> Path:
     """A fresh venv holding only the wheel; its dependencies come from the dev venv's
     site-packages through a plain path line (which does not load the editable install)."""
     work = tmp_path_factory.mktemp("wheel")
+    # Built from a copy: setuptools leaves build/ beside the sources, never in the checkout.
+    src = work / "src"
+    for part in ("builder", "cloud-init", "images", "ipfire"):
+        shutil.copytree(ROOT / part, src / part, ignore=shutil.ignore_patterns("__pycache__"))
+    for part in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / part, src / part)
     r = _run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-         "-w", work / "dist", ROOT],
+         "-w", work / "dist", src],
         cwd=work,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
