@@ -9,7 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from builder.image import build_image, default_cache_dir
+from builder.image.build import build_image, default_cache_dir
 from builder.progress import Progress
 from tests.lab.boot import measure_boot, measure_kernel_to_init
 

@@ -14,12 +14,12 @@ from pathlib import Path
 
 from builder import __version__
 from builder.errors import ApplianceError, InputError
-from builder.files import OutDir, file_target
-from builder.ipfire_cmd import add_ipfire_arguments, cmd_ipfire
-from builder.keys import STATE_FIX, State
+from builder.ipfire import add_ipfire_arguments, cmd_ipfire
+from builder.local.files import OutDir, file_target
+from builder.local.state import STATE_FIX, State
+from builder.model.site import Site, load_site
 from builder.progress import Progress
-from builder.seed import make_seed
-from builder.site import Site, load_site
+from builder.render.seed import make_seed
 
 Handler = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, Handler] = {}
@@ -67,7 +67,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_peer_config(args: argparse.Namespace) -> int:
-    from builder.render import render_peer_config
+    from builder.render.appliance import render_peer_config
 
     site, state = _site_and_state(args)
     peer = site.peer(args.name)
@@ -97,7 +97,7 @@ def _qr(text: str):
 
 
 def cmd_image(args: argparse.Namespace) -> int:
-    from builder.image import build_image, default_cache_dir
+    from builder.image.build import build_image, default_cache_dir
 
     progress = Progress(quiet=args.quiet)
     image = build_image(
@@ -133,7 +133,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def _image_for(args: argparse.Namespace, progress: Progress) -> tuple[Path, str]:
     """(qcow2 path, content sha256): the given --image, else the cached build."""
     if getattr(args, "image", None):
-        from builder.image import sha256_file
+        from builder.image.build import sha256_file
 
         path = Path(args.image)
         if not path.is_file():
@@ -142,7 +142,7 @@ def _image_for(args: argparse.Namespace, progress: Progress) -> tuple[Path, str]
         if manifest.is_file():
             return path, json.loads(manifest.read_text())["sha256"]
         return path, sha256_file(path)
-    from builder.image import build_image, default_cache_dir
+    from builder.image.build import build_image, default_cache_dir
 
     image = build_image(cache=default_cache_dir(), progress=progress)
     return image.path, image.sha256

@@ -14,8 +14,13 @@ from pathlib import Path
 
 import libvirt
 
-from builder import libvirt_host as lh
-from builder.domain import (
+from builder.errors import ConnectError, HostError
+from builder.local.state import Keys, State
+from builder.model.site import Site
+from builder.progress import Progress
+from builder.remote import libvirtd as lh
+from builder.remote.ssh import execute, wait_for_ssh
+from builder.render.libvirt_xml import (
     META_IMAGE_DIGEST,
     META_POOL,
     META_SEED_DIGEST,
@@ -23,12 +28,7 @@ from builder.domain import (
     META_VOLUMES,
     DomainSpec,
 )
-from builder.errors import ConnectError, HostError
-from builder.keys import Keys, State
-from builder.progress import Progress
-from builder.seed import make_seed
-from builder.site import Site
-from builder.ssh import execute, wait_for_ssh
+from builder.render.seed import make_seed
 from builder.text import printable
 from builder.verify import target_for
 

@@ -16,23 +16,23 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder import libvirt_host as lh
-from builder.domain import META_SEED_DIGEST
 from builder.errors import ApplianceError, GuestError, HostError
-from builder.keys import Keys, State
-from builder.render import (
+from builder.local.state import Keys, State
+from builder.model.site import Site
+from builder.remote import libvirtd as lh
+from builder.remote.ssh import connect
+from builder.render.appliance import (
     render_nftables,
     render_seed,
     render_sysctl,
     render_wg_conf,
     seed_digest,
 )
-from builder.site import Site
-from builder.ssh import connect
+from builder.render.libvirt_xml import META_SEED_DIGEST
 from builder.text import printable
 from builder.verify import PROBE, peer_drift, target_for
 
-APPLIER = Path(__file__).with_name("guest_apply.py")
+APPLIER = Path(__file__).parent / "guest" / "apply.py"
 VM_KEYS = {"memory-mib": "memory_mib", "vcpus": "vcpus", "disk-gib": "disk_gib"}
 
 
@@ -173,7 +173,7 @@ def failure(result: dict) -> str:
 
 def _keys_without_saving(site: Site, state: State) -> Keys:
     """--dry-run writes nothing: new peers get throwaway keys just to show them as added."""
-    from builder.keys import PeerKeys, wg_genkey, wg_pubkey
+    from builder.local.state import PeerKeys, wg_genkey, wg_pubkey
 
     stored = state.load()
     peers = {}

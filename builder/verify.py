@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from builder.errors import GuestError, HostError, InputError
-from builder.keys import Keys, State
-from builder.site import Site
-from builder.ssh import Target, connect, execute
+from builder.local.state import Keys, State
+from builder.model.site import Site
+from builder.remote.ssh import Target, connect, execute
 from builder.text import printable
 
 HANDSHAKE_FRESH_S = 180
-PROBE = Path(__file__).with_name("guest_probe.py")
+PROBE = Path(__file__).parent / "guest" / "probe.py"
 
 
 @dataclass(frozen=True)

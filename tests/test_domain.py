@@ -11,8 +11,8 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from builder.domain import XMLNS, DomainSpec, domain_xml, owned_volumes, parse_metadata
-from builder.run import run
+from builder.local.run import run
+from builder.render.libvirt_xml import XMLNS, DomainSpec, domain_xml, owned_volumes, parse_metadata
 
 META = {
     "site": "home",

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from builder import guest_apply as ga
+from builder.guest import apply as ga
 
 WG = ga.FILES["wg0.conf"][0]
 NFT = ga.FILES["nftables.conf"][0]

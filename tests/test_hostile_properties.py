@@ -24,13 +24,18 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from builder import ipfire
 from builder.deploy import volume_names, wanted_metadata
-from builder.domain import DomainSpec, domain_xml
 from builder.errors import InputError
-from builder.ipfire_host import probe_script
-from builder.render import render_nftables, render_peer_config, render_seed, render_wg_conf
-from builder.site import parse_site
+from builder.model.site import parse_site
+from builder.remote.ipfire import probe_script
+from builder.render import ipfire
+from builder.render.appliance import (
+    render_nftables,
+    render_peer_config,
+    render_seed,
+    render_wg_conf,
+)
+from builder.render.libvirt_xml import DomainSpec, domain_xml
 from tests.test_render import ADMIN_KEY, HOST_KEY, LAPTOP_PRIVATE, PSK, WG_PRIVATE
 from tests.test_site import BASE
 
@@ -179,7 +184,7 @@ def judge_wg_quick(name: str, text: str, tmp: Path) -> None:
 
 
 def judge_all(site, tmp: Path) -> None:
-    from builder.keys import Keys, PeerKeys, wg_pubkey
+    from builder.local.state import Keys, PeerKeys, wg_pubkey
 
     peers = {}
     for p in site.peers:

@@ -17,7 +17,7 @@ import pytest
 
 from builder.cli import main
 from builder.errors import InputError
-from builder.site import is_low_order, load_site
+from builder.model.site import is_low_order, load_site
 from tests.test_site import BASE, write
 
 INJECT = "\\n[Interface]\\nPreUp = touch /tmp/wga-pwned"
@@ -150,7 +150,7 @@ def test_pinnable_host_uris_are_accepted(tmp_path, uri):
 
 def test_libvirt_connect_refuses_what_the_site_refuses():
     from builder.errors import HostError
-    from builder.libvirt_host import connect
+    from builder.remote.libvirtd import connect
 
     with pytest.raises(HostError, match="not allowed"):
         connect("qemu+ssh://root@ipfire/system?no_verify=1")

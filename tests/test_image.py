@@ -23,7 +23,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
 
-from builder.image import (
+from builder.image.build import (
     MBR_BIN,
     PART_OFFSET,
     RECIPE,
@@ -35,7 +35,7 @@ from builder.image import (
     trim_modules,
 )
 from builder.progress import Progress
-from builder.seediso import make_iso
+from builder.render.iso import make_iso
 from tests.lab.boot import CLOUD_INIT_DONE, disk_args, qemu_command
 
 MAC = "52:54:00:12:34:56"

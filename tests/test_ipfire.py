@@ -19,9 +19,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from builder import ipfire, ipfire_host
 from builder.errors import HostError, InputError
-from builder.site import Site, load_site
+from builder.model.site import Site, load_site
+from builder.remote import ipfire as ipfire_host
+from builder.render import ipfire
 from builder.text import printable
 from tests.conftest import EXAMPLE, ROOT
 
@@ -995,7 +996,7 @@ def test_host_scripts_write_no_fixed_path_in_tmp(routed_site):
 
 
 def test_host_values_reach_the_terminal_escaped(routed_site, capsys):
-    from builder.ipfire_cmd import _print
+    from builder.ipfire import _print
 
     facts = good_facts()
     facts.files["release"] = "IPFire 2.29\x1b]0;owned\x07\x1b[2J"
@@ -1027,7 +1028,7 @@ def test_host_output_in_errors_is_escaped():
 
 
 def test_out_writes_a_non_utf8_host_file_byte_exact(routed_site, tmp_path, capsys):
-    from builder.ipfire_cmd import _write_out
+    from builder.ipfire import _write_out
 
     facts = probe_facts(LATIN1_FIREWALL_LOCAL, b"on,10.10.0.0/16,192.168.77.2,B\xfcro\n")
     plan = ipfire_host.current_plan(routed_site, facts, removing=False)

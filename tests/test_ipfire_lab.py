@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from builder import ipfire
-from builder.site import default_mac, load_site
+from builder.model.site import default_mac, load_site
+from builder.render import ipfire
 from tests.conftest import EXAMPLE, ROOT
 from tests.lab import lab as L
 from tests.lab.clients import PeerAddressServer, WgClient, tcp_source_seen

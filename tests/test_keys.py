@@ -6,8 +6,8 @@ import json
 import stat
 import subprocess
 
-from builder.keys import State, ssh_genkey, ssh_pubkey, wg_genkey, wg_genpsk, wg_pubkey
-from builder.site import load_site
+from builder.local.state import State, ssh_genkey, ssh_pubkey, wg_genkey, wg_genpsk, wg_pubkey
+from builder.model.site import load_site
 
 
 def test_wg_pubkey_matches_wg_tool():

@@ -14,9 +14,9 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from builder import libvirt_host as lh
-from builder.domain import parse_metadata
 from builder.errors import ConnectError, HostError, InputError
+from builder.remote import libvirtd as lh
+from builder.render.libvirt_xml import parse_metadata
 from tests.test_domain import spec
 
 

@@ -18,10 +18,10 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from builder import libvirt_host as lh
-from builder.domain import DomainSpec
+from builder.local.run import run
 from builder.progress import Progress
-from builder.run import run
+from builder.remote import libvirtd as lh
+from builder.render.libvirt_xml import DomainSpec
 from tests.lab.lab import BRIDGE, HOST_NS, POOL_NAME, POOL_PATH, URI, Lab
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]

@@ -9,10 +9,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from builder.keys import Keys, PeerKeys, State, wg_pubkey
-from builder.render import render_nftables, render_peer_config, render_seed, render_wg_conf
-from builder.seediso import make_iso
-from builder.site import load_site
+from builder.local.state import Keys, PeerKeys, State, wg_pubkey
+from builder.model.site import load_site
+from builder.render.appliance import (
+    render_nftables,
+    render_peer_config,
+    render_seed,
+    render_wg_conf,
+)
+from builder.render.iso import make_iso
 from tests.conftest import EXAMPLE
 
 GOLDEN = Path(__file__).parent / "golden"

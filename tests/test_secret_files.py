@@ -15,11 +15,11 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-import builder.files
+import builder.local.files
 from builder.errors import HostError, InputError
-from builder.files import OutDir
-from builder.keys import State
-from builder.site import load_site
+from builder.local.files import OutDir
+from builder.local.state import State
+from builder.model.site import load_site
 from tests.conftest import ROOT, wg_cli
 
 NOBODY = 65534
@@ -351,7 +351,7 @@ def test_written_file_is_private_from_its_creation(tmp_path, monkeypatch):
             made.append((flags, mode))
         return real_open(path, flags, mode, dir_fd=dir_fd)
 
-    monkeypatch.setattr(builder.files.os, "open", spy)
+    monkeypatch.setattr(builder.local.files.os, "open", spy)
     with OutDir(tmp_path / "out") as d:
         assert d.write("secret", b"k", 0o600)
         assert d.write("script", b"#!/bin/sh\n", 0o755)
@@ -377,7 +377,7 @@ def test_failed_write_leaves_no_temp_file(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(builder.files.os, "replace", fail)
+    monkeypatch.setattr(builder.local.files.os, "replace", fail)
     with OutDir(tmp_path, option="--out") as d, pytest.raises(InputError, match="No space left"):
         d.write("f", b"data")
     assert list(tmp_path.iterdir()) == []

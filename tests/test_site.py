@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from builder.errors import InputError
-from builder.site import default_mac, load_site
+from builder.model.site import default_mac, load_site
 
 BASE = """\
 [appliance]

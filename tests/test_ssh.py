@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from builder.errors import ConnectError
-from builder.keys import ssh_genkey, ssh_pubkey
-from builder.ssh import HostKeyMismatch, Target, connect, execute, wait_for_ssh
+from builder.local.state import ssh_genkey, ssh_pubkey
+from builder.remote.ssh import HostKeyMismatch, Target, connect, execute, wait_for_ssh
 
 
 def free_port() -> int:

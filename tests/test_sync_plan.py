@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 
 from builder.errors import GuestError
-from builder.keys import State
-from builder.site import load_site
+from builder.local.state import State
+from builder.model.site import load_site
 from builder.sync import _answer, failure, plan, vm_changes, wanted_files
 from tests.test_verify_checks import facts as healthy_facts  # noqa: F401  (fixture)
 from tests.test_verify_checks import site_keys  # noqa: F401  (fixture)
@@ -66,7 +66,7 @@ def test_guest_strip_equals_wg_quick_strip(tmp_path):
     """The appliance strips wg-quick keys in Python; it must match `wg-quick strip`."""
     import subprocess
 
-    from builder.guest_apply import strip
+    from builder.guest.apply import strip
     from tests.test_render import GOLDEN
 
     conf = tmp_path / "wg0.conf"

@@ -28,7 +28,7 @@ from ipaddress import IPv4Interface
 from pathlib import Path
 
 from builder.errors import HostError
-from builder.run import run
+from builder.local.run import run
 from tests.lab.lab import (
     BRIDGE,
     HOST_GREEN,
@@ -286,7 +286,7 @@ class IpfireLab:
 
     def make_root(self, path: Path) -> HostRoot:
         """A fresh IPFire: stock files, add-ons installed, WireGuard off, RED up."""
-        from builder import ipfire
+        from builder.render import ipfire
 
         root = HostRoot(path)
         for d in OVERLAID:

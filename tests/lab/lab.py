@@ -27,7 +27,7 @@ from ipaddress import IPv4Interface, IPv4Network
 from pathlib import Path
 
 from builder.errors import HostError
-from builder.run import run
+from builder.local.run import run
 
 NS_PREFIX = "wgl-"
 HOST_NS = "wgl-host"

@@ -11,7 +11,7 @@ import os
 import pytest
 
 from builder.errors import HostError
-from builder.image import Image, build_image, default_cache_dir
+from builder.image.build import Image, build_image, default_cache_dir
 from builder.progress import Progress
 
 

@@ -8,9 +8,9 @@ from functools import cache
 import jinja2
 
 from builder.errors import RenderError
-from builder.keys import Keys
+from builder.local.state import Keys
+from builder.model.site import CONTROL_RE, Peer, Site
 from builder.resources import data_dir
-from builder.site import CONTROL_RE, Peer, Site
 
 TEMPLATES = data_dir("cloud-init")
 SEED_FILES = ("user-data", "meta-data", "network-config")

@@ -1,7 +1,7 @@
 """`wg-appliance ipfire`: the IPFire host's side, over SSH as root on port 222.
 
 One SSH round trip gathers every fact (a POSIX sh probe: IPFire promises no Python) and
-the two files the tool edits; pure checks judge the facts; builder.ipfire merges the files.
+the two files the tool edits; pure checks judge the facts; builder.render.ipfire merges the files.
 Applying is a second round trip that refuses to write if a file changed since it was read
 (comparing the files' bytes: they need not be UTF-8), keeps a timestamped copy of each file
 it changes, stops the firewall.local hooks with the old file (so chains of a removed or
@@ -24,10 +24,10 @@ from pathlib import Path
 
 import paramiko
 
-from builder import ipfire
 from builder.errors import ConnectError, HostError, InputError
-from builder.site import Site
-from builder.ssh import execute
+from builder.model.site import Site
+from builder.remote.ssh import execute
+from builder.render import ipfire
 from builder.text import printable
 
 DEFAULT_PORT = 222

@@ -31,9 +31,9 @@ from pathlib import Path
 import yaml
 
 from builder.errors import HostError
+from builder.local.run import run
 from builder.progress import Progress
 from builder.resources import checkout, data_dir
-from builder.run import run
 
 RECIPE = data_dir("images")
 NAME = "wg-appliance"

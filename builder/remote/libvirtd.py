@@ -24,7 +24,10 @@ from pathlib import Path
 
 import libvirt
 
-from builder.domain import (
+from builder.errors import ConnectError, HostError, InputError
+from builder.model.site import host_uri_problem
+from builder.progress import Progress
+from builder.render.libvirt_xml import (
     META_POOL,
     PREFIX,
     ROOT_TAG,
@@ -34,9 +37,6 @@ from builder.domain import (
     owned_volumes,
     parse_metadata,
 )
-from builder.errors import ConnectError, HostError, InputError
-from builder.progress import Progress
-from builder.site import host_uri_problem
 
 ENV_VIRT_TYPE = "WG_APPLIANCE_VIRT_TYPE"
 MIB = 1024**2

@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder.files import OutDir, write_files
-from builder.keys import Keys
-from builder.render import render_seed, seed_digest
-from builder.seediso import make_iso
-from builder.site import Site
+from builder.local.files import OutDir, write_files
+from builder.local.state import Keys
+from builder.model.site import Site
+from builder.render.appliance import render_seed, seed_digest
+from builder.render.iso import make_iso
 
 SECRET = {"user-data", "seed.iso"}
 

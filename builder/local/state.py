@@ -20,8 +20,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from builder.errors import HostError
-from builder.files import OutDir
-from builder.site import Site
+from builder.local.files import OutDir
+from builder.model.site import Site
 from builder.text import printable
 
 KEYS_FILE = "keys.json"

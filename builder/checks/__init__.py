@@ -1,0 +1,1 @@
+"""Judgements: facts gathered elsewhere in, checks and differences out. Pure."""

@@ -1,0 +1,1 @@
+"""The appliance disk image: build stages, kernel modules and the initramfs."""
