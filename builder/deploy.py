@@ -8,28 +8,33 @@ start and the wait for SSH. A run killed anywhere leaves a state the next run co
 from __future__ import annotations
 
 import time
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
 import libvirt
 
 from builder.errors import ConnectError, HostError
+from builder.local.files import OutDir, write_files
 from builder.local.state import Keys, State
 from builder.model.site import Site
 from builder.progress import Progress
 from builder.remote import libvirtd as lh
+from builder.remote.libvirtd import serial_tail
 from builder.remote.ssh import execute, wait_for_ssh
 from builder.render.libvirt_xml import (
+    META_BRIDGE,
+    META_DISK_GIB,
     META_IMAGE_DIGEST,
+    META_MAC,
+    META_MEMORY_MIB,
     META_POOL,
     META_SEED_DIGEST,
     META_SITE,
+    META_VCPUS,
     META_VOLUMES,
     DomainSpec,
 )
-from builder.render.seed import make_seed
-from builder.text import printable
+from builder.render.seed import SECRET, make_seed
 from builder.verify import target_for
 
 BOOT_TIMEOUT_S = 900.0
@@ -72,11 +77,11 @@ def wanted_metadata(site: Site, image_digest: str, seed_digest: str) -> dict[str
         META_SEED_DIGEST: seed_digest,
         META_POOL: site.host.pool,
         META_VOLUMES: " ".join(names.values()),
-        "memory-mib": str(site.appliance.memory_mib),
-        "vcpus": str(site.appliance.vcpus),
-        "disk-gib": str(site.appliance.disk_gib),
-        "bridge": site.host.bridge,
-        "mac": site.lan.mac,
+        META_MEMORY_MIB: str(site.appliance.memory_mib),
+        META_VCPUS: str(site.appliance.vcpus),
+        META_DISK_GIB: str(site.appliance.disk_gib),
+        META_BRIDGE: site.host.bridge,
+        META_MAC: site.lan.mac,
     }
 
 
@@ -105,28 +110,6 @@ def preflight(conn: libvirt.virConnect, site: Site, need_memory: bool) -> tuple[
         lh.check_memory(conn, site.appliance.memory_mib)
         report.append(f"memory: {site.appliance.memory_mib} MiB available")
     return virt_type, report
-
-
-def serial_tail(pool: libvirt.virStoragePool, name: str, max_bytes: int = 4096) -> str:
-    """The end of the serial log, read through libvirt so it works on remote hosts too; the
-    guest wrote it, so its controls are escaped (a console's CRLF line ends become LF)."""
-    try:
-        pool.refresh(0)
-        vol = pool.storageVolLookupByName(name)
-        size = lh.volume_file_size(vol)
-        offset = max(0, size - max_bytes)
-        stream = pool.connect().newStream(0)
-        vol.download(stream, offset, size - offset, 0)
-        chunks = []
-        while data := stream.recv(65536):
-            if isinstance(data, int):
-                break
-            chunks.append(data)
-        stream.finish()
-        text = b"".join(chunks).decode(errors="replace")
-        return printable(text.replace("\r\n", "\n"))
-    except libvirt.libvirtError as e:
-        return printable(f"(serial log {name} unreadable: {e})")
 
 
 def _wait_ready(
@@ -212,7 +195,7 @@ def deploy(
                 outcome = "replaced"
             else:
                 pool = lh.ensure_pool(conn, site.host.pool, site.host.pool_path)
-                virt_type = ET.fromstring(dom.XMLDesc(0)).get("type", virt_type)
+                virt_type = lh.domain_virt_type(dom) or virt_type
                 if not dom.isActive():
                     with progress.stage(f"starting {site.name}"):
                         dom.create()
@@ -224,7 +207,8 @@ def deploy(
                     site.name, outcome, virt_type, str(site.lan.address.ip), time.monotonic() - t0
                 )
 
-        seed.write(state.path / "seed")
+        with OutDir(state.path / "seed") as out:
+            write_files(out, seed.files, secret=SECRET)
         with progress.stage("storage"):
             pool = lh.ensure_pool(conn, site.host.pool, site.host.pool_path)
             base = lh.upload_volume(pool, base_volume_name(image_digest), image_path, progress)
@@ -247,7 +231,7 @@ def deploy(
         )
         with progress.stage(f"defining and starting {site.name} ({virt_type})"):
             dom = lh.start_domain(conn, spec, progress)
-            virt_type = ET.fromstring(dom.XMLDesc(0)).get("type", virt_type)
+            virt_type = lh.domain_virt_type(dom) or virt_type
         _wait_ready(site, keys, pool, names["serial"], boot_timeout, progress)
         return Deployed(
             site.name, outcome, virt_type, str(site.lan.address.ip), time.monotonic() - t0

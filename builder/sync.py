@@ -28,12 +28,12 @@ from builder.render.appliance import (
     render_wg_conf,
     seed_digest,
 )
-from builder.render.libvirt_xml import META_SEED_DIGEST
+from builder.render.libvirt_xml import META_DISK_GIB, META_MEMORY_MIB, META_SEED_DIGEST, META_VCPUS
 from builder.text import printable
 from builder.verify import PROBE, peer_drift, target_for
 
 APPLIER = Path(__file__).parent / "guest" / "apply.py"
-VM_KEYS = {"memory-mib": "memory_mib", "vcpus": "vcpus", "disk-gib": "disk_gib"}
+VM_KEYS = {META_MEMORY_MIB: "memory_mib", META_VCPUS: "vcpus", META_DISK_GIB: "disk_gib"}
 
 
 @dataclass(frozen=True)

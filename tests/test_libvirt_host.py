@@ -16,7 +16,7 @@ import pytest
 
 from builder.errors import ConnectError, HostError, InputError
 from builder.remote import libvirtd as lh
-from builder.render.libvirt_xml import parse_metadata
+from builder.render.libvirt_xml import parse_metadata, volume_xml
 from tests.test_domain import spec
 
 
@@ -130,12 +130,12 @@ def test_failed_upload_leaves_no_volume(pool: libvirt.virStoragePool, tmp_path: 
 def test_existing_volume_of_same_size_is_kept(pool: libvirt.virStoragePool, tmp_path: Path) -> None:
     src = tmp_path / "img"
     src.write_bytes(b"x" * 4096)
-    kept = pool.createXML(lh.volume_xml("img-abc.qcow2", 4096, "raw"), 0)
+    kept = pool.createXML(volume_xml("img-abc.qcow2", 4096, "raw"), 0)
     assert lh.upload_volume(pool, "img-abc.qcow2", src).key() == kept.key()
 
 
 def test_disk_is_an_overlay_or_a_copy_of_disk_gib(pool: libvirt.virStoragePool) -> None:
-    base = pool.createXML(lh.volume_xml("base.qcow2", 2 * lh.GIB, "qcow2"), 0)
+    base = pool.createXML(volume_xml("base.qcow2", 2 * lh.GIB, "qcow2"), 0)
     overlay = lh.create_disk(pool, "home-disk.qcow2", base, 4)
     assert overlay.info()[1] == 4 * lh.GIB
     assert f"<path>{base.path()}</path>" in overlay.XMLDesc(0)
@@ -184,7 +184,7 @@ def test_destroy_removes_only_what_metadata_owns(
     conn: libvirt.virConnect, pool: libvirt.virStoragePool
 ) -> None:
     for vol in ("home-disk.qcow2", "home-seed.iso", "base-abc.qcow2"):
-        pool.createXML(lh.volume_xml(vol, 1024, "raw"), 0)
+        pool.createXML(volume_xml(vol, 1024, "raw"), 0)
     s = spec(name=unique("wga"), virt_type="qemu")
     s = replace(s, metadata={**s.metadata, "pool": pool.name()})
     lh.start_domain(conn, s)

@@ -2,7 +2,8 @@
 
 Small functions over libvirt-python, against `qemu:///system` on the host or
 `qemu+ssh://root@HOST:222/system` from a workstation. Everything moves through the libvirt
-API (volume uploads are streams), so remote hosts need nothing but libvirtd.
+API (volume uploads and the serial log are streams), so remote hosts need nothing but
+libvirtd. The XML these calls send and read is made and parsed in builder.render.libvirt_xml.
 
 Virtualisation type: libvirt can say whether it offers KVM, but not whether KVM works. Nested
 KVM can be offered and still stop the guest with "KVM internal error ... emulation failure";
@@ -17,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Collection
 from dataclasses import replace
 from pathlib import Path
@@ -30,13 +30,20 @@ from builder.progress import Progress
 from builder.render.libvirt_xml import (
     META_POOL,
     PREFIX,
-    ROOT_TAG,
     XMLNS,
     DomainSpec,
+    domain_type,
     domain_xml,
+    interface_type,
+    metadata_xml,
     owned_volumes,
     parse_metadata,
+    pool_target_path,
+    pool_xml,
+    volume_file_bytes,
+    volume_xml,
 )
+from builder.text import printable
 
 ENV_VIRT_TYPE = "WG_APPLIANCE_VIRT_TYPE"
 MIB = 1024**2
@@ -117,7 +124,7 @@ def check_bridge(conn: libvirt.virConnect, bridge: str) -> None:
         if e.get_error_code() == libvirt.VIR_ERR_NO_INTERFACE:
             raise HostError(f"the host has no interface {bridge}", BRIDGE_FIX) from e
         return
-    kind = ET.fromstring(iface.XMLDesc(0)).get("type")
+    kind = interface_type(iface.XMLDesc(0))
     if kind != "bridge":
         raise HostError(f"{bridge} on the host is a {kind} interface, not a bridge", BRIDGE_FIX)
 
@@ -144,31 +151,8 @@ def check_memory(conn: libvirt.virConnect, need_mib: int) -> None:
 # --- storage ------------------------------------------------------------------
 
 
-def pool_xml(name: str, path: str) -> str:
-    pool = ET.Element("pool", type="dir")
-    ET.SubElement(pool, "name").text = name
-    target = ET.SubElement(pool, "target")
-    ET.SubElement(target, "path").text = path
-    return ET.tostring(pool, encoding="unicode")
-
-
-def volume_xml(
-    name: str, capacity: int, fmt: str, backing_path: str | None = None, backing_fmt: str = ""
-) -> str:
-    vol = ET.Element("volume", type="file")
-    ET.SubElement(vol, "name").text = name
-    ET.SubElement(vol, "capacity", unit="bytes").text = str(capacity)
-    target = ET.SubElement(vol, "target")
-    ET.SubElement(target, "format", type=fmt)
-    if backing_path is not None:
-        backing = ET.SubElement(vol, "backingStore")
-        ET.SubElement(backing, "path").text = backing_path
-        ET.SubElement(backing, "format", type=backing_fmt)
-    return ET.tostring(vol, encoding="unicode")
-
-
 def pool_path(pool: libvirt.virStoragePool) -> str:
-    return ET.fromstring(pool.XMLDesc(0)).findtext("target/path", "")
+    return pool_target_path(pool.XMLDesc(0))
 
 
 def _lookup(lookup, name: str, missing: int, what: str):
@@ -213,10 +197,7 @@ def find_volume(pool: libvirt.virStoragePool, name: str) -> libvirt.virStorageVo
 
 
 def volume_file_size(vol: libvirt.virStorageVol) -> int:
-    """Bytes of the volume's file (`physical`; capacity where libvirt reports no physical)."""
-    root = ET.fromstring(vol.XMLDesc(0))
-    physical = root.findtext("physical")
-    return int(physical if physical is not None else root.findtext("capacity", "0"))
+    return volume_file_bytes(vol.XMLDesc(0))
 
 
 def upload_volume(
@@ -268,6 +249,28 @@ def _abort_upload(stream: libvirt.virStream, vol: libvirt.virStorageVol) -> None
             undo()
 
 
+def serial_tail(pool: libvirt.virStoragePool, name: str, max_bytes: int = 4096) -> str:
+    """The end of the serial log, read through libvirt so it works on remote hosts too; the
+    guest wrote it, so its controls are escaped (a console's CRLF line ends become LF)."""
+    try:
+        pool.refresh(0)
+        vol = pool.storageVolLookupByName(name)
+        size = volume_file_size(vol)
+        offset = max(0, size - max_bytes)
+        stream = pool.connect().newStream(0)
+        vol.download(stream, offset, size - offset, 0)
+        chunks = []
+        while data := stream.recv(65536):
+            if isinstance(data, int):
+                break
+            chunks.append(data)
+        stream.finish()
+        text = b"".join(chunks).decode(errors="replace")
+        return printable(text.replace("\r\n", "\n"))
+    except libvirt.libvirtError as e:
+        return printable(f"(serial log {name} unreadable: {e})")
+
+
 def create_disk(
     pool: libvirt.virStoragePool,
     name: str,
@@ -311,17 +314,19 @@ def domain_metadata(dom: libvirt.virDomain) -> dict[str, str] | None:
     return parse_metadata(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
 
 
+def domain_virt_type(dom: libvirt.virDomain) -> str:
+    """The virtualisation type `dom` runs under, as libvirt has it now."""
+    return domain_type(dom.XMLDesc(0))
+
+
 def set_domain_metadata(dom: libvirt.virDomain, values: dict[str, str]) -> None:
     """Replace the tool's metadata on `dom`, live and in its saved definition."""
-    root = ET.Element(ROOT_TAG)
-    for key, value in values.items():
-        ET.SubElement(root, key).text = value
     flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
     if dom.isActive():
         flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
     dom.setMetadata(
         libvirt.VIR_DOMAIN_METADATA_ELEMENT,
-        ET.tostring(root, encoding="unicode"),
+        metadata_xml(values),
         PREFIX,
         XMLNS,
         flags,

@@ -1,7 +1,9 @@
-"""The appliance's libvirt domain XML, built from a DomainSpec, and its metadata read back.
+"""Every libvirt XML the tool writes or reads: the domain (from a DomainSpec) and its
+metadata, the storage pool and volumes, and the few fields read back from libvirt's XML.
 
-Pure: no libvirt connection. The metadata in our own XML namespace is how `destroy` and
-`status` know which domain and which volumes the tool owns.
+Pure: strings in, strings out, no libvirt connection. Writer and reader of an element sit
+together. The metadata in our own XML namespace is how `deploy`, `sync` and `destroy` know
+which domain and which volumes the tool owns and what the domain was made from.
 """
 
 from __future__ import annotations
@@ -14,12 +16,17 @@ XMLNS = "https://wg-appliance.invalid/xmlns/1"
 PREFIX = "wga"
 ROOT_TAG = "appliance"
 
-# Metadata keys the deploy step writes and destroy reads.
+# Metadata keys: deploy writes them, sync and destroy read them.
 META_SITE = "site"
 META_IMAGE_DIGEST = "image-digest"
 META_SEED_DIGEST = "seed-digest"
 META_POOL = "pool"
 META_VOLUMES = "volumes"  # space-separated names of volumes this domain owns (disk, seed)
+META_MEMORY_MIB = "memory-mib"
+META_VCPUS = "vcpus"
+META_DISK_GIB = "disk-gib"
+META_BRIDGE = "bridge"
+META_MAC = "mac"
 
 VIRT_TYPES = ("kvm", "qemu")
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
@@ -76,7 +83,7 @@ def domain_xml(spec: DomainSpec) -> str:
     site = spec.metadata.get(META_SITE, spec.name)
     _sub(dom, "description", f"WireGuard gateway for site {site}; managed by wg-appliance")
     meta = _sub(dom, "metadata")
-    meta.append(metadata_element(spec.metadata))
+    meta.append(_appliance(spec.metadata, f"{{{XMLNS}}}"))
     _sub(dom, "memory", str(spec.memory_mib), unit="MiB")
     _sub(dom, "vcpu", str(spec.vcpus))
     os_ = _sub(dom, "os")
@@ -122,12 +129,17 @@ def domain_xml(spec: DomainSpec) -> str:
     return ET.tostring(dom, encoding="unicode")
 
 
-def metadata_element(values: dict[str, str]) -> ET.Element:
-    """`<wga:appliance>` with one child per key, in our namespace."""
-    root = ET.Element(f"{{{XMLNS}}}{ROOT_TAG}")
+def _appliance(values: dict[str, str], ns: str) -> ET.Element:
+    """`<appliance>` with one child per key, its tags in namespace `ns` ("{uri}" or "")."""
+    root = ET.Element(f"{ns}{ROOT_TAG}")
     for key, value in values.items():
-        ET.SubElement(root, f"{{{XMLNS}}}{key}").text = value
+        ET.SubElement(root, f"{ns}{key}").text = value
     return root
+
+
+def metadata_xml(values: dict[str, str]) -> str:
+    """The metadata element for libvirt's setMetadata, which adds our namespace itself."""
+    return ET.tostring(_appliance(values, ""), encoding="unicode")
 
 
 def parse_metadata(xml: str) -> dict[str, str] | None:
@@ -146,3 +158,53 @@ def parse_metadata(xml: str) -> dict[str, str] | None:
 
 def owned_volumes(metadata: dict[str, str]) -> list[str]:
     return metadata.get(META_VOLUMES, "").split()
+
+
+def domain_type(xml: str) -> str:
+    """The virtualisation type a domain's XML runs under (`kvm`, `qemu`)."""
+    return ET.fromstring(xml).get("type", "")
+
+
+# --- storage ------------------------------------------------------------------
+
+
+def pool_xml(name: str, path: str) -> str:
+    pool = ET.Element("pool", type="dir")
+    ET.SubElement(pool, "name").text = name
+    target = ET.SubElement(pool, "target")
+    ET.SubElement(target, "path").text = path
+    return ET.tostring(pool, encoding="unicode")
+
+
+def pool_target_path(xml: str) -> str:
+    return ET.fromstring(xml).findtext("target/path", "")
+
+
+def volume_xml(
+    name: str, capacity: int, fmt: str, backing_path: str | None = None, backing_fmt: str = ""
+) -> str:
+    vol = ET.Element("volume", type="file")
+    ET.SubElement(vol, "name").text = name
+    ET.SubElement(vol, "capacity", unit="bytes").text = str(capacity)
+    target = ET.SubElement(vol, "target")
+    ET.SubElement(target, "format", type=fmt)
+    if backing_path is not None:
+        backing = ET.SubElement(vol, "backingStore")
+        ET.SubElement(backing, "path").text = backing_path
+        ET.SubElement(backing, "format", type=backing_fmt)
+    return ET.tostring(vol, encoding="unicode")
+
+
+def volume_file_bytes(xml: str) -> int:
+    """Bytes of the volume's file (`physical`; capacity where libvirt reports no physical)."""
+    root = ET.fromstring(xml)
+    physical = root.findtext("physical")
+    return int(physical if physical is not None else root.findtext("capacity", "0"))
+
+
+# --- host interfaces ----------------------------------------------------------
+
+
+def interface_type(xml: str) -> str | None:
+    """An interface's kind (`bridge`, `ethernet`, ...) from its XML."""
+    return ET.fromstring(xml).get("type")
