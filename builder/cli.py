@@ -15,11 +15,11 @@ from pathlib import Path
 from builder import __version__
 from builder.errors import ApplianceError, InputError
 from builder.ipfire import add_ipfire_arguments, cmd_ipfire
-from builder.local.files import OutDir, file_target
+from builder.local.files import OutDir, file_target, write_files
 from builder.local.state import STATE_FIX, State
 from builder.model.site import Site, load_site
 from builder.progress import Progress
-from builder.render.seed import make_seed
+from builder.render.seed import SECRET, make_seed
 
 Handler = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, Handler] = {}
@@ -50,7 +50,7 @@ def cmd_render(args: argparse.Namespace) -> int:
         out = OutDir(state.path / "seed", fix=STATE_FIX)
     with out:
         seed = make_seed(site, state.keys_for(site))
-        changed = seed.write(out)
+        changed = write_files(out, seed.files, secret=SECRET)
     result = {
         "out": str(out.path),
         "changed": changed,

@@ -9,9 +9,11 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from builder.checks.ipfire import judge, try_files
 from builder.errors import InputError
 from builder.local.files import OutDir
 from builder.local.state import STATE_FIX, State
+from builder.model.login import parse_login
 from builder.model.site import Site, load_site
 from builder.render import ipfire
 from builder.text import printable
@@ -46,11 +48,12 @@ def cmd_ipfire(args: argparse.Namespace) -> int:
     removing = bool(args.remove)
     result: dict = {"appliance": site.name, "mode": site.wireguard.mode}
     if not args.ssh:
-        plan = ipfire.plan(site, remove=removing)
+        plan = ipfire.host_files(site, remove=removing)
         result["source"] = "IPFire's stock files"
         return _write_out(args, site, plan, result)
 
-    from builder.remote.ipfire import apply, connect_host, current_plan, gather, judge, parse_login
+    from builder.remote.ipfire import apply, gather
+    from builder.remote.ssh import connect_host
 
     login = parse_login(args.ssh)
     client = connect_host(
@@ -61,14 +64,15 @@ def cmd_ipfire(args: argparse.Namespace) -> int:
     )
     try:
         facts = gather(client, site)
-        checks = judge(site, facts, removing)
+        files = try_files(site, facts, removing)
+        checks = judge(site, facts, removing, files)
         result["host"] = str(login)
         result["checks"] = [asdict(c) for c in checks]
         result["ok"] = all(c.ok for c in checks)
         if not result["ok"]:
             _print(args, result, checks)
             return 1
-        plan = current_plan(site, facts, removing)
+        plan = files
         result["notes"] = list(plan.notes)
         if not args.apply:
             result["source"] = f"the current files on {login.host}"
@@ -93,7 +97,7 @@ def _out_dir(args: argparse.Namespace, site: Site) -> OutDir:
 def _write_out(
     args: argparse.Namespace,
     site: Site,
-    plan: ipfire.Plan,
+    plan: ipfire.HostFiles,
     result: dict,
     checks: list | None = None,
 ) -> int:
@@ -105,8 +109,6 @@ def _write_out(
     result["notes"] = list(plan.notes)
     _print(args, result, checks or [])
     if not args.json:
-        from builder.remote.ipfire import parse_login
-
         host = args.ssh or "root@ipfire:222"
         login = parse_login(host)
         ssh = f"ssh -p {login.port} {login.user}@{login.host}"

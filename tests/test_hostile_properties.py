@@ -208,7 +208,7 @@ def judge_all(site, tmp: Path) -> None:
     nft.write_text(render_nftables(site))
     r = subprocess.run(["unshare", "--net", "nft", "--check", "-f", str(nft)], capture_output=True)
     assert r.returncode == 0, r.stderr
-    for script in (ipfire.plan(site).firewall_local, probe_script(site)):
+    for script in (ipfire.host_files(site).firewall_local, probe_script(site)):
         r = subprocess.run(["sh", "-n"], input=script, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
     names = volume_names(site, "0" * 64)

@@ -35,7 +35,7 @@ from builder.image.build import (
     trim_modules,
 )
 from builder.progress import Progress
-from builder.render.iso import make_iso
+from builder.render.seed import make_iso
 from tests.lab.boot import CLOUD_INIT_DONE, disk_args, qemu_command
 
 MAC = "52:54:00:12:34:56"

@@ -19,7 +19,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from builder.checks import ipfire as ipfire_checks
 from builder.errors import HostError, InputError
+from builder.model.login import parse_login
 from builder.model.site import Site, load_site
 from builder.remote import ipfire as ipfire_host
 from builder.render import ipfire
@@ -318,10 +320,10 @@ def test_routing_refuses_a_competing_route_and_notes_a_duplicate(tmp_path):
 
 def test_plan_uses_stock_files_without_a_host(tmp_path):
     site = routed(tmp_path)
-    p = ipfire.plan(site)
+    p = ipfire.host_files(site)
     assert p.firewall_local == ipfire.merge_firewall_local(ipfire.stock_firewall_local(), site)
     assert p.routing.count("\n") == 2
-    gone = ipfire.plan(site, p.firewall_local, p.routing, remove=True)
+    gone = ipfire.host_files(site, p.firewall_local, p.routing, remove=True)
     assert gone.firewall_local == ipfire.stock_firewall_local()
     assert gone.routing == ""
 
@@ -329,7 +331,7 @@ def test_plan_uses_stock_files_without_a_host(tmp_path):
 # --- preflight judgement and the host scripts (no SSH) ------------------------------------
 
 
-def good_facts(**values: str) -> ipfire_host.Facts:
+def good_facts(**values: str) -> ipfire_checks.Facts:
     """What a ready IPFire host reports."""
     v = {
         "uid": "0",
@@ -358,7 +360,7 @@ def good_facts(**values: str) -> ipfire_host.Facts:
         "wg_peers": "",
         "release": "IPFire 2.29 (x86_64) - core195\n",
     }
-    return ipfire_host.Facts(v, files)
+    return ipfire_checks.Facts(v, files)
 
 
 def failed(checks) -> dict[str, str]:
@@ -366,7 +368,7 @@ def failed(checks) -> dict[str, str]:
 
 
 def test_judge_all_ok(tmp_path):
-    checks = ipfire_host.judge(routed(tmp_path), good_facts())
+    checks = ipfire_checks.judge(routed(tmp_path), good_facts())
     assert failed(checks) == {}
     assert len(checks) == 13
 
@@ -392,7 +394,7 @@ def test_judge_all_ok(tmp_path):
     ],
 )
 def test_judge_names_each_failure_with_its_fix(tmp_path, change, name, fix):
-    checks = ipfire_host.judge(routed(tmp_path), good_facts(**change))
+    checks = ipfire_checks.judge(routed(tmp_path), good_facts(**change))
     assert list(failed(checks)) == [name]
     assert fix in failed(checks)[name]
 
@@ -402,37 +404,38 @@ def test_judge_file_cases(tmp_path):
     f = good_facts()
     f.files["wg_settings"] = "ENABLED=on\nPORT=51820\n"
     assert (
-        "another wireguard.endpoint port" in failed(ipfire_host.judge(site, f))["IPFire WireGuard"]
+        "another wireguard.endpoint port"
+        in failed(ipfire_checks.judge(site, f))["IPFire WireGuard"]
     )
     f = good_facts()
     f.files["wg_settings"] = "ENABLED=on\nPORT=51821\n"
-    assert failed(ipfire_host.judge(site, f)) == {}
+    assert failed(ipfire_checks.judge(site, f)) == {}
     f = good_facts()
     f.files["wg_peers"] = "3,on,net,branch-office,pub,priv,51820,1.2.3.4,51820,10.0.0.0/24\n"
-    assert "IPFire WireGuard" in failed(ipfire_host.judge(site, f))
+    assert "IPFire WireGuard" in failed(ipfire_checks.judge(site, f))
     f = good_facts()
     f.files["red_iface"] = None
-    assert list(failed(ipfire_host.judge(site, f))) == ["RED interface"]
+    assert list(failed(ipfire_checks.judge(site, f))) == ["RED interface"]
     f = good_facts()
     f.files["release"] = "Debian GNU/Linux 12\n"
-    assert list(failed(ipfire_host.judge(site, f))) == ["IPFire version"]
+    assert list(failed(ipfire_checks.judge(site, f))) == ["IPFire version"]
     f = good_facts()
     f.files["routing"] = "on,10.77.0.0/24,192.168.77.9,someone else\n"
-    assert "Network > Routing" in failed(ipfire_host.judge(site, f))["host files"]
+    assert "Network > Routing" in failed(ipfire_checks.judge(site, f))["host files"]
     f = good_facts(neigh=f"192.168.77.50 dev green0 lladdr {site.lan.mac} REACHABLE")
-    assert failed(ipfire_host.judge(site, f)) == {}, "our own appliance may hold the address"
+    assert failed(ipfire_checks.judge(site, f)) == {}, "our own appliance may hold the address"
 
 
 def test_judge_for_removal_only_needs_root_and_files(tmp_path):
     site = routed(tmp_path)
     f = good_facts(bridge_is="no", kvm="no")
-    names = [c.name for c in ipfire_host.judge(site, f, removing=True)]
+    names = [c.name for c in ipfire_checks.judge(site, f, removing=True)]
     assert names == ["root login", "host files"]
 
 
 def test_probe_output_round_trip():
     text = "uid=0\nfirewall_local=b64:IyEvYmluL3NoCg==\nrouting=-\nneigh=a=b c\n"
-    facts = ipfire_host.parse_probe(text)
+    facts = ipfire_checks.parse_probe(text)
     assert facts.files == {"firewall_local": "#!/bin/sh\n", "routing": None}
     assert facts.get("neigh") == "a=b c" and facts.get("uid") == "0"
 
@@ -442,8 +445,8 @@ def test_probe_and_apply_scripts_are_posix_sh(tmp_path):
     facts = good_facts()
     scripts = {
         "probe": ipfire_host.probe_script(site),
-        "apply": ipfire_host.apply_script(site, facts, ipfire.plan(site), removing=False),
-        "remove": ipfire_host.apply_script(site, facts, ipfire.plan(site), removing=True),
+        "apply": ipfire_host.apply_script(site, facts, ipfire.host_files(site), removing=False),
+        "remove": ipfire_host.apply_script(site, facts, ipfire.host_files(site), removing=True),
     }
     for name, text in scripts.items():
         path = tmp_path / f"{name}.sh"
@@ -464,14 +467,14 @@ def test_probe_and_apply_scripts_are_posix_sh(tmp_path):
     ],
 )
 def test_parse_login(value, login):
-    got = ipfire_host.parse_login(value)
+    got = parse_login(value)
     assert (got.user, got.host, got.port) == login
 
 
 @pytest.mark.parametrize("value", ["root@", "root@host:99999", "a b@host", "root@host:port"])
 def test_parse_login_rejects(value):
     with pytest.raises(InputError) as e:
-        ipfire_host.parse_login(value)
+        parse_login(value)
     assert e.value.key == "--ssh"
 
 
@@ -491,9 +494,9 @@ def test_cli_out_without_a_host_uses_the_stock_files(tmp_path):
     out = tmp_path / "out"
     r = ipfire_cli("--site", str(site.path), "--out", str(out))
     assert r.returncode == 0, r.stderr
-    assert (out / "firewall.local").read_text() == ipfire.plan(site).firewall_local
+    assert (out / "firewall.local").read_text() == ipfire.host_files(site).firewall_local
     assert (out / "firewall.local").stat().st_mode & 0o777 == 0o755
-    assert (out / "routing").read_text() == ipfire.plan(site).routing
+    assert (out / "routing").read_text() == ipfire.host_files(site).routing
     assert "scp -P 222" in r.stdout and "--apply" in r.stdout
     r = ipfire_cli("--site", str(site.path), "--out", str(out), "--remove", "--json")
     assert r.returncode == 0, r.stderr
@@ -806,13 +809,13 @@ LATIN1_FIREWALL_LOCAL = ADMIN_FIREWALL_LOCAL.encode().replace(
 )
 
 
-def probe_facts(firewall_local: bytes | None, routing: bytes | None) -> ipfire_host.Facts:
+def probe_facts(firewall_local: bytes | None, routing: bytes | None) -> ipfire_checks.Facts:
     """good_facts, with the two files as the probe reports real bytes."""
 
     def line(key: str, data: bytes | None) -> str:
         return f"{key}=" + ("-" if data is None else "b64:" + base64.b64encode(data).decode())
 
-    parsed = ipfire_host.parse_probe(
+    parsed = ipfire_checks.parse_probe(
         line("firewall_local", firewall_local) + "\n" + line("routing", routing) + "\n"
     )
     facts = good_facts()
@@ -825,7 +828,7 @@ def test_probe_keeps_bytes_that_are_not_utf8(routed_site):
     text = facts.files["firewall_local"]
     assert ipfire.host_bytes(text) == LATIN1_FIREWALL_LOCAL
     assert ipfire_host._sha(text) == hashlib.sha256(LATIN1_FIREWALL_LOCAL).hexdigest()
-    plan = ipfire_host.current_plan(routed_site, facts, removing=False)
+    plan = ipfire_checks.current_files(routed_site, facts, removing=False)
     merged = ipfire.host_bytes(plan.firewall_local)
     assert b"# NAS bei M\xfcller, \xa7 3, port 8443\n" in merged
     script = ipfire_host.apply_script(routed_site, facts, plan, removing=False)
@@ -858,7 +861,7 @@ def apply_in(box: Sandbox, site: Site, removing: bool = False) -> subprocess.Com
     facts = probe_facts(
         *(p.read_bytes() if p.exists() else None for p in (box.firewall_local, box.routing))
     )
-    plan = ipfire_host.current_plan(site, facts, removing)
+    plan = ipfire_checks.current_files(site, facts, removing)
     return box.sh("-s", stdin=ipfire_host.apply_script(site, facts, plan, removing))
 
 
@@ -962,7 +965,7 @@ def test_staging_failure_changes_nothing(box, routed_site):
 def test_a_file_changed_since_the_probe_is_not_touched(box, routed_site):
     install_host(box, STUB_FIREWALL_LOCAL.encode(), b"")
     facts = probe_facts(box.firewall_local.read_bytes(), box.routing.read_bytes())
-    plan = ipfire_host.current_plan(routed_site, facts, False)
+    plan = ipfire_checks.current_files(routed_site, facts, False)
     box.routing.write_bytes(b"on,10.1.0.0/16,192.168.77.2,new\n")
     r = box.sh("-s", stdin=ipfire_host.apply_script(routed_site, facts, plan, False))
     assert r.returncode == ipfire_host.CHANGED
@@ -987,7 +990,9 @@ def test_non_utf8_firewall_local_applies_byte_exact(box, routed_site):
 def test_host_scripts_write_no_fixed_path_in_tmp(routed_site):
     facts = good_facts()
     for removing in (False, True):
-        script = ipfire_host.apply_script(routed_site, facts, ipfire.plan(routed_site), removing)
+        script = ipfire_host.apply_script(
+            routed_site, facts, ipfire.host_files(routed_site), removing
+        )
         assert "/tmp" not in script
     assert "/tmp" not in ipfire_host.probe_script(routed_site)
 
@@ -1001,7 +1006,7 @@ def test_host_values_reach_the_terminal_escaped(routed_site, capsys):
     facts = good_facts()
     facts.files["release"] = "IPFire 2.29\x1b]0;owned\x07\x1b[2J"
     facts.files["red_iface"] = ipfire.host_text(b"red0\xff\x1b[31m")
-    checks = ipfire_host.judge(routed_site, facts)
+    checks = ipfire_checks.judge(routed_site, facts)
     applied = {
         "firewall_local_changed": True,
         "routing_changed": False,
@@ -1031,7 +1036,7 @@ def test_out_writes_a_non_utf8_host_file_byte_exact(routed_site, tmp_path, capsy
     from builder.ipfire import _write_out
 
     facts = probe_facts(LATIN1_FIREWALL_LOCAL, b"on,10.10.0.0/16,192.168.77.2,B\xfcro\n")
-    plan = ipfire_host.current_plan(routed_site, facts, removing=False)
+    plan = ipfire_checks.current_files(routed_site, facts, removing=False)
     args = mock.Mock(out=str(tmp_path / "out"), json=True, remove=False, ssh="root@ipfire")
     assert _write_out(args, routed_site, plan, {"source": "the host"}) == 0
     assert (tmp_path / "out/firewall.local").read_bytes() == ipfire.host_bytes(plan.firewall_local)

@@ -17,7 +17,7 @@ from builder.render.appliance import (
     render_seed,
     render_wg_conf,
 )
-from builder.render.iso import make_iso
+from builder.render.seed import make_iso
 from tests.conftest import EXAMPLE
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -1,4 +1,4 @@
-"""`wg-appliance ipfire`: the IPFire host's side, over SSH as root on port 222.
+"""The IPFire host's side of `wg-appliance ipfire`: the probe and apply protocol over SSH.
 
 One SSH round trip gathers every fact (a POSIX sh probe: IPFire promises no Python) and
 the two files the tool edits; pure checks judge the facts; builder.render.ipfire merges the files.
@@ -9,146 +9,28 @@ renamed block go too), installs the new files, runs IPFire's own `firewall.local
 `static-routes start`, and checks the jumps and routes are live. If any step after the stop
 fails, the same script puts the old files back and starts the old rules again.
 
-The host key is checked against known_hosts or a SHA256 fingerprint and never learned.
-Login uses the admin's own key or agent, not the appliance's key.
+The login is builder.remote.ssh.connect_host: the admin's key, the host key pinned.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
-import re
 import shlex
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import paramiko
 
-from builder.errors import ConnectError, HostError, InputError
+from builder.checks.ipfire import Facts, parse_probe
+from builder.errors import HostError
 from builder.model.site import Site
 from builder.remote.ssh import execute
 from builder.render import ipfire
 from builder.text import printable
 
-DEFAULT_PORT = 222
-MEMORY_MARGIN_MIB = 128
 PAKFIRE_INSTALLED = "/opt/pakfire/db/installed"
 WG_SETTINGS = "/var/ipfire/wireguard/settings"
 WG_PEERS = "/var/ipfire/wireguard/peers"
-SSH_RE = re.compile(r"^(?:([A-Za-z0-9._-]+)@)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::(\d+))?$")
-
-
-# --- connecting -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class HostLogin:
-    user: str
-    host: str
-    port: int = DEFAULT_PORT
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.user}@{host}:{self.port}"
-
-
-def parse_login(value: str) -> HostLogin:
-    m = SSH_RE.match(value.strip())
-    if not m:
-        raise InputError(value, "--ssh", "expected root@HOST or root@HOST:PORT")
-    user, host, port = m.group(1) or "root", m.group(2).strip("[]"), m.group(3)
-    if port is not None and not 1 <= int(port) <= 65535:
-        raise InputError(value, "--ssh", f"port {port} is out of range (1..65535)")
-    return HostLogin(user, host, int(port) if port else DEFAULT_PORT)
-
-
-def fingerprint(key: paramiko.PKey) -> str:
-    """OpenSSH's form: SHA256:base64-without-padding."""
-    digest = base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
-    return f"SHA256:{digest}"
-
-
-class _PinnedFingerprint(paramiko.MissingHostKeyPolicy):
-    def __init__(self, expected: str):
-        self.expected = expected
-
-    def missing_host_key(self, client, hostname, key) -> None:
-        offered = fingerprint(key)
-        if offered != self.expected:
-            raise ConnectError(
-                f"{hostname}: host key mismatch: the host offered {key.get_name()} {offered}, "
-                f"not {self.expected}. Not connecting: check the fingerprint on the IPFire "
-                "console (ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub)"
-            )
-
-
-def connect_host(
-    login: HostLogin,
-    known_hosts: Path | None = None,
-    host_key: str | None = None,
-    identity: Path | None = None,
-    timeout: float = 15.0,
-) -> paramiko.SSHClient:
-    """Connect as the admin: own key or agent, host key pinned by known_hosts or fingerprint."""
-    client = paramiko.SSHClient()
-    where = str(login)
-    if host_key:
-        if not re.fullmatch(r"SHA256:[A-Za-z0-9+/]{43}", host_key):
-            raise InputError(host_key, "--host-key", "expected SHA256:... as ssh-keygen -lf shows")
-        client.set_missing_host_key_policy(_PinnedFingerprint(host_key))
-    else:
-        path = (known_hosts or Path("~/.ssh/known_hosts")).expanduser()
-        try:
-            client.get_host_keys().load(str(path))
-        except FileNotFoundError:
-            if known_hosts is not None:
-                raise InputError(str(path), "--known-hosts", "no such file") from None
-        except (OSError, paramiko.SSHException) as e:
-            raise InputError(str(path), "--known-hosts", f"cannot read: {e}") from None
-        client.set_missing_host_key_policy(paramiko.RejectPolicy())
-    try:
-        client.connect(
-            login.host,
-            port=login.port,
-            username=login.user,
-            key_filename=str(identity.expanduser()) if identity else None,
-            timeout=timeout,
-            banner_timeout=timeout,
-            auth_timeout=timeout,
-            allow_agent=True,
-            look_for_keys=identity is None,
-        )
-    except ConnectError:
-        client.close()
-        raise
-    except paramiko.BadHostKeyException as e:
-        client.close()
-        raise ConnectError(
-            f"{where}: host key mismatch: the host offered {e.key.get_name()} "
-            f"{fingerprint(e.key)}, known_hosts has another. Not connecting: treat it as an "
-            "attack unless IPFire was reinstalled (then fix the known_hosts line)"
-        ) from None
-    except paramiko.SSHException as e:
-        client.close()
-        if "not found in known_hosts" in str(e):
-            raise ConnectError(
-                f"{where}: the host key is not in known_hosts. Not connecting: compare the "
-                "fingerprint with the IPFire console, then pass it with --host-key SHA256:... "
-                "or add the key to known_hosts"
-            ) from None
-        if isinstance(e, paramiko.AuthenticationException):
-            raise ConnectError(
-                f"{where}: authentication failed (enable SSH key authentication in the web UI "
-                "under System > SSH Access and add your public key to /root/.ssh/authorized_keys)"
-            ) from None
-        raise ConnectError(f"{where}: cannot connect: {e}") from None
-    except (OSError, EOFError) as e:
-        client.close()
-        raise ConnectError(
-            f"{where}: cannot connect: {e or type(e).__name__} "
-            "(is SSH enabled in the web UI, System > SSH Access, on port 222?)"
-        ) from None
-    return client
 
 
 # --- the probe: one round trip ------------------------------------------------------------
@@ -197,34 +79,6 @@ def probe_script(site: Site) -> str:
     return "\n".join(lines) + "\n"
 
 
-@dataclass(frozen=True)
-class Facts:
-    values: dict[str, str]
-    # None: the file does not exist. Text from ipfire.host_text: it encodes back to the
-    # file's exact bytes, UTF-8 or not.
-    files: dict[str, str | None]
-
-    def get(self, key: str) -> str:
-        return self.values.get(key, "")
-
-
-FILE_KEYS = ("firewall_local", "routing", "red_iface", "wg_settings", "wg_peers", "release")
-
-
-def parse_probe(stdout: str) -> Facts:
-    values: dict[str, str] = {}
-    files: dict[str, str | None] = {}
-    for line in stdout.splitlines():
-        key, sep, value = line.partition("=")
-        if not sep:
-            continue
-        if key in FILE_KEYS:
-            files[key] = ipfire.host_text(base64.b64decode(value[4:])) if value != "-" else None
-        else:
-            values[key] = value
-    return Facts(values, files)
-
-
 def gather(client: paramiko.SSHClient, site: Site) -> Facts:
     r = execute(client, "/bin/sh -s", input=probe_script(site), timeout=60)
     if r.rc != 0 or "uid=" not in r.stdout:
@@ -233,205 +87,6 @@ def gather(client: paramiko.SSHClient, site: Site) -> Facts:
             "check that the login shell is a POSIX sh and the account is root",
         )
     return parse_probe(r.stdout)
-
-
-# --- judging the facts: pure ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Check:
-    name: str
-    ok: bool
-    detail: str
-    fix: str = ""
-
-
-def _readhash(text: str | None) -> dict[str, str]:
-    """IPFire's KEY=value settings files."""
-    out = {}
-    for line in (text or "").splitlines():
-        key, sep, value = line.partition("=")
-        if sep and key.strip():
-            out[key.strip()] = value.strip().strip("'\"")
-    return out
-
-
-def _ipfire_wireguard(site: Site, facts: Facts) -> Check:
-    port = ipfire.red_port(site)
-    settings = _readhash(facts.files.get("wg_settings"))
-    fix = (
-        "give the site another wireguard.endpoint port (and the same in the client configs), "
-        "or move or disable IPFire's WireGuard under Services > WireGuard"
-    )
-    if settings.get("ENABLED") == "on" and settings.get("PORT") == str(port):
-        return Check(
-            "IPFire WireGuard",
-            False,
-            f"IPFire's own WireGuard is enabled on udp/{port}, the port this site forwards",
-            fix,
-        )
-    for line in (facts.files.get("wg_peers") or "").splitlines():
-        parts = line.split(",")
-        if len(parts) > 6 and parts[1] == "on" and parts[2] == "net" and parts[6] == str(port):
-            return Check(
-                "IPFire WireGuard",
-                False,
-                f"IPFire's net-to-net WireGuard connection {parts[3]!r} listens on udp/{port}",
-                fix,
-            )
-    if settings.get("ENABLED") == "on":
-        return Check(
-            "IPFire WireGuard", True, f"enabled on udp/{settings.get('PORT') or '?'}, no clash"
-        )
-    return Check("IPFire WireGuard", True, "not enabled")
-
-
-def _lan_address(site: Site, facts: Facts) -> Check:
-    addr = site.lan.address.ip
-    name = "LAN address free"
-    if facts.get("addr_local") not in ("", "0"):
-        return Check(
-            name,
-            False,
-            f"{addr} is an address of the IPFire host itself",
-            "pick another lan.address",
-        )
-    m = re.search(r"lladdr ([0-9a-f:]{17})", facts.get("neigh"))
-    if m and m.group(1) == site.lan.mac:
-        return Check(name, True, f"{addr} answers with this appliance's MAC {site.lan.mac}")
-    if m or facts.get("ping_rc") == "0":
-        who = f"MAC {m.group(1)}" if m else "a device"
-        return Check(
-            name,
-            False,
-            f"{addr} is in use by {who}, not this appliance ({site.lan.mac})",
-            "pick a free lan.address outside the DHCP range (Network > DHCP Server)",
-        )
-    return Check(name, True, f"{addr}: no answer, no neighbour entry")
-
-
-def judge(site: Site, facts: Facts, removing: bool = False) -> list[Check]:
-    """Every check with its fix. When removing, only what removal needs."""
-    checks = [
-        Check(
-            "root login",
-            facts.get("uid") == "0",
-            f"uid {facts.get('uid') or '?'}",
-            "log in as root (ssh root@HOST:222): IPFire's files and iptables need it",
-        )
-    ]
-    checks.append(_files_check(site, facts, removing))
-    if removing:
-        return checks
-    release = (facts.files.get("release") or "").strip()
-    checks.append(
-        Check(
-            "IPFire version",
-            release.startswith("IPFire"),
-            release or "/etc/system-release missing",
-            "this command is for IPFire 2.x hosts; elsewhere use deploy and your own firewall",
-        )
-    )
-    for addon, binary, pak in (
-        ("libvirt", facts.get("virsh"), facts.get("pak_libvirt")),
-        ("qemu", facts.get("qemu"), facts.get("pak_qemu")),
-    ):
-        missing = [w for w, ok in (("add-on", pak == "yes"), ("binary", bool(binary))) if not ok]
-        checks.append(
-            Check(
-                f"{addon} add-on",
-                not missing,
-                f"installed ({binary})" if not missing else f"missing: {', '.join(missing)}",
-                "install the add-ons: pakfire install libvirt qemu "
-                "(or web UI: IPFire > Pakfire), then /etc/init.d/libvirtd start",
-            )
-        )
-    running = bool(facts.get("libvirtd")) or facts.get("libvirt_sock") == "yes"
-    checks.append(
-        Check(
-            "libvirtd running",
-            running,
-            f"pid {facts.get('libvirtd')}" if facts.get("libvirtd") else "not running",
-            "/etc/init.d/libvirtd start",
-        )
-    )
-    checks.append(
-        Check(
-            "/dev/kvm",
-            facts.get("kvm") == "yes",
-            "present" if facts.get("kvm") == "yes" else "missing",
-            "enable virtualisation (VT-x/AMD-V) in the firmware setup; without KVM the "
-            "appliance runs emulated and slowly",
-        )
-    )
-    br = site.host.bridge
-    if facts.get("bridge_is") == "yes":
-        detail, ok = f"{br} is a bridge", True
-    elif facts.get("bridge_dev") == "yes":
-        detail, ok = f"{br} exists but is not a bridge", False
-    else:
-        detail, ok = f"{br} does not exist", False
-    checks.append(
-        Check(
-            "GREEN bridge",
-            ok,
-            detail,
-            "set GREEN to bridge mode in the web UI (Network > Zone Configuration: GREEN "
-            "'Bridge'), then reboot; the appliance's NIC joins that bridge",
-        )
-    )
-    need_mib = site.appliance.memory_mib + MEMORY_MARGIN_MIB
-    have_mib = int(facts.get("mem_kib") or 0) // 1024
-    checks.append(
-        Check(
-            "free memory",
-            have_mib >= need_mib,
-            f"{have_mib} MiB available, the appliance needs {site.appliance.memory_mib} MiB "
-            f"+ {MEMORY_MARGIN_MIB}",
-            "free memory on the host or lower appliance.memory_mib",
-        )
-    )
-    need_kib = site.appliance.disk_gib * 1024 * 1024
-    have_kib = int(facts.get("disk_kib") or 0)
-    checks.append(
-        Check(
-            "free disk",
-            have_kib >= need_kib,
-            f"{have_kib / 1024**2:.1f} GiB free in {facts.get('disk_dir') or '?'}, the disk "
-            f"may grow to {site.appliance.disk_gib} GiB",
-            "free space there, or lower appliance.disk_gib",
-        )
-    )
-    checks.append(_ipfire_wireguard(site, facts))
-    red = (facts.files.get("red_iface") or "").strip()
-    checks.append(
-        Check(
-            "RED interface",
-            bool(red),
-            f"{red} (from {ipfire.RED_IFACE})" if red else f"{ipfire.RED_IFACE} is empty",
-            "connect RED first: the port forward is bound to the RED interface",
-        )
-    )
-    checks.append(_lan_address(site, facts))
-    return checks
-
-
-def _files_check(site: Site, facts: Facts, removing: bool) -> Check:
-    """The merge itself as a check: broken markers or a port clash are reported, not raised."""
-    try:
-        p = current_plan(site, facts, removing)
-    except HostError as e:
-        return Check("host files", False, e.what, e.fix)
-    blocks = [b.name for b in ipfire.find_blocks(facts.files.get("firewall_local") or "")]
-    verb = "removes" if removing else "merges into"
-    detail = f"{verb} {ipfire.FIREWALL_LOCAL} (appliance blocks now: {', '.join(blocks) or 'none'})"
-    return Check("host files", True, detail + "".join(f"; note: {n}" for n in p.notes))
-
-
-def current_plan(site: Site, facts: Facts, removing: bool) -> ipfire.Plan:
-    return ipfire.plan(
-        site, facts.files.get("firewall_local"), facts.files.get("routing"), remove=removing
-    )
 
 
 # --- applying: the second round trip ---------------------------------------------------------
@@ -467,7 +122,7 @@ class _HostFile:
         return self.new != self.old
 
 
-def _host_files(facts: Facts, plan: ipfire.Plan) -> tuple[_HostFile, _HostFile]:
+def _host_files(facts: Facts, plan: ipfire.HostFiles) -> tuple[_HostFile, _HostFile]:
     return (
         _HostFile(
             "fw",
@@ -565,7 +220,7 @@ def _rollback_lines(files: tuple[_HostFile, ...], teardown: list[str]) -> list[s
 HOST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-def apply_script(site: Site, facts: Facts, plan: ipfire.Plan, removing: bool) -> str:
+def apply_script(site: Site, facts: Facts, plan: ipfire.HostFiles, removing: bool) -> str:
     """Check nothing changed since the probe, stage and back up the changed files, stop the
     old hooks, install, run IPFire's own hooks and check what is live. A failure after the
     stop puts the old files and rules back, all in this one round trip."""
@@ -692,7 +347,7 @@ def _rolled_back(values: dict[str, str]) -> HostError:
 
 
 def apply(
-    client: paramiko.SSHClient, site: Site, facts: Facts, plan: ipfire.Plan, removing: bool
+    client: paramiko.SSHClient, site: Site, facts: Facts, plan: ipfire.HostFiles, removing: bool
 ) -> Applied:
     r = execute(client, "/bin/sh -s", input=apply_script(site, facts, plan, removing), timeout=120)
     values, backups = parse_apply(r.stdout)

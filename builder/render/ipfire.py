@@ -137,7 +137,7 @@ def _marker_name(site: Site) -> str:
 
 
 @dataclass(frozen=True)
-class Plan:
+class HostFiles:
     """The two files as they should be on the host, and what the admin should know."""
 
     firewall_local: str
@@ -431,16 +431,16 @@ def stock_routing() -> str:
     return (DATA / "routing").read_text()
 
 
-def plan(
+def host_files(
     site: Site,
     firewall_local: str | None = None,
     routing: str | None = None,
     remove: bool = False,
-) -> Plan:
+) -> HostFiles:
     """Both files as they should be; the host's current ones, else IPFire's stock ones."""
     fw = stock_firewall_local() if firewall_local is None else firewall_local
     rt = stock_routing() if routing is None else routing
     if remove:
-        return Plan(remove_firewall_block(fw, site.name), remove_routing(rt, site.name))
+        return HostFiles(remove_firewall_block(fw, site.name), remove_routing(rt, site.name))
     new_rt, notes = merge_routing(rt, site)
-    return Plan(merge_firewall_local(fw, site), new_rt, notes)
+    return HostFiles(merge_firewall_local(fw, site), new_rt, notes)

@@ -11,7 +11,7 @@ from pathlib import Path
 from builder.errors import GuestError
 from builder.image.build import PART_OFFSET, Image
 from builder.local.run import run
-from builder.render.iso import make_iso
+from builder.render.seed import make_iso
 
 INIT_LINE = re.compile(r"\[\s*(\d+\.\d+)\] Run (\S+) as init process")
 CLOUD_INIT_DONE = re.compile(r"Cloud-init v\. \S+ finished at .* Up (\d+(?:\.\d+)?) seconds")
