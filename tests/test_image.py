@@ -32,8 +32,8 @@ from builder.image.build import (
     default_cache_dir,
     read_list,
     recipe_digest,
-    trim_modules,
 )
+from builder.image.kmod import trim_modules
 from builder.progress import Progress
 from builder.render.seed import make_iso
 from tests.lab.boot import CLOUD_INIT_DONE, disk_args, qemu_command

@@ -13,7 +13,6 @@ unique is baked in: no SSH host keys, an empty machine-id, no random seed, no pa
 from __future__ import annotations
 
 import fcntl
-import gzip
 import hashlib
 import json
 import os
@@ -31,6 +30,8 @@ from pathlib import Path
 import yaml
 
 from builder.errors import HostError
+from builder.image.initramfs import initrd
+from builder.image.kmod import trim_modules
 from builder.local.run import run
 from builder.progress import Progress
 from builder.resources import checkout, data_dir
@@ -238,30 +239,14 @@ def prune_bytecode(ctx: BuildContext) -> None:
 
 
 def make_initrd(ctx: BuildContext) -> None:
-    """Replace initramfs-tools' initrd (about 6 MB: udev, kmod, libcrypto) with one of about
-    0.2 MB: klibc programs, the virtio disk modules and initrd-init.sh as /init."""
+    """Replace initramfs-tools' initrd with the small one initrd.txt lists, initrd-init.sh
+    as /init."""
     spec: dict[str, list[str]] = {"module": [], "program": []}
     for line in read_list(ctx.recipe / "initrd.txt"):
         kind, name = line.split()
         spec[kind].append(name)
-    base = ctx.root / "usr/lib/modules" / ctx.kernel
-    order = module_load_order(base, spec["module"])
-    klibc = sorted((ctx.root / "usr/lib").glob("klibc-*.so"))
-    if len(klibc) != 1:
-        raise HostError(f"expected one klibc library, found {klibc}")
-    archive = Cpio()
-    for d in ("bin", "dev", "lib", "lib/modules", "proc", "sys", "root"):
-        archive.directory(d)
-    archive.device("dev/console", 0o600, 5, 1)
-    archive.file(f"lib/{klibc[0].name}", klibc[0].read_bytes(), 0o755)
-    for name in spec["program"]:
-        archive.file(f"bin/{name}", (ctx.root / "usr/lib/klibc/bin" / name).read_bytes(), 0o755)
-    for mod in order:
-        archive.file(f"lib/modules/{Path(mod).name}", (base / mod).read_bytes(), 0o644)
-    load_order = "".join(Path(mod).name + "\n" for mod in order)
-    archive.file("lib/modules/load-order", load_order.encode(), 0o644)
-    archive.file("init", (ctx.recipe / "initrd-init.sh").read_bytes(), 0o755)
-    data = gzip.compress(archive.finish(), compresslevel=9, mtime=0)
+    init = (ctx.recipe / "initrd-init.sh").read_bytes()
+    data, order = initrd(ctx.root, ctx.kernel, spec["module"], spec["program"], init)
     (ctx.root / "boot" / f"initrd.img-{ctx.kernel}").write_bytes(data)
     ctx.progress.say(f"initrd: {len(order)} modules, {len(data) / 1024:.0f} KiB")
 
@@ -350,100 +335,6 @@ def tree_size(root: Path) -> int:
     return total
 
 
-def module_name(path: str) -> str:
-    return Path(path).name.removesuffix(".ko").replace("-", "_")
-
-
-def trim_modules(root: Path, kernel: str, patterns: list[str]) -> tuple[set[str], int]:
-    """Keep modules whose path below kernel/ matches a pattern, plus their dependencies and
-    soft dependencies (from modules.dep and modules.softdep); delete the rest."""
-    base = root / "usr/lib/modules" / kernel
-    deps: dict[str, list[str]] = {}
-    for line in (base / "modules.dep").read_text().splitlines():
-        mod, _, rest = line.partition(":")
-        deps[mod] = rest.split()
-    by_name = {module_name(m): m for m in deps}
-    softdeps: dict[str, list[str]] = {}
-    softdep_file = base / "modules.softdep"
-    if softdep_file.exists():
-        for line in softdep_file.read_text().splitlines():
-            words = line.split()
-            if len(words) > 2 and words[0] == "softdep":
-                names = [w for w in words[2:] if not w.endswith(":")]
-                softdeps[by_name.get(words[1].replace("-", "_"), "")] = [
-                    by_name[n.replace("-", "_")] for n in names if n.replace("-", "_") in by_name
-                ]
-    regexes = [re.compile(p) for p in patterns]
-    todo = [m for m in deps if any(r.search(m.removeprefix("kernel/")) for r in regexes)]
-    kept: set[str] = set()
-    while todo:
-        mod = todo.pop()
-        if mod not in kept:
-            kept.add(mod)
-            todo += deps.get(mod, []) + softdeps.get(mod, [])
-    dropped = 0
-    for mod in deps:
-        if mod not in kept:
-            (base / mod).unlink()
-            dropped += 1
-    for dirpath, _, _ in sorted(os.walk(base / "kernel"), reverse=True):
-        if not os.listdir(dirpath):
-            os.rmdir(dirpath)
-    return kept, dropped
-
-
-def module_load_order(base: Path, names: list[str]) -> list[str]:
-    """Module paths (relative to `base`) for `names` and their dependencies, dependencies first."""
-    deps: dict[str, list[str]] = {}
-    for line in (base / "modules.dep").read_text().splitlines():
-        mod, _, rest = line.partition(":")
-        deps[mod] = rest.split()
-    by_name = {module_name(m): m for m in deps}
-    order: list[str] = []
-
-    def visit(mod: str) -> None:
-        if mod not in order:
-            for dep in deps[mod]:
-                visit(dep)
-            order.append(mod)
-
-    for name in names:
-        if name.replace("-", "_") not in by_name:
-            raise HostError(f"initrd module {name} is not in the image's kernel")
-        visit(by_name[name.replace("-", "_")])
-    return order
-
-
-class Cpio:
-    """A cpio archive in the kernel's initramfs format (newc), built in memory."""
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-        self.ino = 0
-
-    def _entry(self, name: str, mode: int, body: bytes = b"", rdev: tuple[int, int] = (0, 0)):
-        self.ino += 1
-        fields = (self.ino, mode, 0, 0, 1, 0, len(body), 0, 0, *rdev, len(name) + 1, 0)
-        self.data += b"070701" + "".join(f"{f:08x}" for f in fields).encode()
-        self.data += name.encode() + b"\0"
-        self.data += b"\0" * (-len(self.data) % 4)
-        self.data += body
-        self.data += b"\0" * (-len(self.data) % 4)
-
-    def directory(self, name: str) -> None:
-        self._entry(name, 0o040755)
-
-    def file(self, name: str, body: bytes, perm: int) -> None:
-        self._entry(name, 0o100000 | perm, body)
-
-    def device(self, name: str, perm: int, major: int, minor: int) -> None:
-        self._entry(name, 0o020000 | perm, rdev=(major, minor))
-
-    def finish(self) -> bytes:
-        self._entry("TRAILER!!!", 0)
-        return bytes(self.data)
-
-
 @contextmanager
 def locked(path: Path) -> Iterator[None]:
     """One build per cache at a time; a second caller waits, then finds its image cached."""
@@ -469,8 +360,14 @@ def qcow_virtual_size(path: Path) -> int:
     return int(info["virtual-size"])
 
 
+def manifest_of(qcow: Path) -> Path:
+    """Where an image's manifest lives: beside it, `<stem>.json`."""
+    return qcow.with_suffix(".json")
+
+
 def load_cached(entry: Path) -> Image | None:
-    qcow, manifest_path = entry / f"{NAME}.qcow2", entry / f"{NAME}.json"
+    qcow = entry / f"{NAME}.qcow2"
+    manifest_path = manifest_of(qcow)
     if not (qcow.is_file() and manifest_path.is_file()):
         return None
     manifest = json.loads(manifest_path.read_text())
@@ -530,11 +427,20 @@ def build_image(
             image = _build(cache, entry, digest, mirror, progress)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
-        manifest_out = out.with_suffix(".json")
+        manifest_out = manifest_of(out)
         shutil.copyfile(image.path, out)
         shutil.copyfile(image.manifest_path, manifest_out)
         image = Image(out, manifest_out, image.digest, image.sha256, image.size)
     return image
+
+
+def image_file(path: Path) -> tuple[Path, str]:
+    """(path, content sha256) of an image the user names: the sha256 from its manifest when
+    one is beside it (as `build --out` leaves it), else hashed."""
+    manifest = manifest_of(path)
+    if manifest.is_file():
+        return path, json.loads(manifest.read_text())["sha256"]
+    return path, sha256_file(path)
 
 
 def _build(cache: Path, entry: Path, digest: str, mirror: str | None, progress: Progress) -> Image:
