@@ -2,8 +2,10 @@
 
 The build is a straight pipeline of stages (bootstrap, configure, trim, initrd, bytecode,
 scrub, filesystem, bootloader, compress), each a plain function over one BuildContext, each
-announced through `Progress.stage`. Every subprocess goes through `builder.run.run`. The
-build needs root: mmdebstrap runs in root mode and extlinux installs onto a loop mount.
+announced through `Progress.stage`; what the stages share beyond the tree (the kernel module
+closure, the initrd archive) lives in kmod.py and initramfs.py. Every subprocess goes through
+`builder.local.run.run`. The build needs root: mmdebstrap runs in root mode and extlinux
+installs onto a loop mount.
 
 The disk is MBR with one ext4 partition at 1 MiB, booted by extlinux (no grub, no udev needed
 at build time). The filesystem is `^64bit` because extlinux cannot read 64-bit ext4. Nothing
