@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from builder.local.state import ssh_genkey
+from builder.model.keys import ssh_genkey
 from tests.conftest import EXAMPLE
 from tests.lab import lab as L
 from tests.lab.clients import PeerAddressServer, WgClient, ping, tcp_source_seen

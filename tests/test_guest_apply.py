@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from builder.guest import apply as ga
+from builder.guest import agent as ga
 
 WG = ga.FILES["wg0.conf"][0]
 NFT = ga.FILES["nftables.conf"][0]
@@ -324,16 +324,18 @@ def test_real_read_does_not_follow_links_and_run_names_the_failure(tmp_path):
 
 
 def test_the_program_sync_sends_runs_without_site_packages():
-    """As sync sends it: the probe's source, then this file, under `python3 -S -c`."""
+    """As sync sends it: the agent, whole, under `python3 -S -c`."""
     import subprocess
     import sys
 
-    from builder.sync import APPLIER
-    from builder.verify import PROBE
+    from builder.remote.appliance import AGENT
 
-    program = f"PROBE = {PROBE.read_text()!r}\n" + APPLIER.read_text()
+    program = AGENT.read_text()
     p = subprocess.run(
-        [sys.executable, "-S", "-I", "-c", program], input="\n", capture_output=True, text=True
+        [sys.executable, "-S", "-I", "-c", program, "sync"],
+        input="\n",
+        capture_output=True,
+        text=True,
     )
     assert p.returncode == 0, p.stderr
     facts = json.loads(p.stdout)

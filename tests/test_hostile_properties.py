@@ -184,7 +184,7 @@ def judge_wg_quick(name: str, text: str, tmp: Path) -> None:
 
 
 def judge_all(site, tmp: Path) -> None:
-    from builder.local.state import Keys, PeerKeys, wg_pubkey
+    from builder.model.keys import Keys, PeerKeys, wg_pubkey
 
     peers = {}
     for p in site.peers:

@@ -6,7 +6,8 @@ import json
 import stat
 import subprocess
 
-from builder.local.state import State, ssh_genkey, ssh_pubkey, wg_genkey, wg_genpsk, wg_pubkey
+from builder.local.state import State
+from builder.model.keys import ssh_genkey, ssh_pubkey, wg_genkey, wg_genpsk, wg_pubkey
 from builder.model.site import load_site
 
 

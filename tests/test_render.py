@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from builder.local.state import Keys, PeerKeys, State, wg_pubkey
+from builder.local.state import State
+from builder.model.keys import Keys, PeerKeys, wg_pubkey
 from builder.model.site import load_site
 from builder.render.appliance import (
     render_nftables,

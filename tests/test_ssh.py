@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from builder.errors import ConnectError
-from builder.local.state import ssh_genkey, ssh_pubkey
+from builder.model.keys import ssh_genkey, ssh_pubkey
 from builder.remote.ssh import HostKeyMismatch, Target, connect, execute, wait_for_ssh
 
 

@@ -9,10 +9,14 @@ from types import SimpleNamespace
 
 import pytest
 
+from builder.checks.drift import changes as plan
+from builder.checks.drift import vm_changes
 from builder.errors import GuestError
 from builder.local.state import State
 from builder.model.site import load_site
-from builder.sync import _answer, failure, plan, vm_changes, wanted_files
+from builder.remote.appliance import SyncChannel
+from builder.render.appliance import appliance_files
+from builder.sync import failure
 from tests.test_verify_checks import facts as healthy_facts  # noqa: F401  (fixture)
 from tests.test_verify_checks import site_keys  # noqa: F401  (fixture)
 
@@ -22,7 +26,7 @@ def facts(healthy_facts, site_keys):  # noqa: F811
     site, keys = site_keys
     f = copy.deepcopy(healthy_facts)
     f["files"] = {
-        k: hashlib.sha256(v.encode()).hexdigest() for k, v in wanted_files(site, keys).items()
+        k: hashlib.sha256(v.encode()).hexdigest() for k, v in appliance_files(site, keys).items()
     }
     f["addresses"] = {"lan0": ["192.168.77.50/24"], "wg0": ["10.77.0.1/24", "fd77::1/64"]}
     return f
@@ -66,7 +70,7 @@ def test_guest_strip_equals_wg_quick_strip(tmp_path):
     """The appliance strips wg-quick keys in Python; it must match `wg-quick strip`."""
     import subprocess
 
-    from builder.guest.apply import strip
+    from builder.guest.agent import strip
     from tests.test_render import GOLDEN
 
     conf = tmp_path / "wg0.conf"
@@ -143,9 +147,9 @@ def test_a_garbled_answer_is_escaped(site_keys):  # noqa: F811
     stdout = SimpleNamespace(readline=lambda: "\x1b[2Jnot json\r\n")
     stderr = SimpleNamespace(channel=SimpleNamespace(recv_stderr=lambda n: b"Trace\x1b[31m\n"))
     with pytest.raises(GuestError) as e:
-        _answer(site, stdout, stderr)
+        SyncChannel(None, stdout, stderr).answer()
     assert "Trace\\x1b[31m" in str(e.value) and not CONTROLS.search(str(e.value))
     quiet = SimpleNamespace(channel=SimpleNamespace(recv_stderr=lambda n: b""))
     for line in ("[1, 2]\n", '"text"\n', ""):
         with pytest.raises(GuestError):
-            _answer(site, SimpleNamespace(readline=lambda line=line: line), quiet)
+            SyncChannel(None, SimpleNamespace(readline=lambda line=line: line), quiet).answer()

@@ -10,10 +10,10 @@ import re
 
 import pytest
 
+from builder.checks.appliance import evaluate
 from builder.local.state import State
 from builder.model.site import load_site
 from builder.render.appliance import render_nftables
-from builder.verify import evaluate
 
 NOW = 1_800_000_000.0
 

@@ -8,7 +8,8 @@ from functools import cache
 import jinja2
 
 from builder.errors import RenderError
-from builder.local.state import Keys
+from builder.guest.agent import FILES as GUEST_FILES
+from builder.model.keys import Keys
 from builder.model.site import CONTROL_RE, Peer, Site
 from builder.resources import data_dir
 
@@ -54,6 +55,16 @@ def render_sysctl(site: Site) -> str:
     return _render("sysctl.conf.j2", ipv6=ipv6)
 
 
+def appliance_files(site: Site, keys: Keys) -> dict[str, str]:
+    """The appliance's own files by their name in the guest's file table: cloud-init writes
+    them at first boot, sync replaces them."""
+    return {
+        "wg0.conf": render_wg_conf(site, keys),
+        "nftables.conf": render_nftables(site),
+        "sysctl": render_sysctl(site),
+    }
+
+
 def render_seed(site: Site, keys: Keys) -> dict[str, str]:
     """The three NoCloud files. instance-id follows the content, so a changed
     seed makes cloud-init apply it again on the next boot."""
@@ -61,9 +72,8 @@ def render_seed(site: Site, keys: Keys) -> dict[str, str]:
         "user-data.j2",
         site=site,
         keys=keys,
-        wg_conf=render_wg_conf(site, keys),
-        nftables_conf=render_nftables(site),
-        sysctl_conf=render_sysctl(site),
+        guest_files=GUEST_FILES,
+        files=appliance_files(site, keys),
     )
     network_config = _render("network-config.j2", site=site)
     digest = hashlib.sha256((user_data + "\0" + network_config).encode()).hexdigest()[:16]

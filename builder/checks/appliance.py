@@ -1,0 +1,207 @@
+"""Is the appliance as the site file says? Pure judgements of the facts its agent gathered.
+
+One Check per thing an admin would look at (cloud-init, wg0, peers, forwarding, firewall,
+routes, gateway, handshakes, resources); facts in, a Report out, no I/O.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from builder.checks.drift import peer_drift
+from builder.checks.result import Check
+from builder.model.keys import Keys
+from builder.model.site import Site
+from builder.text import printable
+
+HANDSHAKE_FRESH_S = 180
+
+
+@dataclass(frozen=True)
+class Report:
+    appliance: str
+    checks: tuple[Check, ...]
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"ok": self.ok, "appliance": self.appliance, "checks": [asdict(c) for c in self.checks]}
+        )
+
+    def table(self) -> str:
+        """One line per check; details quote the guest, so its text is escaped (and
+        to_json keeps it raw, as json.dumps escapes controls itself)."""
+        names = [_line(c.name) for c in self.checks]
+        width = max(len(n) for n in names)
+        lines = [
+            f"{'PASS' if c.ok else 'FAIL'}  {n:<{width}}  {_line(c.detail)}"
+            for c, n in zip(self.checks, names, strict=True)
+        ]
+        summary = "all checks pass" if self.ok else f"{sum(not c.ok for c in self.checks)} failed"
+        return "\n".join([f"appliance {_line(self.appliance)}: {summary}", *lines])
+
+
+def _line(text: str) -> str:
+    return printable(text, keep_newlines=False)
+
+
+def _json(text: str) -> dict[str, Any]:
+    try:
+        return json.loads(text) if text else {}
+    except ValueError:
+        return {}
+
+
+def _cloud_init(facts: dict[str, Any]) -> Check:
+    """Judged from /run/cloud-init/{status,result}.json, as `cloud-init status` does."""
+    status = _json(facts["cloud_init_status"]).get("v1", {})
+    result = _json(facts["cloud_init_result"]).get("v1")
+    errors = list(result.get("errors", [])) if result else []
+    for stage, info in status.items():
+        if isinstance(info, dict):
+            errors += [f"{stage}: {e}" for e in info.get("errors", [])]
+    lines = facts["cloud_init_log_tail"].splitlines()[-40:]
+    tail = " | ".join(ln for ln in lines if "WARNING" in ln or "ERROR" in ln)[-600:]
+    if not status:
+        return Check("cloud-init", False, "has not run (no /run/cloud-init/status.json)")
+    if result is None or status.get("stage"):
+        return Check("cloud-init", False, f"still running (stage {status.get('stage') or 'final'})")
+    if errors:
+        detail = "errors: " + "; ".join(str(e) for e in errors)[:400]
+        return Check("cloud-init", False, detail + (f"; log: {tail}" if tail else ""))
+    return Check("cloud-init", True, "done, no errors")
+
+
+def _wg0(site: Site, keys: Keys, facts: dict[str, Any]) -> Check:
+    wg, link = facts["wg"], facts["wg_link"]
+    if "error" in wg or not link:
+        return Check("wg0", False, f"wg0 is not up: {wg.get('error', 'no such interface')}".strip())
+    problems = []
+    if "UP" not in link[0].get("flags", []):
+        problems.append("link is down")
+    if wg["public_key"] != keys.wg_public:
+        problems.append(f"public key {wg['public_key'][:10]}... is not the site's")
+    if wg["listen_port"] != site.wireguard.listen_port:
+        problems.append(f"listen port {wg['listen_port']} != {site.wireguard.listen_port}")
+    if link[0].get("mtu") != site.wireguard.mtu:
+        problems.append(f"MTU {link[0].get('mtu')} != {site.wireguard.mtu}")
+    if problems:
+        return Check("wg0", False, "; ".join(problems))
+    return Check(
+        "wg0",
+        True,
+        f"up, port {wg['listen_port']}, MTU {site.wireguard.mtu}, key {keys.wg_public[:10]}...",
+    )
+
+
+def _nftables(site: Site, facts: dict[str, Any]) -> Check:
+    nft = facts["nft"]
+    if nft["rc"] != 0:
+        return Check("nftables", False, f"nft list ruleset failed: {nft['err'].strip()[:200]}")
+    text = nft["out"]
+    want = {
+        "appliance table": "table inet wg_appliance",
+        "listen port open": f"udp dport {site.wireguard.listen_port} accept",
+        "SSH from LAN": f"ip saddr {site.lan.address.network} tcp dport 22 accept",
+        "forward from wg0": 'iifname "wg0" accept',
+        "MSS clamping": "tcp option maxseg size set rt mtu",
+    }
+    missing = [label for label, rule in want.items() if rule not in text]
+    masq = "masquerade" in text
+    if site.wireguard.mode == "masquerade" and not masq:
+        missing.append("masquerade rule")
+    if site.wireguard.mode == "routed" and masq:
+        missing.append("no masquerade in routed mode")
+    if missing:
+        return Check("nftables", False, "missing: " + ", ".join(missing))
+    return Check("nftables", True, f"ruleset for {site.wireguard.mode} mode")
+
+
+def _routes(site: Site, facts: dict[str, Any]) -> Check:
+    have = {(r.get("dst"), r.get("dev")) for r in facts["routes"]}
+    nets = [n for p in site.peers for n in p.networks]
+    missing = [str(n) for n in nets if (str(n), "wg0") not in have]
+    if missing:
+        return Check("routes", False, "no route via wg0 for " + ", ".join(missing))
+    return Check(
+        "routes", True, f"{len(nets)} site network(s) via wg0" if nets else "no site networks"
+    )
+
+
+def _handshakes(site: Site, keys: Keys, facts: dict[str, Any], required: set[str]) -> list[Check]:
+    now = facts["time"]
+    live = {p["public_key"]: p for p in facts["wg"].get("peers", [])}
+    checks = []
+    for p in site.peers:
+        h = live.get(keys.peers[p.name].public)
+        last = h["latest_handshake"] if h else 0
+        age = now - last if last else None
+        fresh = age is not None and age <= HANDSHAKE_FRESH_S
+        must = p.name in required or (p.is_site and p.endpoint is not None)
+        if age is None:
+            detail = "no handshake yet"
+        else:
+            detail = f"last handshake {age:.0f}s ago" + ("" if fresh else " (stale)")
+        if not must:
+            detail += " (informational)"
+        checks.append(Check(f"handshake {p.name}", fresh or not must, detail))
+    return checks
+
+
+def _resources(facts: dict[str, Any], local_time: float) -> Check:
+    problems = []
+    if facts["disk_free"] < 100e6:
+        problems.append(f"disk nearly full ({facts['disk_free'] / 1e6:.0f} MB free)")
+    if facts["mem_available"] < 32e6:
+        problems.append(f"memory low ({facts['mem_available'] / 1e6:.0f} MB available)")
+    skew = facts["time"] - local_time
+    if abs(skew) > 120:
+        problems.append(f"clock off by {skew:+.0f}s")
+    detail = (
+        f"disk {facts['disk_free'] / 1e6:.0f}/{facts['disk_total'] / 1e6:.0f} MB free, "
+        f"memory {facts['mem_available'] / 1e6:.0f}/{facts['mem_total'] / 1e6:.0f} MB available, "
+        f"clock skew {skew:+.1f}s"
+    )
+    return Check("resources", not problems, "; ".join(problems) if problems else detail)
+
+
+def evaluate(
+    site: Site,
+    keys: Keys,
+    facts: dict[str, Any],
+    local_time: float,
+    required: set[str] = frozenset(),
+) -> Report:
+    """Pure: the site, its keys and the guest's facts in, the checks out."""
+    drift = peer_drift(site, keys, facts["wg"].get("peers", []))
+    v4 = facts["ip_forward"] == "1"
+    v6 = facts["ip6_forward"] == "1" or not any(a.version == 6 for a in site.wireguard.addresses)
+    gw = facts["gateway"] or {"ok": False, "detail": "not probed"}
+    checks = [
+        Check("ssh", True, f"{site.ssh.user}@{site.lan.address.ip}, host key pinned"),
+        _cloud_init(facts),
+        _wg0(site, keys, facts),
+        Check(
+            "peers",
+            not drift,
+            "; ".join(drift) if drift else f"{len(site.peers)} peers as in the site file",
+        ),
+        Check(
+            "forwarding",
+            v4 and v6,
+            "IPv4" + (" and IPv6" if v6 else "") + " forwarding on"
+            if v4 and v6
+            else f"ip_forward={facts['ip_forward']} ipv6 forwarding={facts['ip6_forward']}",
+        ),
+        _nftables(site, facts),
+        _routes(site, facts),
+        Check("gateway", gw["ok"], f"{site.lan.gateway}: {gw['detail']}"),
+        *_handshakes(site, keys, facts, set(required)),
+        _resources(facts, local_time),
+    ]
+    return Report(site.name, tuple(checks))

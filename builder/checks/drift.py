@@ -1,0 +1,102 @@
+"""How the live appliance differs from the site file: peer by peer, file by file, and what
+only a new VM can change. Pure; verify and sync both judge with it."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from builder.model.keys import Keys
+from builder.model.site import Site
+from builder.render.appliance import appliance_files
+from builder.render.libvirt_xml import META_DISK_GIB, META_MEMORY_MIB, META_VCPUS
+from builder.text import printable
+
+VM_KEYS = {META_MEMORY_MIB: "memory_mib", META_VCPUS: "vcpus", META_DISK_GIB: "disk_gib"}
+
+
+def expected_peers(site: Site, keys: Keys) -> dict[str, dict[str, Any]]:
+    """The live peer set the site asks for, keyed by public key."""
+    out = {}
+    for p in site.peers:
+        pk = keys.peers[p.name]
+        out[pk.public] = {
+            "name": p.name,
+            "allowed_ips": sorted(str(n) for n in p.allowed_ips),
+            "psk_sha256": hashlib.sha256(pk.psk.encode()).hexdigest() if pk.psk else None,
+            "endpoint": str(p.endpoint) if p.endpoint else None,
+            "keepalive": p.keepalive or 0,
+        }
+    return out
+
+
+def peer_drift(site: Site, keys: Keys, live: list[dict[str, Any]]) -> list[str]:
+    """Differences between the site's peers and wg0's, one line per peer."""
+    want = expected_peers(site, keys)
+    have = {p["public_key"]: p for p in live}
+    drift = []
+    for pub, w in want.items():
+        h = have.get(pub)
+        if h is None:
+            drift.append(f"{w['name']}: missing on the appliance")
+            continue
+        diffs = []
+        if h["allowed_ips"] != w["allowed_ips"]:
+            diffs.append(f"AllowedIPs {','.join(h['allowed_ips'])} != {','.join(w['allowed_ips'])}")
+        if h["psk_sha256"] != w["psk_sha256"]:
+            diffs.append("preshared key differs")
+        if w["endpoint"] and h["endpoint"] != w["endpoint"]:
+            diffs.append(f"endpoint {h['endpoint']} != {w['endpoint']}")
+        if h["keepalive"] != w["keepalive"]:
+            diffs.append(f"keepalive {h['keepalive']} != {w['keepalive']}")
+        if diffs:
+            drift.append(f"{w['name']}: " + "; ".join(diffs))
+    for pub in have.keys() - want.keys():
+        drift.append(f"unknown peer {pub[:10]}... on the appliance (not in the site file)")
+    return drift
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def vm_changes(site: Site, facts: dict, metadata: dict[str, str] | None) -> list[str]:
+    """Differences only a new VM can bring, each with the site key that asks for it."""
+    out = []
+    lan = facts["addresses"].get("lan0", [])
+    if str(site.lan.address) not in lan:
+        have = _shown(", ".join(lan)) or "none"
+        out.append(f"lan.address: appliance has {have}, site says {site.lan.address}")
+    wg_have = set(facts["addresses"].get("wg0", []))
+    wg_want = {str(a) for a in site.wireguard.addresses}
+    if wg_have and wg_have != wg_want:
+        out.append(
+            f"wireguard.address: appliance has {_shown(', '.join(sorted(wg_have)))}, "
+            f"site says {', '.join(sorted(wg_want))}"
+        )
+    if metadata:
+        for meta_key, attr in VM_KEYS.items():
+            want = str(getattr(site.appliance, attr))
+            if meta_key in metadata and metadata[meta_key] != want:
+                out.append(f"appliance.{attr}: {_shown(metadata[meta_key])} -> {want}")
+    return out
+
+
+def changes(site: Site, keys: Keys, facts: dict) -> list[str]:
+    """What sync would change, one line each (peers by name, then files); the lines quote
+    the guest (endpoints, AllowedIPs) and go to the terminal, so they are escaped here."""
+    changes = [_shown(d) for d in peer_drift(site, keys, facts["wg"].get("peers", []))]
+    files = appliance_files(site, keys)
+    have = facts.get("files", {})
+    if have.get("nftables.conf") != _sha(files["nftables.conf"]):
+        changes.append(f"firewall: ruleset for {site.wireguard.mode} mode")
+    if have.get("sysctl") != _sha(files["sysctl"]):
+        changes.append("forwarding settings")
+    if have.get("wg0.conf") != _sha(files["wg0.conf"]) and not changes:
+        changes.append("wg0.conf (comments, port or MTU)")
+    return changes
+
+
+def _shown(text: str) -> str:
+    """Guest text on one terminal line: controls and newlines escaped."""
+    return printable(text, keep_newlines=False)

@@ -1,0 +1,99 @@
+"""How the tool reaches a running appliance: its pinned SSH login, and the agent
+(builder/guest/agent.py) it runs there, sent whole on each call so the image needs nothing
+of the tool's own."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from builder.errors import GuestError
+from builder.model.keys import Keys
+from builder.model.site import Site
+from builder.remote.ssh import Target, connect, execute
+from builder.text import printable
+
+AGENT = Path(__file__).resolve().parent.parent / "guest" / "agent.py"
+SUDO_FIX = "check that the admin user has passwordless sudo and python3 is present"
+
+
+def target_for(site: Site, keys: Keys) -> Target:
+    return Target(
+        host=str(site.lan.address.ip),
+        user=site.ssh.user,
+        private_key=keys.admin_key,
+        host_public=keys.host_public,
+    )
+
+
+def agent_command(mode: str, *args: str) -> str:
+    """The agent as one `python3 -S -c` command: no file is left in the guest."""
+    words = [shlex.quote(AGENT.read_text()), mode, *map(shlex.quote, args)]
+    return "sudo -n python3 -S -c " + " ".join(words)
+
+
+def _shown(text: str) -> str:
+    return printable(text, keep_newlines=False)
+
+
+def _document(text: str, what: str, stderr=lambda: "") -> dict[str, Any]:
+    """One JSON object from the agent, or a GuestError quoting what came instead (the
+    agent's stderr when it has any, read only then)."""
+    try:
+        answer = json.loads(text)
+    except ValueError:
+        answer = None
+    if isinstance(answer, dict):
+        return answer
+    said = stderr().strip() or text.strip()
+    raise GuestError(f"{what}: the appliance did not answer: {_shown(said[-300:])}", SUDO_FIX)
+
+
+def gather(site: Site, keys: Keys, timeout: float = 20.0) -> dict[str, Any]:
+    """Every fact verify judges: one connection, one command."""
+    client = connect(target_for(site, keys), timeout=timeout)
+    try:
+        arg = json.dumps({"gateway": str(site.lan.gateway)})
+        result = execute(client, agent_command("probe", arg), timeout=timeout + 30)
+    finally:
+        client.close()
+    if result.rc != 0:
+        raise GuestError(
+            f"the probe failed on the appliance (exit {result.rc}): "
+            + _shown(result.stderr.strip()[-300:]),
+            SUDO_FIX,
+        )
+    return _document(result.stdout, "verify", lambda: result.stderr)
+
+
+class SyncChannel:
+    """The agent in sync mode: it sends the light facts, takes one request, sends the outcome."""
+
+    def __init__(self, stdin, stdout, stderr):
+        self._stdin, self._stdout, self._stderr = stdin, stdout, stderr
+
+    def answer(self) -> dict[str, Any]:
+        return _document(self._stdout.readline(), "sync", self._stderr_text)
+
+    def _stderr_text(self) -> str:
+        return self._stderr.channel.recv_stderr(4096).decode(errors="replace")
+
+    def send(self, request: dict[str, Any]) -> None:
+        self._stdin.write(json.dumps(request) + "\n")
+        self._stdin.flush()
+
+
+@contextmanager
+def sync_channel(site: Site, keys: Keys) -> Iterator[SyncChannel]:
+    """One SSH channel, one agent process for the whole sync: probe, then apply."""
+    client = connect(target_for(site, keys))
+    stdin, stdout, stderr = client.exec_command(agent_command("sync"), timeout=120)
+    try:
+        yield SyncChannel(stdin, stdout, stderr)
+    finally:
+        stdin.channel.shutdown_write()
+        client.close()
