@@ -6,9 +6,13 @@ import json
 import stat
 import subprocess
 
+import pytest
+
+from builder.errors import HostError
 from builder.local.state import State
 from builder.model.keys import ssh_genkey, ssh_pubkey, wg_genkey, wg_genpsk, wg_pubkey
 from builder.model.site import load_site
+from tests.conftest import wg_cli
 
 
 def test_wg_pubkey_matches_wg_tool():
@@ -94,3 +98,52 @@ def test_load_without_state_makes_nothing(site_dir):
     state.path.mkdir(parents=True, mode=0o700)
     assert state.load() is None
     assert list(state.path.iterdir()) == []
+
+
+def _snapshot(path):
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(path.iterdir())}
+
+
+def test_looking_writes_nothing_even_for_a_new_peer(site_dir):
+    """verify and dry runs derive keys as deploy does, but the state dir stays as it was."""
+    site = load_site(site_dir / "site.toml")
+    state = State.for_site(site)
+    issued = state.keys_for(site)
+    before = _snapshot(state.path)
+    text = (site_dir / "site.toml").read_text()
+    (site_dir / "site.toml").write_text(
+        text + '\n[[peers]]\nname = "new"\naddress = "10.77.0.9/32"\n'
+    )
+    grown = load_site(site_dir / "site.toml")
+    looked = State.for_site(grown).look(grown)
+    assert _snapshot(state.path) == before
+    assert (
+        looked.wg_private == issued.wg_private and looked.peers["laptop"] == issued.peers["laptop"]
+    )
+    assert "new" in looked.peers and looked.peers["new"] != looked.peers["laptop"]
+
+
+def test_looking_without_keys_makes_no_state_dir(site_dir):
+    site = load_site(site_dir / "site.toml")
+    state = State.for_site(site)
+    with pytest.raises(HostError, match="no keys in"):
+        state.look(site)
+    assert not state.path.exists()
+
+
+def test_verify_and_dry_run_leave_the_state_dir_alone(site_dir):
+    """The real commands, against an appliance that is not there: they fail (exit 3 or 1)
+    and have written nothing, though the site names a peer with no key yet."""
+    site = load_site(site_dir / "site.toml")
+    state = State.for_site(site)
+    state.keys_for(site)
+    text = (site_dir / "site.toml").read_text().replace("192.168.77.50/24", "127.0.0.2/8")
+    text = text.replace("192.168.77.1", "127.0.0.1")
+    (site_dir / "site.toml").write_text(
+        text + '\n[[peers]]\nname = "new"\naddress = "10.77.0.9/32"\n'
+    )
+    before = _snapshot(state.path)
+    for args in (["verify", "--timeout", "2"], ["sync", "--dry-run"]):
+        r = wg_cli(*args, "--site", str(site_dir / "site.toml"), "--state", str(state.path))
+        assert r.returncode in (1, 3) and "Traceback" not in r.stderr, r.stderr
+        assert _snapshot(state.path) == before, args
