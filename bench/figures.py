@@ -113,8 +113,7 @@ def lab() -> dict[str, float]:
     push iperf3 through the tunnel beside the same path without it. TCG figures."""
     from tests.lab import lab as L
     from tests.lab.clients import WgClient, ping
-    from tests.lab.internet import RW_NS
-    from tests.test_e2e import internet
+    from tests.lab.internet import RW_NS, plain_red
 
     img = build_image(cache=default_cache_dir(), progress=Progress(quiet=True))
     with tempfile.TemporaryDirectory() as d:
@@ -123,7 +122,7 @@ def lab() -> dict[str, float]:
     lab.up()
     client = None
     try:
-        internet(lab)
+        plain_red(lab, "192.168.77.50")
         with tempfile.TemporaryDirectory() as d:
             site = big_site(Path(d) / "site.toml", 1000, endpoint="203.0.113.1:51820")
             deploy_s, r = _timed_cli(lab, "deploy", "--site", str(site), "--image", str(img.path))

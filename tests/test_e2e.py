@@ -23,7 +23,15 @@ from builder.model.keys import ssh_genkey
 from tests.conftest import EXAMPLE
 from tests.lab import lab as L
 from tests.lab.clients import PeerAddressServer, WgClient, ping, tcp_source_seen
-from tests.lab.internet import BLAN_HOST, BLAN_NS, BRANCH_NS, RW_NS, add_far_side, remove_far_side
+from tests.lab.internet import (
+    BLAN_HOST,
+    BLAN_NS,
+    BRANCH_NS,
+    PLAIN_RED_UP,
+    RW_NS,
+    plain_red,
+    remove_far_side,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.root, pytest.mark.vm]
 
@@ -33,49 +41,6 @@ APPLIANCE = "192.168.77.50"
 def cli(lab: L.Lab, *args: str, ns: str = L.LAN_NS, check: bool = False, timeout: float = 900):
     """The real command line, run on the LAN host as an admin's workstation would."""
     return lab.exec(ns, [sys.executable, "-m", "builder", *args], check=check, timeout=timeout)
-
-
-def internet(lab: L.Lab) -> None:
-    """RED side: the host's red0 to an 'internet' router with a road warrior and a branch
-    office behind it. The host DNATs the listen port to the appliance, as IPFire's
-    firewall.local block does (tests/test_ipfire_lab.py runs the same through the tool's)."""
-    if INET_UP.exists():
-        return
-    lab.add_namespace(L.INET_NS)
-    lab.add_veth(
-        L.HOST_NS,
-        "red0",
-        L.INET_NS,
-        "eth0",
-        address=_if("203.0.113.1/24"),
-        peer_address=_if("203.0.113.2/24"),
-    )
-    lab.add_route(L.HOST_NS, "default", "203.0.113.2")
-    add_far_side(lab)
-    lab.exec(
-        L.HOST_NS,
-        [
-            "iptables",
-            "-t",
-            "nat",
-            "-A",
-            "PREROUTING",
-            "-i",
-            "red0",
-            "-p",
-            "udp",
-            "--dport",
-            "51820",
-            "-j",
-            "DNAT",
-            "--to-destination",
-            APPLIANCE,
-        ],
-    )
-    INET_UP.touch()
-
-
-INET_UP = L.STATE_DIR / "e2e-internet"
 
 
 def _if(text: str):
@@ -95,13 +60,13 @@ def site(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def net(lab):
-    internet(lab)
+    plain_red(lab, APPLIANCE)
     yield lab
     lab.remove_namespace(RW2_NS)
     remove_far_side(lab)
     lab.exec(L.HOST_NS, ["iptables", "-t", "nat", "-F", "PREROUTING"], check=False)
     lab.remove_namespace(L.INET_NS)
-    INET_UP.unlink(missing_ok=True)
+    PLAIN_RED_UP.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from ipaddress import IPv4Interface
 
-from tests.lab.lab import INET_NS, Lab
+from tests.lab.lab import HOST_NS, INET_NS, STATE_DIR, Lab
 
 RW_NS, BRANCH_NS, BLAN_NS = "wgl-rw", "wgl-branch", "wgl-blan"
 BLAN_HOST = "192.168.88.10"
 FAR_NAMESPACES = (BLAN_NS, BRANCH_NS, RW_NS)
+PLAIN_RED_UP = STATE_DIR / "e2e-internet"
 
 
 def add_far_side(lab: Lab) -> None:
@@ -42,3 +43,43 @@ def remove_far_side(lab: Lab) -> None:
     for ns in FAR_NAMESPACES:
         lab.remove_namespace(ns)
     lab.exec(INET_NS, ["ip", "link", "del", "inet0"], check=False)
+
+
+def plain_red(lab: Lab, appliance: str) -> None:
+    """RED side: the host's red0 to an 'internet' router with a road warrior and a branch
+    office behind it. The host DNATs the listen port to the appliance, as IPFire's
+    firewall.local block does (tests/test_ipfire_lab.py runs the same through the tool's)."""
+    if PLAIN_RED_UP.exists():
+        return
+    lab.add_namespace(INET_NS)
+    lab.add_veth(
+        HOST_NS,
+        "red0",
+        INET_NS,
+        "eth0",
+        address=IPv4Interface("203.0.113.1/24"),
+        peer_address=IPv4Interface("203.0.113.2/24"),
+    )
+    lab.add_route(HOST_NS, "default", "203.0.113.2")
+    add_far_side(lab)
+    lab.exec(
+        HOST_NS,
+        [
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-i",
+            "red0",
+            "-p",
+            "udp",
+            "--dport",
+            "51820",
+            "-j",
+            "DNAT",
+            "--to-destination",
+            appliance,
+        ],
+    )
+    PLAIN_RED_UP.touch()
