@@ -1,4 +1,9 @@
-"""Command line: the only place that prints results and maps errors to exit codes."""
+"""Command line: the only place that prints results and maps errors to exit codes.
+
+Each command is a handler with the arguments it takes declared just above it; `@command`
+adds it to the table the parser is built from, with --site/--state and --json switched on
+per command.
+"""
 
 from __future__ import annotations
 
@@ -10,19 +15,59 @@ import select
 import signal
 import sys
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from builder import __version__
 from builder.errors import ApplianceError, InputError
-from builder.ipfire import add_ipfire_arguments, cmd_ipfire
 from builder.local.files import OutDir, file_target, write_files
 from builder.local.state import STATE_FIX, State
+from builder.model.login import parse_login
 from builder.model.site import Site, load_site
 from builder.progress import Progress
+from builder.render import ipfire
 from builder.render.seed import SECRET, make_seed
+from builder.text import printable
+
+if TYPE_CHECKING:
+    from builder.checks.result import Check
+    from builder.ipfire import IpfireRun
+    from builder.remote.ipfire import Applied
 
 Handler = Callable[[argparse.Namespace], int]
-COMMANDS: dict[str, Handler] = {}
+Arguments = Callable[[argparse.ArgumentParser], None]
+
+RESULT = "machine-readable result"
+DOCUMENT = "one JSON document on stdout"
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    example: str
+    handler: Handler
+    arguments: Arguments | None
+    site: bool  # takes --site FILE and --state DIR
+    json: str  # the help of its --json; empty: no --json
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def command(
+    name: str,
+    help: str,
+    example: str,
+    arguments: Arguments | None = None,
+    site: bool = True,
+    json: str = "",
+) -> Callable[[Handler], Handler]:
+    def register(handler: Handler) -> Handler:
+        COMMANDS[name] = Command(help, example, handler, arguments, site, json)
+        return handler
+
+    return register
 
 
 def _site_and_state(args: argparse.Namespace) -> tuple[Site, State]:
@@ -30,6 +75,7 @@ def _site_and_state(args: argparse.Namespace) -> tuple[Site, State]:
     return site, State.for_site(site, args.state)
 
 
+@command("check", "validate a site file and change nothing", "wg-appliance check --site site.toml")
 def cmd_check(args: argparse.Namespace) -> int:
     site = load_site(args.site)
     kinds = sum(1 for p in site.peers if p.is_site)
@@ -41,6 +87,17 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _render_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", metavar="DIR", help="output folder (default: STATE/seed)")
+
+
+@command(
+    "render",
+    "render the cloud-init seed (user-data, meta-data, network-config, seed.iso)",
+    "wg-appliance render --site site.toml --out seed/",
+    _render_arguments,
+    json=RESULT,
+)
 def cmd_render(args: argparse.Namespace) -> int:
     site, state = _site_and_state(args)
     if args.out:
@@ -66,6 +123,24 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def _peer_config_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", help="peer name from the site file")
+    p.add_argument(
+        "--qr", metavar="PNG|-", help="also write a QR code PNG, or '-' for the terminal"
+    )
+    p.add_argument(
+        "--full-tunnel",
+        action="store_true",
+        help="route everything through the tunnel (AllowedIPs 0.0.0.0/0, ::/0)",
+    )
+
+
+@command(
+    "peer-config",
+    "print a wg-quick config for one peer",
+    "wg-appliance peer-config --site site.toml laptop --qr -",
+    _peer_config_arguments,
+)
 def cmd_peer_config(args: argparse.Namespace) -> int:
     from builder.render.appliance import render_peer_config
 
@@ -96,6 +171,24 @@ def _qr(text: str):
     return segno.make(text, error="l")
 
 
+def _image_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", metavar="FILE", help="also copy the qcow2 here")
+    p.add_argument("--cache", metavar="DIR", help="image cache folder")
+    p.add_argument(
+        "--mirror", metavar="URL", help="Debian mirror (default: the host's apt sources)"
+    )
+    p.add_argument("--force", action="store_true", help="rebuild even when cached")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+@command(
+    "image",
+    "build the appliance disk image (cached by recipe digest)",
+    "wg-appliance image --out appliance.qcow2",
+    _image_arguments,
+    site=False,
+    json=RESULT,
+)
 def cmd_image(args: argparse.Namespace) -> int:
     from builder.image.build import build_image, default_cache_dir
 
@@ -121,24 +214,18 @@ def cmd_image(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_verify(args: argparse.Namespace) -> int:
-    from builder.verify import verify
-
-    site, state = _site_and_state(args)
-    report = verify(site, state, timeout=args.timeout, required=set(args.require_handshake))
-    print(report.to_json() if args.json else report.table())
-    return 0 if report.ok else 1
-
-
 def _image_for(args: argparse.Namespace, progress: Progress) -> tuple[Path, str]:
     """(qcow2 path, content sha256): the given --image, else the cached build."""
     if getattr(args, "image", None):
-        from builder.image.build import image_file
+        from builder.image.build import sha256_file
 
         path = Path(args.image)
         if not path.is_file():
             raise InputError(str(path), "--image", "no such file")
-        return image_file(path)
+        manifest = path.with_suffix(".json")
+        if manifest.is_file():
+            return path, json.loads(manifest.read_text())["sha256"]
+        return path, sha256_file(path)
     from builder.image.build import build_image, default_cache_dir
 
     image = build_image(cache=default_cache_dir(), progress=progress)
@@ -160,6 +247,32 @@ def _deploy(args: argparse.Namespace, site: Site, state: State, progress: Progre
     )
 
 
+def _deploy_arguments(p: argparse.ArgumentParser) -> None:
+    """deploy's and up's: both put the appliance on the host."""
+    p.add_argument(
+        "--image", metavar="FILE", help="a built qcow2 (default: build or reuse the cached one)"
+    )
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="recreate the VM when the site changed (keys are kept)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=900.0,
+        metavar="S",
+        help="how long to wait for the appliance's SSH (default 900)",
+    )
+
+
+@command(
+    "deploy",
+    "deploy the appliance to the site's libvirt host and wait for SSH",
+    "wg-appliance deploy --site site.toml",
+    _deploy_arguments,
+    json=RESULT,
+)
 def cmd_deploy(args: argparse.Namespace) -> int:
     site, state = _site_and_state(args)
     result = _deploy(args, site, state, Progress(quiet=args.json))
@@ -174,18 +287,12 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_destroy(args: argparse.Namespace) -> int:
-    from builder.deploy import destroy
-
-    site = load_site(args.site)
-    removed = destroy(site, keep_disk=args.keep_disk, everything=args.all)
-    if args.json:
-        print(json.dumps({"removed": removed}))
-    else:
-        print("removed: " + ", ".join(removed) if removed else f"{site.name}: nothing to remove")
-    return 0
-
-
+@command(
+    "up",
+    "image, deploy and verify in one go (what `make appliance` runs)",
+    "wg-appliance up --site site.toml",
+    _deploy_arguments,
+)
 def cmd_up(args: argparse.Namespace) -> int:
     """The whole path: image, seed, deploy, verify; the state dir keeps the keys."""
     from builder.verify import verify
@@ -205,6 +312,45 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _destroy_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--keep-disk", action="store_true", help="keep the appliance's disk volume")
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="also remove the shared base image when no other appliance uses it",
+    )
+
+
+@command(
+    "destroy",
+    "remove the appliance's VM and its own volumes",
+    "wg-appliance destroy --site site.toml --keep-disk",
+    _destroy_arguments,
+    json=RESULT,
+)
+def cmd_destroy(args: argparse.Namespace) -> int:
+    from builder.deploy import destroy
+
+    site = load_site(args.site)
+    removed = destroy(site, keep_disk=args.keep_disk, everything=args.all)
+    if args.json:
+        print(json.dumps({"removed": removed}))
+    else:
+        print("removed: " + ", ".join(removed) if removed else f"{site.name}: nothing to remove")
+    return 0
+
+
+def _sync_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dry-run", action="store_true", help="show the changes, apply nothing")
+
+
+@command(
+    "sync",
+    "apply peer, route and firewall changes to the running appliance, no restart",
+    "wg-appliance sync --site site.toml --dry-run",
+    _sync_arguments,
+    json=RESULT,
+)
 def cmd_sync(args: argparse.Namespace) -> int:
     from builder.sync import sync
 
@@ -229,6 +375,161 @@ def cmd_sync(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ipfire_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--out", metavar="DIR", help="write the merged files here (default: STATE/ipfire)"
+    )
+    p.add_argument("--apply", action="store_true", help="install the files on the host and reload")
+    p.add_argument("--remove", action="store_true", help="remove this appliance's block and routes")
+    p.add_argument(
+        "--ssh", metavar="root@HOST[:222]", help="the IPFire host (SSH port 222 by default)"
+    )
+    pin = p.add_mutually_exclusive_group()
+    pin.add_argument("--host-key", metavar="SHA256:...", help="the host key's fingerprint")
+    pin.add_argument(
+        "--known-hosts",
+        metavar="FILE",
+        help="known_hosts to check the host key against (default ~/.ssh/known_hosts)",
+    )
+    p.add_argument("--identity", metavar="FILE", help="SSH private key (default: agent, ~/.ssh)")
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None
+
+
+@command(
+    "ipfire",
+    "make the IPFire host side right: port forward, routes, firewall (checks first)",
+    "wg-appliance ipfire --site site.toml --ssh root@ipfire:222 --apply",
+    _ipfire_arguments,
+    json=DOCUMENT,
+)
+def cmd_ipfire(args: argparse.Namespace) -> int:
+    from builder.ipfire import run_ipfire
+
+    run = run_ipfire(
+        load_site(args.site),
+        ssh=args.ssh,
+        apply=args.apply,
+        remove=args.remove,
+        out=_path(args.out),
+        state=args.state,
+        known_hosts=_path(args.known_hosts),
+        host_key=args.host_key,
+        identity=_path(args.identity),
+    )
+    return _show_ipfire(args, run)
+
+
+def _show_ipfire(args: argparse.Namespace, run: IpfireRun) -> int:
+    """Prints the run, every value the host reported through _shown; returns the exit code
+    (1 when a check failed)."""
+    if args.json:
+        print(json.dumps({key: v for key, v in asdict(run).items() if v is not None}))
+    else:
+        if run.checks:
+            _print_checks(run.host, run.checks)
+        for note in run.notes or []:
+            print(f"note: {_shown(note)}", file=sys.stderr)
+        if run.applied:
+            _print_applied(args, run.applied)
+        if run.out:
+            _print_install(args, run.out, run.source)
+    return 1 if run.ok is False else 0
+
+
+def _print_checks(host: str | None, checks: list[Check]) -> None:
+    width = max(len(c.name) for c in checks)
+    failed = sum(not c.ok for c in checks)
+    print(f"{host}: " + (f"{failed} failed" if failed else "all ok"))
+    for c in checks:
+        print(f"{'ok  ' if c.ok else 'FAIL'}  {c.name:<{width}}  {_shown(c.detail)}")
+        if not c.ok and c.fix:
+            print(f"{'':6}{'':<{width}}  fix: {_shown(c.fix)}")
+
+
+def _print_applied(args: argparse.Namespace, applied: Applied) -> None:
+    what = [
+        name
+        for name, changed in (
+            (ipfire.FIREWALL_LOCAL, applied.firewall_local_changed),
+            (ipfire.ROUTING, applied.routing_changed),
+        )
+        if changed
+    ]
+    verb = "removed" if args.remove else "applied"
+    print(f"{verb}: " + (", ".join(what) + " changed" if what else "files unchanged"))
+    for b in applied.backups:
+        print(f"backup: {_shown(b)}")
+    for line in _shown(applied.reload_output, one_line=False).splitlines():
+        print(f"reload: {line}")
+    print(
+        f"live: {len(applied.rules)} rules in the appliance's chains, "
+        f"{len(applied.routes)} routes in table 200"
+    )
+    if not args.remove:
+        print(f"next: wg-appliance verify --site {args.site}")
+
+
+def _print_install(args: argparse.Namespace, out: dict[str, str], source: str | None) -> None:
+    """Where the files went and how to install them by hand, or with --apply."""
+    host = args.ssh or "root@ipfire:222"
+    login = parse_login(host)
+    fw, rt = out["firewall.local"], out["routing"]
+    ssh = f"ssh -p {login.port} {login.user}@{login.host}"
+    scp = f"scp -P {login.port}"
+    print(
+        "\n".join(
+            [
+                f"wrote {fw} and {rt} (merged into {source})",
+                "to install them by hand:",
+                f"  {ssh} '{ipfire.FIREWALL_LOCAL} stop'",
+                f"  {scp} {fw} {login.user}@{login.host}:{ipfire.FIREWALL_LOCAL}",
+                f"  {scp} {rt} {login.user}@{login.host}:{ipfire.ROUTING}",
+                f"  {ssh} 'chown nobody:nobody {ipfire.ROUTING} && "
+                f"{ipfire.FIREWALL_LOCAL} start && {ipfire.STATIC_ROUTES} start'",
+                f"or let the tool do it (backups included): wg-appliance ipfire --site "
+                f"{args.site} --ssh {host} --apply" + (" --remove" if args.remove else ""),
+            ]
+        )
+    )
+
+
+def _shown(text: str, one_line: bool = True) -> str:
+    """Host text with control characters escaped and bytes that are not UTF-8 as \\xNN."""
+    text = text.encode(errors="surrogateescape").decode(errors="backslashreplace")
+    return printable(text, keep_newlines=not one_line)
+
+
+def _verify_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--timeout", type=float, default=20.0, metavar="S", help="SSH timeout")
+    p.add_argument(
+        "--require-handshake",
+        nargs="*",
+        default=[],
+        metavar="PEER",
+        help="peers that must have a handshake in the last 180 s",
+    )
+
+
+@command(
+    "verify",
+    "check a deployed appliance over SSH (exit 0 all pass, 1 a check failed, "
+    "2 bad input, 3 could not connect)",
+    "wg-appliance verify --site site.toml --require-handshake branch --json",
+    _verify_arguments,
+    json=DOCUMENT,
+)
+def cmd_verify(args: argparse.Namespace) -> int:
+    from builder.verify import verify
+
+    site, state = _site_and_state(args)
+    report = verify(site, state, timeout=args.timeout, required=set(args.require_handshake))
+    print(report.to_json() if args.json else report.table())
+    return 0 if report.ok else 1
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="wg-appliance",
@@ -238,164 +539,32 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"wg-appliance {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def command(
-        name: str, help: str, example: str, handler: Handler, site: bool = True
-    ) -> argparse.ArgumentParser:
+    for name, c in COMMANDS.items():
         sp = sub.add_parser(
             name,
-            help=help,
-            description=help,
-            epilog=f"example: {example}",
+            help=c.help,
+            description=c.help,
+            epilog=f"example: {c.example}",
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        if site:
+        if c.site:
             sp.add_argument("--site", required=True, metavar="FILE", help="the site file (TOML)")
             sp.add_argument(
                 "--state",
                 metavar="DIR",
                 help="state dir with keys (default: .wg-appliance/NAME beside the site)",
             )
-        COMMANDS[name] = handler
-        return sp
-
-    command(
-        "check",
-        "validate a site file and change nothing",
-        "wg-appliance check --site site.toml",
-        cmd_check,
-    )
-
-    sp = command(
-        "render",
-        "render the cloud-init seed (user-data, meta-data, network-config, seed.iso)",
-        "wg-appliance render --site site.toml --out seed/",
-        cmd_render,
-    )
-    sp.add_argument("--out", metavar="DIR", help="output folder (default: STATE/seed)")
-    sp.add_argument("--json", action="store_true", help="machine-readable result")
-
-    sp = command(
-        "peer-config",
-        "print a wg-quick config for one peer",
-        "wg-appliance peer-config --site site.toml laptop --qr -",
-        cmd_peer_config,
-    )
-    sp.add_argument("name", help="peer name from the site file")
-    sp.add_argument(
-        "--qr", metavar="PNG|-", help="also write a QR code PNG, or '-' for the terminal"
-    )
-    sp.add_argument(
-        "--full-tunnel",
-        action="store_true",
-        help="route everything through the tunnel (AllowedIPs 0.0.0.0/0, ::/0)",
-    )
-
-    sp = command(
-        "image",
-        "build the appliance disk image (cached by recipe digest)",
-        "wg-appliance image --out appliance.qcow2",
-        cmd_image,
-        site=False,
-    )
-    sp.add_argument("--out", metavar="FILE", help="also copy the qcow2 here")
-    sp.add_argument("--cache", metavar="DIR", help="image cache folder")
-    sp.add_argument(
-        "--mirror", metavar="URL", help="Debian mirror (default: the host's apt sources)"
-    )
-    sp.add_argument("--force", action="store_true", help="rebuild even when cached")
-    sp.add_argument("--quiet", action="store_true", help="no progress output")
-    sp.add_argument("--json", action="store_true", help="machine-readable result")
-
-    for name, help, example, handler in (
-        (
-            "deploy",
-            "deploy the appliance to the site's libvirt host and wait for SSH",
-            "wg-appliance deploy --site site.toml",
-            cmd_deploy,
-        ),
-        (
-            "up",
-            "image, deploy and verify in one go (what `make appliance` runs)",
-            "wg-appliance up --site site.toml",
-            cmd_up,
-        ),
-    ):
-        sp = command(name, help, example, handler)
-        sp.add_argument(
-            "--image", metavar="FILE", help="a built qcow2 (default: build or reuse the cached one)"
-        )
-        sp.add_argument(
-            "--replace",
-            action="store_true",
-            help="recreate the VM when the site changed (keys are kept)",
-        )
-        sp.add_argument(
-            "--timeout",
-            type=float,
-            default=900.0,
-            metavar="S",
-            help="how long to wait for the appliance's SSH (default 900)",
-        )
-        if name == "deploy":
-            sp.add_argument("--json", action="store_true", help="machine-readable result")
-
-    sp = command(
-        "destroy",
-        "remove the appliance's VM and its own volumes",
-        "wg-appliance destroy --site site.toml --keep-disk",
-        cmd_destroy,
-    )
-    sp.add_argument("--keep-disk", action="store_true", help="keep the appliance's disk volume")
-    sp.add_argument(
-        "--all",
-        action="store_true",
-        help="also remove the shared base image when no other appliance uses it",
-    )
-    sp.add_argument("--json", action="store_true", help="machine-readable result")
-
-    sp = command(
-        "sync",
-        "apply peer, route and firewall changes to the running appliance, no restart",
-        "wg-appliance sync --site site.toml --dry-run",
-        cmd_sync,
-    )
-    sp.add_argument("--dry-run", action="store_true", help="show the changes, apply nothing")
-    sp.add_argument("--json", action="store_true", help="machine-readable result")
-
-    add_ipfire_arguments(
-        command(
-            "ipfire",
-            "make the IPFire host side right: port forward, routes, firewall (checks first)",
-            "wg-appliance ipfire --site site.toml --ssh root@ipfire:222 --apply",
-            cmd_ipfire,
-        )
-    )
-
-    sp = command(
-        "verify",
-        "check a deployed appliance over SSH (exit 0 all pass, 1 a check failed, "
-        "2 bad input, 3 could not connect)",
-        "wg-appliance verify --site site.toml --require-handshake branch --json",
-        cmd_verify,
-    )
-    sp.add_argument("--json", action="store_true", help="one JSON document on stdout")
-    sp.add_argument("--timeout", type=float, default=20.0, metavar="S", help="SSH timeout")
-    sp.add_argument(
-        "--require-handshake",
-        nargs="*",
-        default=[],
-        metavar="PEER",
-        help="peers that must have a handshake in the last 180 s",
-    )
-
+        if c.arguments:
+            c.arguments(sp)
+        if c.json:
+            sp.add_argument("--json", action="store_true", help=c.json)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        code = COMMANDS[args.command](args)
+        code = COMMANDS[args.command].handler(args)
         sys.stdout.flush()
         return code
     except ApplianceError as e:

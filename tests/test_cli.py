@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import wg_cli
+from tests.conftest import ROOT, wg_cli
 
 
 def test_help_on_every_command():
@@ -196,7 +199,28 @@ def test_broken_pipe_other_than_stdout_is_exit_1_one_line(site_dir, monkeypatch,
     def broken(args):
         raise BrokenPipeError(32, "Broken pipe")
 
-    monkeypatch.setattr(cli, "cmd_check", broken)
+    monkeypatch.setitem(
+        cli.COMMANDS, "check", dataclasses.replace(cli.COMMANDS["check"], handler=broken)
+    )
     assert cli.main(["check", "--site", str(site_dir / "site.toml")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: Broken pipe: ") and err.count("\n") == 1
+
+
+def test_ipfire_out_without_a_host_does_not_load_paramiko(site_dir):
+    """Writing the host files by hand needs no SSH library, so none is imported."""
+    run = (
+        "import sys; from builder.cli import main; code = main(sys.argv[1:]); "
+        "print('paramiko' in sys.modules, file=sys.stderr); sys.exit(code)"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", run, "ipfire", "--site", str(site_dir / "site.toml")]
+        + ["--out", str(site_dir / "out")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert (site_dir / "out" / "routing").is_file()
+    assert r.stderr.splitlines()[-1] == "False", r.stderr

@@ -1001,7 +1001,9 @@ def test_host_scripts_write_no_fixed_path_in_tmp(routed_site):
 
 
 def test_host_values_reach_the_terminal_escaped(routed_site, capsys):
-    from builder.ipfire import _print
+    from builder.cli import _show_ipfire
+    from builder.ipfire import IpfireRun
+    from builder.remote.ipfire import Applied
 
     facts = good_facts()
     facts.files["release"] = "IPFire 2.29\x1b]0;owned\x07\x1b[2J"
@@ -1016,7 +1018,8 @@ def test_host_values_reach_the_terminal_escaped(routed_site, capsys):
         "reload_output": "wg-appliance: no port forward\n\x1b[2Kdone\r",
     }
     args = mock.Mock(json=False, remove=False, site="site.toml")
-    _print(args, {"host": "root@ipfire:222", "applied": applied}, checks)
+    run = IpfireRun("wg-gw", "routed", "root@ipfire:222", checks, applied=Applied(**applied))
+    _show_ipfire(args, run)
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\r" not in out and "\x07" not in out
     assert "IPFire 2.29\\x1b]0;owned\\x07\\x1b[2J" in out
@@ -1033,12 +1036,15 @@ def test_host_output_in_errors_is_escaped():
 
 
 def test_out_writes_a_non_utf8_host_file_byte_exact(routed_site, tmp_path, capsys):
-    from builder.ipfire import _write_out
+    from builder.cli import _show_ipfire
+    from builder.ipfire import IpfireRun, write_out
 
     facts = probe_facts(LATIN1_FIREWALL_LOCAL, b"on,10.10.0.0/16,192.168.77.2,B\xfcro\n")
     plan = ipfire_checks.current_files(routed_site, facts, removing=False)
     args = mock.Mock(out=str(tmp_path / "out"), json=True, remove=False, ssh="root@ipfire")
-    assert _write_out(args, routed_site, plan, {"source": "the host"}) == 0
+    out = write_out(routed_site, plan, tmp_path / "out", None)
+    run = IpfireRun(routed_site.name, "routed", out=out, source="the host")
+    assert _show_ipfire(args, run) == 0
     assert (tmp_path / "out/firewall.local").read_bytes() == ipfire.host_bytes(plan.firewall_local)
     assert b"# NAS bei M\xfcller" in (tmp_path / "out/firewall.local").read_bytes()
     assert (
