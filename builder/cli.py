@@ -216,17 +216,13 @@ def cmd_image(args: argparse.Namespace) -> int:
 
 def _image_for(args: argparse.Namespace, progress: Progress) -> tuple[Path, str]:
     """(qcow2 path, content sha256): the given --image, else the cached build."""
-    if getattr(args, "image", None):
-        from builder.image.build import sha256_file
+    from builder.image.build import build_image, default_cache_dir, image_file
 
+    if args.image:
         path = Path(args.image)
         if not path.is_file():
             raise InputError(str(path), "--image", "no such file")
-        manifest = path.with_suffix(".json")
-        if manifest.is_file():
-            return path, json.loads(manifest.read_text())["sha256"]
-        return path, sha256_file(path)
-    from builder.image.build import build_image, default_cache_dir
+        return image_file(path)
 
     image = build_image(cache=default_cache_dir(), progress=progress)
     return image.path, image.sha256
