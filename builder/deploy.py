@@ -15,10 +15,12 @@ import libvirt
 
 from builder.errors import ConnectError, HostError
 from builder.local.files import OutDir, write_files
-from builder.local.state import Keys, State
+from builder.local.state import State
+from builder.model.keys import Keys
 from builder.model.site import Site
 from builder.progress import Progress
 from builder.remote import libvirtd as lh
+from builder.remote.appliance import target_for
 from builder.remote.libvirtd import serial_tail
 from builder.remote.ssh import execute, wait_for_ssh
 from builder.render.libvirt_xml import (
@@ -35,7 +37,6 @@ from builder.render.libvirt_xml import (
     DomainSpec,
 )
 from builder.render.seed import SECRET, make_seed
-from builder.verify import target_for
 
 BOOT_TIMEOUT_S = 900.0
 CLOUD_INIT_RESULT = "/run/cloud-init/result.json"

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import pycdlib
 
-from builder.local.state import Keys
+from builder.model.keys import Keys
 from builder.model.site import Site
 from builder.render.appliance import render_seed, seed_digest
 
