@@ -296,10 +296,15 @@ def _addr_text(value: Any, ctx: _Ctx, key: str, what: str) -> str:
     return value
 
 
-def _interface(value: Any, ctx: _Ctx, key: str) -> IPInterface:
-    value = _addr_text(value, ctx, key, "address with prefix")
+def _cidr_text(value: Any, ctx: _Ctx, key: str, what: str) -> str:
+    value = _addr_text(value, ctx, key, what)
     if "/" not in value:
         raise ctx.fail(key, f"{value!r} has no prefix length (write e.g. {value}/24)")
+    return value
+
+
+def _interface(value: Any, ctx: _Ctx, key: str) -> IPInterface:
+    value = _cidr_text(value, ctx, key, "address with prefix")
     try:
         return ipaddress.ip_interface(value)
     except ValueError:
@@ -335,9 +340,7 @@ _NOT_ROUTABLE = tuple(
 
 
 def _network(value: Any, ctx: _Ctx, key: str) -> IPNetwork:
-    value = _addr_text(value, ctx, key, "network in CIDR form")
-    if "/" not in value:
-        raise ctx.fail(key, f"{value!r} has no prefix length (write e.g. {value}/24)")
+    value = _cidr_text(value, ctx, key, "network in CIDR form")
     try:
         return ipaddress.ip_network(value)
     except ValueError:
@@ -723,14 +726,7 @@ def parse_site(data: dict[str, Any], path: Path) -> Site:
     if lan.gateway == lan.address.ip:
         raise ctx.fail("lan.gateway", "is the appliance's own address")
 
-    wg = WireGuard(
-        addresses=wg_d["address"],
-        listen_port=wg_d["listen_port"],
-        mode=wg_d["mode"],
-        mtu=wg_d["mtu"],
-        endpoint=wg_d["endpoint"],
-        client_dns=wg_d["client_dns"],
-    )
+    wg = WireGuard(**_as_fields(wg_d))
     _check_wireguard(wg, lan, ctx)
 
     raw_peers = data.get("peers", [])
@@ -766,16 +762,13 @@ def _check_wireguard(wg: WireGuard, lan: Lan, ctx: _Ctx) -> None:
 
 
 def _peer(raw: Any, i: int, ctx: _Ctx) -> Peer:
-    d = _section(raw, "peers", ctx, f"peers[{i}]")
-    return Peer(
-        name=d["name"],
-        addresses=d["address"],
-        public_key=d["public_key"],
-        networks=d["networks"],
-        endpoint=d["endpoint"],
-        keepalive=d["keepalive"],
-        preshared_key=d["preshared_key"],
-    )
+    return Peer(**_as_fields(_section(raw, "peers", ctx, f"peers[{i}]")))
+
+
+def _as_fields(parsed: dict[str, Any]) -> dict[str, Any]:
+    """A parsed section as dataclass fields: the file says `address` (one or a list), the
+    model holds `addresses`."""
+    return {("addresses" if k == "address" else k): v for k, v in parsed.items()}
 
 
 def _check_peers(peers: tuple[Peer, ...], wg: WireGuard, lan: Lan, ctx: _Ctx) -> None:
