@@ -12,7 +12,11 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "site.toml"
 
-pytest_plugins = ["tests.plugins.image_fixture", "tests.plugins.lab_fixture"]
+pytest_plugins = [
+    "tests.plugins.image_fixture",
+    "tests.plugins.lab_fixture",
+    "tests.plugins.samples",
+]
 
 
 def wg_cli(

@@ -36,8 +36,7 @@ from builder.render.appliance import (
     render_wg_conf,
 )
 from builder.render.libvirt_xml import DomainSpec, domain_xml
-from tests.test_render import ADMIN_KEY, HOST_KEY, LAPTOP_PRIVATE, PSK, WG_PRIVATE
-from tests.test_site import BASE
+from tests.plugins.samples import ADMIN_KEY, BASE, HOST_KEY, LAPTOP_PRIVATE, PSK, WG_PRIVATE
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="nft --check needs a network namespace")
 

@@ -18,7 +18,7 @@ import pytest
 from builder.cli import main
 from builder.errors import InputError
 from builder.model.site import is_low_order, load_site
-from tests.test_site import BASE, write
+from tests.plugins.samples import BASE, GOOD_KEY, write
 
 INJECT = "\\n[Interface]\\nPreUp = touch /tmp/wga-pwned"
 
@@ -241,8 +241,6 @@ def test_low_order_public_keys_are_refused(tmp_path, capsys, point):
 
 
 def test_ordinary_public_key_is_not_low_order():
-    from tests.test_site import GOOD_KEY
-
     assert not is_low_order(base64.b64decode(GOOD_KEY))
 
 

@@ -482,7 +482,7 @@ def test_parse_login_rejects(value):
 
 
 def ipfire_cli(*args: str) -> subprocess.CompletedProcess:
-    from tests.lab.ipfire_host import ipfire_cli_argv
+    from tests.lab.ipfire_standin import ipfire_cli_argv
 
     return subprocess.run(
         [*ipfire_cli_argv(), *args], cwd=ROOT, capture_output=True, text=True, timeout=60

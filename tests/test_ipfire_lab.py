@@ -23,7 +23,7 @@ from tests.conftest import EXAMPLE, ROOT
 from tests.lab import lab as L
 from tests.lab.clients import PeerAddressServer, WgClient, tcp_source_seen
 from tests.lab.internet import BLAN_HOST, BLAN_NS, BRANCH_NS, RW_NS, add_far_side, remove_far_side
-from tests.lab.ipfire_host import HostRoot, IpfireLab, ipfire_cli_argv
+from tests.lab.ipfire_standin import HostRoot, IpfireLab, ipfire_cli_argv
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]
 

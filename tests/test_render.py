@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 import yaml
@@ -20,29 +19,13 @@ from builder.render.appliance import (
 )
 from builder.render.seed import make_iso
 from tests.conftest import EXAMPLE
-
-GOLDEN = Path(__file__).parent / "golden"
-# Fixed test-only keys, so rendering can be compared byte for byte.
-WG_PRIVATE = "eKFumKw0T62tBm0c2veryf+bW7RXbj+KmGHtPn+zLWQ="
-LAPTOP_PRIVATE = "aC7dv5alAuTpCpKuz3ea4Pt7HtlOsldBIFEKblzMkEE="
-PSK = "tz2P0llJ+YT2ZiQpz6+r2EnAcD8moAMMPvUjAanRrh8="
-HOST_KEY = (
-    "-----BEGIN OPENSSH PRIVATE KEY-----\n"
-    "b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtz\n"
-    "c2gtZWQyNTUxOQAAACAWNVUjILEdTjv5dkViECn4qj1/LGx2RMu3gOTwVfC7ZAAA\n"
-    "AIh1zFucdcxbnAAAAAtzc2gtZWQyNTUxOQAAACAWNVUjILEdTjv5dkViECn4qj1/\n"
-    "LGx2RMu3gOTwVfC7ZAAAAEAc8uelyBepJm3uCpjmAgAy7jCGYtW9jXFxzgMyCWjW\n"
-    "YBY1VSMgsR1OO/l2RWIQKfiqPX8sbHZEy7eA5PBV8LtkAAAAAAECAwQF\n"
-    "-----END OPENSSH PRIVATE KEY-----\n"
-)
-ADMIN_KEY = (
-    "-----BEGIN OPENSSH PRIVATE KEY-----\n"
-    "b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtz\n"
-    "c2gtZWQyNTUxOQAAACDJYjyI27AyZJLRuXztTwInT3j+Hi11QmfG5PyLcElPNgAA\n"
-    "AIhxQATucUAE7gAAAAtzc2gtZWQyNTUxOQAAACDJYjyI27AyZJLRuXztTwInT3j+\n"
-    "Hi11QmfG5PyLcElPNgAAAECTJrXu5tSfEQKg79xf0Qlfyh7NRLeqMhSJ1T0oO/4D\n"
-    "KsliPIjbsDJkktG5fO1PAidPeP4eLXVCZ8bk/ItwSU82AAAAAAECAwQF\n"
-    "-----END OPENSSH PRIVATE KEY-----\n"
+from tests.plugins.samples import (
+    ADMIN_KEY,
+    GOLDEN,
+    HOST_KEY,
+    LAPTOP_PRIVATE,
+    PSK,
+    WG_PRIVATE,
 )
 
 

@@ -8,39 +8,7 @@ import pytest
 
 from builder.errors import InputError
 from builder.model.site import default_mac, load_site
-
-BASE = """\
-[appliance]
-name = "gw"
-
-[lan]
-address = "192.168.1.50/24"
-gateway = "192.168.1.1"
-dns = ["192.168.1.1"]
-
-[ssh]
-authorized_keys = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHd41cylJeb1D/0kBJPiXsOVcFYMbhJsNd7RYxiUYOeM me"]
-
-[wireguard]
-address = ["10.9.0.1/24", "fd09::1/64"]
-endpoint = "vpn.example.org:51820"
-
-[[peers]]
-name = "laptop"
-address = ["10.9.0.2/32", "fd09::2/128"]
-
-[[peers]]
-name = "branch"
-address = "10.9.0.3/32"
-networks = ["192.168.2.0/24"]
-"""
-GOOD_KEY = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg="
-
-
-def write(tmp_path: Path, text: str) -> Path:
-    p = tmp_path / "site.toml"
-    p.write_text(text)
-    return p
+from tests.plugins.samples import BASE, GOOD_KEY, write
 
 
 def error_of(tmp_path: Path, text: str) -> str:

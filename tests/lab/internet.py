@@ -1,7 +1,7 @@
 """The far side of RED: an 'internet' router namespace with a road warrior and a branch
 office (gateway plus a branch LAN host) behind it. The RED link itself (host red0 to
 `wgl-inet`) is made by whoever plays the host's firewall: the plain DNAT of test_e2e, or
-the IPFire stand-in in tests/lab/ipfire_host.py."""
+the IPFire stand-in in tests/lab/ipfire_standin.py."""
 
 from __future__ import annotations
 

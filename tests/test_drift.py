@@ -17,14 +17,12 @@ from builder.model.site import load_site
 from builder.remote.appliance import SyncChannel
 from builder.render.appliance import appliance_files
 from builder.sync import failure
-from tests.test_verify_checks import facts as healthy_facts  # noqa: F401  (fixture)
-from tests.test_verify_checks import site_keys  # noqa: F401  (fixture)
 
 
 @pytest.fixture
-def facts(healthy_facts, site_keys):  # noqa: F811
+def facts(facts, site_keys):
     site, keys = site_keys
-    f = copy.deepcopy(healthy_facts)
+    f = copy.deepcopy(facts)
     f["files"] = {
         k: hashlib.sha256(v.encode()).hexdigest() for k, v in appliance_files(site, keys).items()
     }
@@ -71,7 +69,7 @@ def test_guest_strip_equals_wg_quick_strip(tmp_path):
     import subprocess
 
     from builder.guest.agent import strip
-    from tests.test_render import GOLDEN
+    from tests.plugins.samples import GOLDEN
 
     conf = tmp_path / "wg0.conf"
     conf.write_text((GOLDEN / "wg0.conf").read_text())

@@ -1,7 +1,7 @@
 """Connect, preflight, pool, volume and domain logic against libvirt's test driver.
 
 test:///default keeps one state per process, so every test uses fresh names and cleans up.
-Stream uploads need a real libvirtd: see tests/test_libvirt_lab.py.
+Stream uploads need a real libvirtd: see tests/test_libvirtd_lab.py.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 from builder.errors import ConnectError, HostError, InputError
 from builder.remote import libvirtd as lh
 from builder.render.libvirt_xml import parse_metadata, volume_xml
-from tests.test_domain import spec
+from tests.plugins.samples import spec
 
 
 @pytest.fixture

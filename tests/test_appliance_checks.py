@@ -4,68 +4,13 @@ runs against the real appliance in the end-to-end tests)."""
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import re
 
 import pytest
 
 from builder.checks.appliance import evaluate
-from builder.local.state import State
-from builder.model.site import load_site
-from builder.render.appliance import render_nftables
-
-NOW = 1_800_000_000.0
-
-
-@pytest.fixture
-def site_keys(site_dir):
-    site = load_site(site_dir / "site.toml")
-    return site, State.for_site(site).keys_for(site)
-
-
-@pytest.fixture
-def facts(site_keys):
-    """What a healthy appliance reports."""
-    site, keys = site_keys
-    peers = []
-    for p in site.peers:
-        pk = keys.peers[p.name]
-        peers.append(
-            {
-                "public_key": pk.public,
-                "psk_sha256": hashlib.sha256(pk.psk.encode()).hexdigest() if pk.psk else None,
-                "endpoint": None,
-                "allowed_ips": sorted(str(n) for n in p.allowed_ips),
-                "latest_handshake": int(NOW - 30),
-                "rx": 1,
-                "tx": 1,
-                "keepalive": p.keepalive or 0,
-            }
-        )
-    # `nft list ruleset` prints rules as the conf file writes them, indented.
-    return {
-        "time": NOW,
-        "cloud_init_status": json.dumps(
-            {"v1": {"stage": None, "init": {"errors": []}, "modules-final": {"errors": []}}}
-        ),
-        "cloud_init_result": json.dumps({"v1": {"errors": []}}),
-        "cloud_init_log_tail": "",
-        "wg": {"public_key": keys.wg_public, "listen_port": 51820, "peers": peers},
-        "wg_link": [
-            {"ifname": "wg0", "flags": ["POINTOPOINT", "NOARP", "UP", "LOWER_UP"], "mtu": 1420}
-        ],
-        "ip_forward": "1",
-        "ip6_forward": "1",
-        "nft": {"rc": 0, "out": render_nftables(site), "err": ""},
-        "routes": [{"dst": "192.168.88.0/24", "dev": "wg0"}],
-        "gateway": {"ok": True, "detail": "0.3 ms"},
-        "disk_free": 1.5e9,
-        "disk_total": 2e9,
-        "mem_available": 300e6,
-        "mem_total": 500e6,
-        "uptime": 100.0,
-    }
+from tests.plugins.samples import NOW
 
 
 def failing(report) -> dict[str, str]:

@@ -5,38 +5,14 @@ from __future__ import annotations
 import shutil
 import uuid
 import xml.etree.ElementTree as ET
-from dataclasses import replace
 from pathlib import Path
 
 import libvirt
 import pytest
 
 from builder.local.run import run
-from builder.render.libvirt_xml import XMLNS, DomainSpec, domain_xml, owned_volumes, parse_metadata
-
-META = {
-    "site": "home",
-    "image-digest": "sha256:" + "ab" * 32,
-    "seed-digest": "sha256:" + "cd" * 32,
-    "pool": "wg-appliance",
-    "volumes": "home-disk.qcow2 home-seed.iso",
-}
-
-
-def spec(**changes: object) -> DomainSpec:
-    base = DomainSpec(
-        name="wga-home",
-        memory_mib=512,
-        vcpus=1,
-        virt_type="kvm",
-        disk_path="/var/lib/libvirt/images/home-disk.qcow2",
-        seed_path="/var/lib/libvirt/images/home-seed.iso",
-        bridge="green0",
-        mac="52:54:00:12:34:56",
-        serial_log_path="/var/log/libvirt/qemu/wga-home-serial.log",
-        metadata=dict(META),
-    )
-    return replace(base, **changes)
+from builder.render.libvirt_xml import XMLNS, domain_xml, owned_volumes, parse_metadata
+from tests.plugins.samples import META, spec
 
 
 @pytest.mark.skipif(shutil.which("virt-xml-validate") is None, reason="needs libvirt-clients")
