@@ -1,7 +1,9 @@
 """The site model: one TOML file read once into frozen dataclasses.
 
-Pure: knows nothing of libvirt, SSH or the state dir. Every problem is an
-InputError carrying the file and the key path, raised before anything happens.
+Pure: knows nothing of libvirt or SSH, and of the state dir only where it goes by default
+(beside the site file), not what is in it. Every problem is an InputError carrying the
+file and the key path, raised before anything happens; the only files read are the site
+file and the `.pub` files it names.
 Keys are declared once in FIELDS tables, so the parser, the unknown-key hint
 and the README reference come from the same place.
 """
