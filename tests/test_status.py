@@ -164,3 +164,25 @@ def test_watch_needs_a_positive_interval(site_dir):
         r.returncode == 2
         and r.stderr == "error: --watch: must be a number of seconds above 0, not 0.0\n"
     )
+
+
+def test_watch_reads_again_and_rates_against_the_reading_before(site_keys, reading, monkeypatch):
+    import builder.status as flow
+    from builder.local.state import State
+
+    site, keys = site_keys
+    readings = []
+
+    def read_status(site_, keys_, timeout):
+        r = copy.deepcopy(reading)
+        r["time"] += 5 * len(readings)
+        _live(r, site, keys, "laptop")["tx"] += 1000 * len(readings)
+        readings.append(r)
+        return r
+
+    monkeypatch.setattr(flow, "read_status", read_status)
+    monkeypatch.setattr(flow.time, "sleep", lambda s: None)
+    watched = flow.watch(site, State.for_site(site), interval=5)
+    first, second = next(watched), next(watched)
+    assert first.peers[0].tx_rate is None
+    assert second.peers[0].name == "laptop" and second.peers[0].tx_rate == 200.0
