@@ -62,7 +62,7 @@ def _agent_document(site: Site, keys: Keys, timeout: float, what: str, *mode: st
         client.close()
     if result.rc != 0:
         raise GuestError(
-            f"the {mode[0]} failed on the appliance (exit {result.rc}): "
+            f"the {mode[0]} command failed on the appliance (exit {result.rc}): "
             + _shown(result.stderr.strip()[-300:]),
             SUDO_FIX,
         )
