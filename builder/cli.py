@@ -32,6 +32,7 @@ from builder.text import printable
 
 if TYPE_CHECKING:
     from builder.checks.result import Check
+    from builder.checks.status import Status
     from builder.ipfire import IpfireRun
     from builder.remote.ipfire import Applied
 
@@ -524,6 +525,56 @@ def cmd_verify(args: argparse.Namespace) -> int:
     report = verify(site, state, timeout=args.timeout, required=set(args.require_handshake))
     print(report.to_json() if args.json else report.table())
     return 0 if report.ok else 1
+
+
+def _status_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--timeout", type=float, default=20.0, metavar="S", help="SSH timeout")
+    p.add_argument(
+        "--watch",
+        type=float,
+        nargs="?",
+        const=2.0,
+        metavar="SECONDS",
+        help="read again every SECONDS (default 2) and show rates; Ctrl-C ends",
+    )
+
+
+CLEAR = "\x1b[H\x1b[2J"
+
+
+@command(
+    "status",
+    "show the appliance's peers by name: endpoint, last handshake, traffic (exit 0 read, "
+    "2 bad input, 3 could not connect)",
+    "wg-appliance status --site site.toml --watch 5",
+    _status_arguments,
+    json="one JSON document on stdout (with --watch: one a line)",
+)
+def cmd_status(args: argparse.Namespace) -> int:
+    from builder import status
+
+    site, state = _site_and_state(args)
+    if args.watch is None:
+        _print_status(args, status.status(site, state, timeout=args.timeout))
+        return 0
+    if not args.watch > 0:
+        raise InputError("--watch", "", f"must be a number of seconds above 0, not {args.watch}")
+    try:
+        for reading in status.watch(site, state, args.watch, timeout=args.timeout):
+            if not args.json and sys.stdout.isatty():
+                sys.stdout.write(CLEAR)
+            _print_status(args, reading)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+def _print_status(args: argparse.Namespace, reading: Status) -> None:
+    if args.json:
+        print(json.dumps(reading.to_dict()))
+    else:
+        print(reading.table() + ("\n" if args.watch else ""))
 
 
 def _parser() -> argparse.ArgumentParser:

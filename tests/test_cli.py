@@ -109,7 +109,7 @@ def test_deploy_with_missing_image_is_bad_input(site_dir):
     assert r.stderr == "error: /nonexistent.qcow2: --image: no such file\n"
 
 
-@pytest.mark.parametrize("command", ["verify", "sync"])
+@pytest.mark.parametrize("command", ["verify", "sync", "status"])
 def test_commands_on_the_appliance_need_its_state(site_dir, command):
     r = wg_cli(command, "--site", str(site_dir / "site.toml"))
     assert r.returncode == 1

@@ -181,6 +181,36 @@ def test_site_to_site_masquerade(net, site, clients):
     assert tcp_source_seen(net, BLAN_NS, "192.168.77.10") == APPLIANCE
 
 
+def test_status_names_peers_and_marks_a_stranger_unknown(net, site):
+    """After the road warrior's and the branch's traffic: both by name with endpoint, a
+    recent handshake and bytes; the phone never connected; a peer set by hand on wg0 is
+    unknown. The state dir is not written."""
+    stranger = "9Tc5QqD3HExMFc2DfHkqEk7z2fTcb3xdN6q3e+4LZxk="
+    state = site.parent / ".wg-appliance" / "wg-gw"
+    before = {p: p.stat().st_mtime_ns for p in state.rglob("*")}
+    _ssh(net, site, f"sudo wg set wg0 peer {stranger} allowed-ips 10.77.0.99/32")
+    try:
+        r = cli(net, "status", "--site", str(site), "--json")
+        table = cli(net, "status", "--site", str(site))
+    finally:
+        _ssh(net, site, f"sudo wg set wg0 peer {stranger} remove")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    peers = {p["name"] or p["public_key"]: p for p in doc["peers"]}
+    for name in ("laptop", "branch"):
+        p = peers[name]
+        assert p["state"] == "live" and p["endpoint"] and ":" in p["endpoint"], p
+        assert doc["appliance"]["time"] - p["latest_handshake"] < 180, p
+        assert p["rx_bytes"] > 0 and p["tx_bytes"] > 0, p
+    assert peers["phone"]["latest_handshake"] is None and peers["phone"]["endpoint"] is None
+    assert peers[stranger]["state"] == "unknown" and peers[stranger]["name"] is None
+    assert doc["appliance"]["drift"] == 1 and doc["appliance"]["kernel"]
+    assert "Debian" in doc["appliance"]["os"]
+    assert table.returncode == 0 and f"{stranger} (unknown)" in table.stdout
+    assert "1 difference(s) from the site file" in table.stdout.splitlines()[0]
+    assert {p: p.stat().st_mtime_ns for p in state.rglob("*")} == before
+
+
 def _ssh(net, site, command: str, state: Path | None = None, check: bool = True):
     state = state or site.parent / ".wg-appliance" / "wg-gw"
     return net.exec(

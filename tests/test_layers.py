@@ -4,7 +4,7 @@
   the state dir, subprocesses), image/ or the commands, and neither libvirt, paramiko nor
   subprocess; model/ imports no other layer at all.
 - guest/ holds the programs that run inside the VM: standard library only.
-- The commands (deploy, sync, verify, ipfire) are peers: none imports another, and none
+- The commands (deploy, sync, verify, ipfire, status) are peers: none imports another, and none
   imports cli, the one face. What they share lives in a layer below.
 """
 
@@ -16,7 +16,13 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMANDS = {"builder.deploy", "builder.sync", "builder.verify", "builder.ipfire"}
+COMMANDS = {
+    "builder.deploy",
+    "builder.sync",
+    "builder.verify",
+    "builder.ipfire",
+    "builder.status",
+}
 PURE = ("builder.model", "builder.render", "builder.checks")
 SIDE_EFFECTS = {"libvirt", "paramiko", "subprocess"}
 

@@ -5,6 +5,9 @@ guest (preshared keys are sent as hashes, private keys not at all).
 `probe ARG` (verify): gathers every fact in one round trip and prints one JSON document.
 ARG is JSON: {"gateway": "192.168.1.1"}.
 
+`status` (status): only what an admin looks at, one `wg show` and a few /proc reads, as one
+JSON document: time, uptime, kernel, os (PRETTY_NAME of /etc/os-release) and wg0's dump.
+
 `sync` (sync): prints the light facts (peers, file digests, addresses) as one JSON line, then
 reads one line from stdin: empty means nothing to do; otherwise {"wg0.conf": str,
 "nftables.conf": str, "sysctl": str, "mtu": int}, applied without restarting the tunnel or
@@ -168,6 +171,25 @@ def facts(args):
         "mem_available": meminfo.get("MemAvailable", 0),
         "mem_total": meminfo.get("MemTotal", 0),
         "uptime": float(read("/proc/uptime", "0 0").split()[0]),
+    }
+
+
+def os_name():
+    for line in read("/etc/os-release").splitlines():
+        key, _, value = line.partition("=")
+        if key == "PRETTY_NAME":
+            return value.strip().strip('"')
+    return ""
+
+
+def status():
+    """What `wg-appliance status` shows; lighter than facts(): no ruleset, routes or ping."""
+    return {
+        "time": time.time(),
+        "uptime": float(read("/proc/uptime", "0 0").split()[0]),
+        "kernel": os.uname().release,
+        "os": os_name(),
+        "wg": wg_dump(),
     }
 
 
@@ -457,10 +479,12 @@ def main():
     mode = sys.argv[1] if len(sys.argv) > 1 else ""
     if mode == "probe":
         json.dump(facts(json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}), sys.stdout)
+    elif mode == "status":
+        json.dump(status(), sys.stdout)
     elif mode == "sync":
         sync()
     else:
-        sys.exit(f"usage: agent probe ARG | agent sync (not {mode!r})")
+        sys.exit(f"usage: agent probe ARG | agent status | agent sync (not {mode!r})")
 
 
 if __name__ == "__main__":

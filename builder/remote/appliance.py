@@ -53,21 +53,31 @@ def _document(text: str, what: str, stderr=lambda: "") -> dict[str, Any]:
     raise GuestError(f"{what}: the appliance did not answer: {_shown(said[-300:])}", SUDO_FIX)
 
 
-def gather(site: Site, keys: Keys, timeout: float = 20.0) -> dict[str, Any]:
-    """Every fact verify judges: one connection, one command."""
+def _agent_document(site: Site, keys: Keys, timeout: float, what: str, *mode: str) -> dict:
+    """One connection, one agent command, its one JSON document."""
     client = connect(target_for(site, keys), timeout=timeout)
     try:
-        arg = json.dumps({"gateway": str(site.lan.gateway)})
-        result = execute(client, agent_command("probe", arg), timeout=timeout + 30)
+        result = execute(client, agent_command(*mode), timeout=timeout + 30)
     finally:
         client.close()
     if result.rc != 0:
         raise GuestError(
-            f"the probe failed on the appliance (exit {result.rc}): "
+            f"the {mode[0]} command failed on the appliance (exit {result.rc}): "
             + _shown(result.stderr.strip()[-300:]),
             SUDO_FIX,
         )
-    return _document(result.stdout, "verify", lambda: result.stderr)
+    return _document(result.stdout, what, lambda: result.stderr)
+
+
+def gather(site: Site, keys: Keys, timeout: float = 20.0) -> dict[str, Any]:
+    """Every fact verify judges: one connection, one command."""
+    arg = json.dumps({"gateway": str(site.lan.gateway)})
+    return _agent_document(site, keys, timeout, "verify", "probe", arg)
+
+
+def read_status(site: Site, keys: Keys, timeout: float = 20.0) -> dict[str, Any]:
+    """What status shows (uptime, kernel, OS, wg0's peers): one connection, one command."""
+    return _agent_document(site, keys, timeout, "status", "status")
 
 
 class SyncChannel:
