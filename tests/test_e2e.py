@@ -65,6 +65,9 @@ def net(lab):
     lab.remove_namespace(RW2_NS)
     remove_far_side(lab)
     lab.exec(L.HOST_NS, ["iptables", "-t", "nat", "-F", "PREROUTING"], check=False)
+    # Deleting red0 itself removes both ends now; a namespace's veths go asynchronously,
+    # and the IPFire stand-in that comes next makes its own red0.
+    lab.exec(L.HOST_NS, ["ip", "link", "del", "red0"], check=False)
     lab.remove_namespace(L.INET_NS)
     PLAIN_RED_UP.unlink(missing_ok=True)
 
