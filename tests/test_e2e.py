@@ -119,6 +119,14 @@ def test_ssh_from_lan_host_with_pinned_key(net, site):
     assert r.stdout.split() == ["wg-gw", "51820"]
 
 
+def test_guest_cloud_init_accepts_its_seed(net, site):
+    """The guest's own cloud-init judges the user-data and network-config it booted from, as
+    the build host's older cloud-init does in test_render."""
+    r = _ssh(net, site, "sudo -n cloud-init schema --system", check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Valid schema user-data" in r.stdout, r.stdout
+
+
 def test_second_deploy_is_up_to_date(net, appliance_image, site):
     before = subprocess.run(
         ["virsh", "-c", L.URI, "dumpxml", "wg-gw"], capture_output=True, text=True, check=True
