@@ -83,10 +83,18 @@ REPORT = (
 )
 
 
-def _between(log: str, start: str, end: str) -> list[str]:
-    """Lines after the last `start` (systemd's console names the command line first)."""
+# Entries of the two blame lists, found by shape: the serial console interleaves getty's
+# prompt and terminal queries with what the report prints.
+SYSTEMD_BLAME = re.compile(r"((?:\d+min )?\d+(?:\.\d+)?(?:ms|us|s|min)) (\S+\.[a-z]+)\s*$")
+CLOUD_INIT_BLAME = re.compile(r"(\d+\.\d+s) \((\S+)\)")
+
+
+def _between(log: str, start: str, end: str, entry: re.Pattern[str]) -> list[str]:
+    """The first five entries after the last `start` (systemd's console names the command
+    line first), as "time name"."""
     part = log.rsplit(start, 1)[-1].split(end, 1)[0] if start in log else ""
-    return [" ".join(line.split()) for line in part.splitlines() if line.strip()]
+    found = (entry.search(" ".join(line.split())) for line in part.splitlines())
+    return [f"{m.group(1)} {m.group(2)}" for m in found if m][:5]
 
 
 def _wait_for_ssh(port: int, qemu: subprocess.Popen, t0: float, timeout: float) -> float:
@@ -140,6 +148,6 @@ def measure_boot(image: Image, workdir: Path, timeout: float = 900, vcpus: int =
         raise GuestError(f"cloud-init did not finish; see {serial}")
     return BootTiming(
         float(init.group(1)), float(done.group(1)), round(ssh_wall, 1), round(wall, 1),
-        _between(log, "BLAME-SYSTEMD", "BLAME-CLOUD-INIT"),
-        _between(log, "BLAME-CLOUD-INIT", "BLAME-END"),
+        _between(log, "BLAME-SYSTEMD", "BLAME-CLOUD-INIT", SYSTEMD_BLAME),
+        _between(log, "BLAME-CLOUD-INIT", "BLAME-END", CLOUD_INIT_BLAME),
     )  # fmt: skip
