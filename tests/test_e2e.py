@@ -65,9 +65,6 @@ def net(lab):
     lab.remove_namespace(RW2_NS)
     remove_far_side(lab)
     lab.exec(L.HOST_NS, ["iptables", "-t", "nat", "-F", "PREROUTING"], check=False)
-    # Deleting red0 itself removes both ends now; a namespace's veths go asynchronously,
-    # and the IPFire stand-in that comes next makes its own red0.
-    lab.exec(L.HOST_NS, ["ip", "link", "del", "red0"], check=False)
     lab.remove_namespace(L.INET_NS)
     PLAIN_RED_UP.unlink(missing_ok=True)
 
@@ -120,6 +117,14 @@ def test_ssh_from_lan_host_with_pinned_key(net, site):
     """OpenSSH itself, with the state dir's known_hosts and StrictHostKeyChecking=yes."""
     r = _ssh(net, site, "hostname; sudo -n wg show wg0 listen-port")
     assert r.stdout.split() == ["wg-gw", "51820"]
+
+
+def test_guest_cloud_init_accepts_its_seed(net, site):
+    """The guest's own cloud-init judges the user-data and network-config it booted from, as
+    the build host's older cloud-init does in test_render."""
+    r = _ssh(net, site, "sudo -n cloud-init schema --system", check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Valid schema user-data" in r.stdout, r.stdout
 
 
 def test_second_deploy_is_up_to_date(net, appliance_image, site):

@@ -9,6 +9,7 @@ import base64
 import hashlib
 import io
 import json
+import lzma
 import re
 import shutil
 import socket
@@ -32,8 +33,11 @@ from builder.image.build import (
     default_cache_dir,
     read_list,
     recipe_digest,
+    sources,
+    suite,
 )
-from builder.image.kmod import trim_modules
+from builder.image.initramfs import klibc_interpreter, module_bytes
+from builder.image.kmod import module_load_order, trim_modules
 from builder.progress import Progress
 from builder.render.seed import make_iso
 from tests.lab.boot import CLOUD_INIT_DONE, disk_args, qemu_command
@@ -41,7 +45,7 @@ from tests.lab.boot import CLOUD_INIT_DONE, disk_args, qemu_command
 MAC = "52:54:00:12:34:56"
 USER = "netadmin"
 HOSTNAME = "wg-test"
-SIZE_GOAL = 80_000_000
+SIZE_GOAL = 64_000_000
 
 
 # Fast: the recipe as data ---------------------------------------------------------------
@@ -68,6 +72,39 @@ def test_digest_covers_recipe_and_mirror(tmp_path: Path) -> None:
     with open(recipe / "packages.txt", "a") as f:
         f.write("htop\n")
     assert recipe_digest(recipe=recipe) != base
+
+
+def test_suite_is_one_recipe_value(tmp_path: Path) -> None:
+    recipe = tmp_path / "images"
+    shutil.copytree(RECIPE, recipe, symlinks=True)
+    assert suite(recipe) == "trixie"
+    assert all("trixie" in line and "{" not in line for line in sources(recipe, None))
+    base = recipe_digest(recipe=recipe)
+    (recipe / "suite").write_text("bookworm\n")
+    assert recipe_digest(recipe=recipe) != base
+    assert all("bookworm" in line for line in sources(recipe, None))
+    assert not any("security" in line for line in sources(recipe, "http://m.example/debian"))
+
+
+def test_compressed_and_builtin_modules(tmp_path: Path) -> None:
+    """trixie's kernel ships .ko.xz and builds virtio_pci in; klibc's insmod wants plain .ko."""
+    base = tmp_path / "usr/lib/modules/6.12.0-test"
+    (base / "kernel/drivers/block").mkdir(parents=True)
+    (base / "kernel/drivers/block/virtio_blk.ko.xz").write_bytes(lzma.compress(b"ELF-ish"))
+    (base / "modules.dep").write_text("kernel/drivers/block/virtio_blk.ko.xz:\n")
+    (base / "modules.builtin").write_text("kernel/drivers/virtio/virtio_pci.ko\n")
+    order = module_load_order(base, ["virtio_pci", "virtio_blk"])
+    assert order == ["kernel/drivers/block/virtio_blk.ko.xz"]
+    assert module_bytes(base / order[0]) == b"ELF-ish"
+    kept, dropped = trim_modules(tmp_path, "6.12.0-test", [r"^drivers/block/virtio_blk\.ko$"])
+    assert kept == set(order) and dropped == 0
+
+
+def test_klibc_interpreter_follows_the_programs(tmp_path: Path) -> None:
+    lib = "klibc-abc.so"
+    for prefix, expected in ((b"/usr/lib/", "usr/lib/" + lib), (b"/lib/", "lib/" + lib)):
+        (tmp_path / "sh").write_bytes(b"\x7fELF\0" + prefix + lib.encode() + b"\0rest")
+        assert klibc_interpreter(tmp_path / "sh", lib) == expected
 
 
 def test_trim_modules_keeps_dependency_closure(tmp_path: Path) -> None:
@@ -205,7 +242,8 @@ def test_required_programs_present(disk: Disk) -> None:
     kernel = [n for n in disk.ls("/usr/lib/modules") if n.endswith("-cloud-amd64")][0]
     for mod in ("drivers/net/wireguard/wireguard.ko", "drivers/net/virtio_net.ko",
                 "net/netfilter/nf_tables.ko", "drivers/block/virtio_blk.ko"):  # fmt: skip
-        assert disk.exists(f"/usr/lib/modules/{kernel}/kernel/{mod}"), mod
+        path = f"/usr/lib/modules/{kernel}/kernel/{mod}"
+        assert disk.exists(path) or disk.exists(path + ".xz"), mod
     assert not disk.exists(f"/usr/lib/modules/{kernel}/kernel/sound")
 
 

@@ -40,9 +40,8 @@ from builder.resources import checkout, data_dir
 
 RECIPE = data_dir("images")
 NAME = "wg-appliance"
-SUITE = "bookworm"
 # Bump when a stage changes what it produces, so cached images built by older code go stale.
-BUILD_FORMAT = "1"
+BUILD_FORMAT = "2"
 # Files in images/ that do not change the image, so they stay out of the digest.
 NOT_RECIPE = {"README-section.md", "host-packages.txt"}
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
@@ -125,8 +124,18 @@ def recipe_digest(mirror: str | None = None, recipe: Path = RECIPE) -> str:
     return h.hexdigest()
 
 
+def suite(recipe: Path = RECIPE) -> str:
+    """The Debian release the recipe builds, the one line of images/suite (a codename)."""
+    names = read_list(recipe / "suite")
+    if len(names) != 1 or not re.fullmatch(r"[a-z]+", names[0]):
+        raise HostError(f"{recipe / 'suite'}: expected one Debian codename, found {names}")
+    return names[0]
+
+
 def sources(recipe: Path, mirror: str | None) -> list[str]:
-    lines = read_list(recipe / "sources.list")
+    """sources.list with `{suite}` filled in from images/suite."""
+    name = suite(recipe)
+    lines = [line.replace("{suite}", name) for line in read_list(recipe / "sources.list")]
     if mirror:
         lines = [
             line.replace(DEFAULT_MIRROR + " ", mirror.rstrip("/") + " ")
@@ -158,7 +167,7 @@ def bootstrap(ctx: BuildContext) -> None:
         *(f"--dpkgopt={rule}" for rule in read_list(ctx.recipe / "dpkg-excludes.txt")),
         f"--essential-hook=sync-in {tree} /",
         f"--customize-hook=sync-in {tree} /",
-        SUITE,
+        suite(ctx.recipe),
         str(ctx.root),
         *sources(ctx.recipe, ctx.mirror),
     ]
@@ -176,7 +185,7 @@ def configure(ctx: BuildContext) -> None:
         run(["chroot", ctx.root, "dpkg", "--purge", *purge])
     out = run(["chroot", ctx.root, "dpkg-query", "-W", "-f=${Package}\t${Version}\n"]).stdout
     ctx.packages = dict(sorted(line.split("\t", 1) for line in out.splitlines() if line))
-    units: dict[str, list[str]] = {"enable": [], "disable": []}
+    units: dict[str, list[str]] = {"enable": [], "disable": [], "mask": []}
     for line in read_list(ctx.recipe / "units.txt"):
         verb, unit = line.split()
         units[verb].append(unit)
@@ -473,7 +482,7 @@ def _build(cache: Path, entry: Path, digest: str, mirror: str | None, progress: 
             "format": "qcow2",
             "digest": digest,
             "build_format": BUILD_FORMAT,
-            "suite": SUITE,
+            "suite": suite(ctx.recipe),
             "mirror": mirror or DEFAULT_MIRROR,
             "sha256": sha256_file(qcow),
             "size": qcow.stat().st_size,

@@ -7,10 +7,12 @@ klibc and a few of its programs, the disk modules in load order, and a shell scr
 from __future__ import annotations
 
 import gzip
+import lzma
+import re
 from pathlib import Path
 
 from builder.errors import HostError
-from builder.image.kmod import module_load_order
+from builder.image.kmod import module_load_order, uncompressed
 
 
 class Cpio:
@@ -43,6 +45,27 @@ class Cpio:
         return bytes(self.data)
 
 
+def klibc_interpreter(program: Path, library: str) -> str:
+    """Where klibc's programs look for its library (their ELF interpreter), relative to the
+    initrd's root: /lib on bookworm, /usr/lib on trixie."""
+    found = re.search(rb"(/usr)?/lib/" + re.escape(library.encode()), program.read_bytes())
+    if not found:
+        raise HostError(f"{program} does not name {library} as its interpreter")
+    return found.group(0).decode().lstrip("/")
+
+
+def module_bytes(path: Path) -> bytes:
+    """A module as klibc's insmod can load it: init_module takes no compressed modules."""
+    data = path.read_bytes()
+    if path.suffix == ".xz":
+        return lzma.decompress(data)
+    if path.suffix == ".gz":
+        return gzip.decompress(data)
+    if path.suffix == ".zst":
+        raise HostError(f"{path.name}: zstd-compressed modules are not supported in the initrd")
+    return data
+
+
 def initrd(
     root: Path, kernel: str, modules: list[str], programs: list[str], init: bytes
 ) -> tuple[bytes, list[str]]:
@@ -54,16 +77,17 @@ def initrd(
     klibc = sorted((root / "usr/lib").glob("klibc-*.so"))
     if len(klibc) != 1:
         raise HostError(f"expected one klibc library, found {klibc}")
+    interp = klibc_interpreter(root / "usr/lib/klibc/bin/sh", klibc[0].name)
     archive = Cpio()
-    for d in ("bin", "dev", "lib", "lib/modules", "proc", "sys", "root"):
+    for d in ("bin", "dev", "lib", "lib/modules", "proc", "sys", "root", "usr", "usr/lib"):
         archive.directory(d)
     archive.device("dev/console", 0o600, 5, 1)
-    archive.file(f"lib/{klibc[0].name}", klibc[0].read_bytes(), 0o755)
+    archive.file(interp, klibc[0].read_bytes(), 0o755)
     for name in programs:
         archive.file(f"bin/{name}", (root / "usr/lib/klibc/bin" / name).read_bytes(), 0o755)
     for mod in order:
-        archive.file(f"lib/modules/{Path(mod).name}", (base / mod).read_bytes(), 0o644)
-    load_order = "".join(Path(mod).name + "\n" for mod in order)
+        archive.file(f"lib/modules/{Path(uncompressed(mod)).name}", module_bytes(base / mod), 0o644)
+    load_order = "".join(Path(uncompressed(mod)).name + "\n" for mod in order)
     archive.file("lib/modules/load-order", load_order.encode(), 0o644)
     archive.file("init", init, 0o755)
     return gzip.compress(archive.finish(), compresslevel=9, mtime=0), order

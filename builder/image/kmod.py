@@ -12,9 +12,19 @@ from pathlib import Path
 
 from builder.errors import HostError
 
+COMPRESSED = (".xz", ".zst", ".gz")
+
+
+def uncompressed(path: str) -> str:
+    """A module path without the compression suffix some kernels' packages give it."""
+    for suffix in COMPRESSED:
+        if path.endswith(suffix):
+            return path.removesuffix(suffix)
+    return path
+
 
 def module_name(path: str) -> str:
-    return Path(path).name.removesuffix(".ko").replace("-", "_")
+    return Path(uncompressed(path)).name.removesuffix(".ko").replace("-", "_")
 
 
 def _dependencies(base: Path) -> dict[str, list[str]]:
@@ -49,7 +59,9 @@ def trim_modules(root: Path, kernel: str, patterns: list[str]) -> tuple[set[str]
     deps = _dependencies(base)
     softdeps = _soft_dependencies(base, {module_name(m): m for m in deps})
     regexes = [re.compile(p) for p in patterns]
-    todo = [m for m in deps if any(r.search(m.removeprefix("kernel/")) for r in regexes)]
+    todo = [
+        m for m in deps if any(r.search(uncompressed(m).removeprefix("kernel/")) for r in regexes)
+    ]
     kept: set[str] = set()
     while todo:
         mod = todo.pop()
@@ -67,10 +79,18 @@ def trim_modules(root: Path, kernel: str, patterns: list[str]) -> tuple[set[str]
     return kept, dropped
 
 
+def _builtin(base: Path) -> set[str]:
+    """Names of the modules compiled into the kernel (modules.builtin): nothing to load."""
+    path = base / "modules.builtin"
+    return {module_name(line) for line in path.read_text().split()} if path.exists() else set()
+
+
 def module_load_order(base: Path, names: list[str]) -> list[str]:
-    """Module paths (relative to `base`) for `names` and their dependencies, dependencies first."""
+    """Module paths (relative to `base`) for `names` and their dependencies, dependencies first;
+    a name built into the kernel needs nothing."""
     deps = _dependencies(base)
     by_name = {module_name(m): m for m in deps}
+    builtin = _builtin(base)
     order: list[str] = []
 
     def visit(mod: str) -> None:
@@ -80,6 +100,8 @@ def module_load_order(base: Path, names: list[str]) -> list[str]:
             order.append(mod)
 
     for name in names:
+        if name.replace("-", "_") in builtin:
+            continue
         if name.replace("-", "_") not in by_name:
             raise HostError(f"initrd module {name} is not in the image's kernel")
         visit(by_name[name.replace("-", "_")])

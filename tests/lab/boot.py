@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import re
+import socket
+import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from builder.errors import GuestError
@@ -20,11 +22,15 @@ CLOUD_INIT_DONE = re.compile(r"Cloud-init v\. \S+ finished at .* Up (\d+(?:\.\d+
 @dataclass(frozen=True)
 class BootTiming:
     """Seconds: kernel start to the initramfs' init, guest uptime when cloud-init finished,
-    and wall time from starting qemu until the guest powered off."""
+    wall time from starting qemu until SSH answered and until the guest powered off; and the
+    top of `systemd-analyze blame` and `cloud-init analyze blame` from inside the guest."""
 
     kernel_to_init: float
     cloud_init_done: float
+    ssh_wall: float
     wall: float
+    systemd_blame: list[str] = field(default_factory=list)
+    cloud_init_blame: list[str] = field(default_factory=list)
 
 
 def qemu_command(serial: Path, *boot: str, memory_mib: int = 512, vcpus: int = 1) -> list[str]:
@@ -69,27 +75,79 @@ def measure_kernel_to_init(image: Image, workdir: Path, vcpus: int = 1) -> float
     return float(found.group(1))
 
 
+# Once boot has settled, the guest prints both blame lists to its console and powers off.
+REPORT = (
+    "exec >/dev/console 2>&1; systemctl is-system-running --wait >/dev/null; echo BLAME-SYSTEMD;"
+    " systemd-analyze blame --no-pager | head -5; echo BLAME-CLOUD-INIT;"
+    " cloud-init analyze blame | grep -v Boot | head -5; echo BLAME-END; systemctl poweroff"
+)
+
+
+# Entries of the two blame lists, found by shape: the serial console interleaves getty's
+# prompt and terminal queries with what the report prints.
+SYSTEMD_BLAME = re.compile(r"((?:\d+min )?\d+(?:\.\d+)?(?:ms|us|s|min)) (\S+\.[a-z]+)\s*$")
+CLOUD_INIT_BLAME = re.compile(r"(\d+\.\d+s) \((\S+)\)")
+
+
+def _between(log: str, start: str, end: str, entry: re.Pattern[str]) -> list[str]:
+    """The first five entries after the last `start` (systemd's console names the command
+    line first), as "time name"."""
+    part = log.rsplit(start, 1)[-1].split(end, 1)[0] if start in log else ""
+    found = (entry.search(" ".join(line.split())) for line in part.splitlines())
+    return [f"{m.group(1)} {m.group(2)}" for m in found if m][:5]
+
+
+def _wait_for_ssh(port: int, qemu: subprocess.Popen, t0: float, timeout: float) -> float:
+    """Wall seconds since `t0` until the guest's sshd sent its banner through the forward."""
+    while time.monotonic() - t0 < timeout and qemu.poll() is None:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+                s.settimeout(5)
+                if s.recv(4).startswith(b"SSH-"):
+                    return time.monotonic() - t0
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise GuestError("sshd never answered during the first boot")
+
+
 def measure_boot(image: Image, workdir: Path, timeout: float = 900, vcpus: int = 1) -> BootTiming:
-    """A first boot from a minimal NoCloud seed that powers the guest off when cloud-init is
-    done. The NIC is user-mode with restrict=on: the guest reaches nothing outside."""
+    """A first boot from a minimal NoCloud seed; the guest reports its blame lists and powers
+    off when boot is done. The NIC is user-mode with restrict=on: the guest reaches nothing
+    outside, only a loopback forward reaches its sshd."""
     user_data = (
         "#cloud-config\nhostname: measure\nmanage_etc_hosts: true\nssh_genkeytypes: [ed25519]\n"
-        "power_state: {mode: poweroff, delay: now, timeout: 60}\n"
+        f"runcmd:\n  - [systemd-run, --no-block, --unit=boot-report, sh, -c, {REPORT!r}]\n"
     )
     seed = workdir / "seed.iso"
     seed.write_bytes(make_iso({"user-data": user_data, "meta-data": "instance-id: measure\n"}))
     disk = workdir / "boot.qcow2"
     run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", image.path, "-F", "qcow2", disk, "2G"])
     serial = workdir / "boot.log"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     argv = qemu_command(
         serial, *disk_args(disk), "-cdrom", str(seed),
-        "-nic", "user,restrict=on,model=virtio-net-pci", vcpus=vcpus,
+        "-nic", f"user,restrict=on,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{port}-:22",
+        vcpus=vcpus,
     )  # fmt: skip
     t0 = time.monotonic()
-    run(argv, timeout=timeout)
+    qemu = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        ssh_wall = _wait_for_ssh(port, qemu, t0, timeout)
+        qemu.wait(timeout=max(1.0, timeout - (time.monotonic() - t0)))
+    finally:
+        if qemu.poll() is None:
+            qemu.kill()
+            qemu.wait()
     wall = time.monotonic() - t0
     log = serial.read_text(errors="replace")
     init, done = INIT_LINE.search(log), CLOUD_INIT_DONE.search(log)
     if not (init and done):
         raise GuestError(f"cloud-init did not finish; see {serial}")
-    return BootTiming(float(init.group(1)), float(done.group(1)), round(wall, 1))
+    return BootTiming(
+        float(init.group(1)), float(done.group(1)), round(ssh_wall, 1), round(wall, 1),
+        _between(log, "BLAME-SYSTEMD", "BLAME-CLOUD-INIT", SYSTEMD_BLAME),
+        _between(log, "BLAME-CLOUD-INIT", "BLAME-END", CLOUD_INIT_BLAME),
+    )  # fmt: skip

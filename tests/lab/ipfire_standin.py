@@ -262,7 +262,6 @@ class IpfireLab:
             self.lab.exec(ns, ["sysctl", "-q", "-w", f"{key}={value}"], check=False)
         self._saved_sysctls.clear()
         if self._made_inet:
-            self.lab.exec(HOST_NS, ["ip", "link", "del", RED], check=False)
             self.lab.remove_namespace(INET_NS)
             self._made_inet = False
         if self._made_run_sshd:

@@ -213,6 +213,12 @@ class Lab:
         pids = run(["ip", "netns", "pids", ns], check=False).stdout.split()
         for pid in pids:
             _stop_pid(int(pid), timeout=5.0)
+        # The kernel tears a deleted namespace down later, in the background, and its veth
+        # peers elsewhere go only then; deleted here, they are gone before the next add.
+        veths = run(["ip", "-n", ns, "-o", "link", "show", "type", "veth"], check=False).stdout
+        for line in veths.splitlines():
+            run(["ip", "-n", ns, "link", "del", line.split(":")[1].strip().split("@")[0]],
+                check=False)  # fmt: skip
         run(["ip", "netns", "del", ns], check=False)
 
     def add_bridge(self, ns: str, name: str, address: IPv4Interface | None = None) -> None:
