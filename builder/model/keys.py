@@ -94,7 +94,8 @@ def _is_wg_key(value: object) -> bool:
 
 
 def _is_ssh_ed25519(value: object) -> bool:
-    if not isinstance(value, str) or not value.startswith("-----BEGIN OPENSSH PRIVATE KEY-----"):
+    """An ed25519 private key in OpenSSH's own format (what sshd and paramiko read)."""
+    if not isinstance(value, str):
         return False
     try:
         key = serialization.load_ssh_private_key(value.encode(), password=None)
