@@ -15,7 +15,7 @@ import select
 import signal
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,8 +23,8 @@ from builder import __version__
 from builder.errors import ApplianceError, InputError
 from builder.local.files import OutDir, file_target, write_files
 from builder.local.state import STATE_FIX, State
-from builder.model.login import parse_login
-from builder.model.site import Site, load_site
+from builder.model.login import HostAccess, access_of, host_access, login_of_uri, parse_login
+from builder.model.site import Site, host_uri_problem, load_site
 from builder.progress import Progress
 from builder.render import ipfire
 from builder.render.seed import SECRET, make_seed
@@ -51,6 +51,7 @@ class Command:
     arguments: Arguments | None
     site: bool  # takes --site FILE and --state DIR
     json: str  # the help of its --json; empty: no --json
+    host: bool  # talks to the libvirt host: takes --host-key/--known-hosts/--identity
 
 
 COMMANDS: dict[str, Command] = {}
@@ -63,17 +64,66 @@ def command(
     arguments: Arguments | None = None,
     site: bool = True,
     json: str = "",
+    host: bool = False,
 ) -> Callable[[Handler], Handler]:
     def register(handler: Handler) -> Handler:
-        COMMANDS[name] = Command(help, example, handler, arguments, site, json)
+        COMMANDS[name] = Command(help, example, handler, arguments, site, json, host)
         return handler
 
     return register
 
 
-def _site_and_state(args: argparse.Namespace) -> tuple[Site, State]:
+def _site(args: argparse.Namespace) -> Site:
+    """The site file, with --host-uri (on the commands that talk to the host) over host.uri."""
     site = load_site(args.site)
+    uri = getattr(args, "host_uri", None)
+    if uri is None:
+        return site
+    problem = host_uri_problem(uri)
+    if problem:
+        raise InputError(uri, "--host-uri", problem)
+    return replace(site, host=replace(site.host, uri=uri))
+
+
+def _site_and_state(args: argparse.Namespace) -> tuple[Site, State]:
+    site = _site(args)
     return site, State.for_site(site, args.state)
+
+
+def _host_arguments(p: argparse.ArgumentParser) -> None:
+    """The login to the host: flags that override the site's [host] keys."""
+    p.add_argument(
+        "--host-uri",
+        metavar="URI",
+        help="libvirt URI of the host (host.uri), e.g. qemu+ssh://root@ipfire:222/system",
+    )
+    pin = p.add_mutually_exclusive_group()
+    pin.add_argument(
+        "--host-key", metavar="SHA256:...", help="the host key's fingerprint (host.host_key)"
+    )
+    pin.add_argument(
+        "--known-hosts",
+        metavar="FILE",
+        help="known_hosts that pins the host key (host.known_hosts; default ~/.ssh/known_hosts)",
+    )
+    p.add_argument(
+        "--identity",
+        metavar="FILE",
+        help="SSH private key for the host (host.ssh_key; default: ssh-agent, ~/.ssh/id_*)",
+    )
+
+
+def _pins(args: argparse.Namespace) -> dict:
+    return {
+        "host_key": args.host_key,
+        "known_hosts": _path(args.known_hosts),
+        "identity": _path(args.identity),
+    }
+
+
+def _access(args: argparse.Namespace, site: Site) -> HostAccess | None:
+    """The login to the site's libvirt host with the command line's pins, or None (local)."""
+    return access_of(site.host, args.site, **_pins(args))
 
 
 @command("check", "validate a site file and change nothing", "wg-appliance check --site site.toml")
@@ -241,6 +291,7 @@ def _deploy(args: argparse.Namespace, site: Site, state: State, progress: Progre
         progress,
         replace=args.replace,
         boot_timeout=args.timeout,
+        access=_access(args, site),
     )
 
 
@@ -269,6 +320,7 @@ def _deploy_arguments(p: argparse.ArgumentParser) -> None:
     "wg-appliance deploy --site site.toml",
     _deploy_arguments,
     json=RESULT,
+    host=True,
 )
 def cmd_deploy(args: argparse.Namespace) -> int:
     site, state = _site_and_state(args)
@@ -289,6 +341,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     "image, deploy and verify in one go (what `make appliance` runs)",
     "wg-appliance up --site site.toml",
     _deploy_arguments,
+    host=True,
 )
 def cmd_up(args: argparse.Namespace) -> int:
     """The whole path: image, seed, deploy, verify; the state dir keeps the keys."""
@@ -324,12 +377,15 @@ def _destroy_arguments(p: argparse.ArgumentParser) -> None:
     "wg-appliance destroy --site site.toml --keep-disk",
     _destroy_arguments,
     json=RESULT,
+    host=True,
 )
 def cmd_destroy(args: argparse.Namespace) -> int:
     from builder.deploy import destroy
 
-    site = load_site(args.site)
-    removed = destroy(site, keep_disk=args.keep_disk, everything=args.all)
+    site = _site(args)
+    removed = destroy(
+        site, keep_disk=args.keep_disk, everything=args.all, access=_access(args, site)
+    )
     if args.json:
         print(json.dumps({"removed": removed}))
     else:
@@ -347,12 +403,13 @@ def _sync_arguments(p: argparse.ArgumentParser) -> None:
     "wg-appliance sync --site site.toml --dry-run",
     _sync_arguments,
     json=RESULT,
+    host=True,
 )
 def cmd_sync(args: argparse.Namespace) -> int:
     from builder.sync import sync
 
     site, state = _site_and_state(args)
-    result = sync(site, state, dry_run=args.dry_run)
+    result = sync(site, state, dry_run=args.dry_run, access=_access(args, site))
     if args.json:
         print(json.dumps(result.__dict__))
         return 0
@@ -379,16 +436,10 @@ def _ipfire_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--apply", action="store_true", help="install the files on the host and reload")
     p.add_argument("--remove", action="store_true", help="remove this appliance's block and routes")
     p.add_argument(
-        "--ssh", metavar="root@HOST[:222]", help="the IPFire host (SSH port 222 by default)"
+        "--ssh",
+        metavar="root@HOST[:222]",
+        help="the IPFire host (SSH port 222 by default; default: the host in host.uri)",
     )
-    pin = p.add_mutually_exclusive_group()
-    pin.add_argument("--host-key", metavar="SHA256:...", help="the host key's fingerprint")
-    pin.add_argument(
-        "--known-hosts",
-        metavar="FILE",
-        help="known_hosts to check the host key against (default ~/.ssh/known_hosts)",
-    )
-    p.add_argument("--identity", metavar="FILE", help="SSH private key (default: agent, ~/.ssh)")
 
 
 def _path(value: str | None) -> Path | None:
@@ -401,20 +452,21 @@ def _path(value: str | None) -> Path | None:
     "wg-appliance ipfire --site site.toml --ssh root@ipfire:222 --apply",
     _ipfire_arguments,
     json=DOCUMENT,
+    host=True,
 )
 def cmd_ipfire(args: argparse.Namespace) -> int:
     from builder.ipfire import run_ipfire
 
+    site = _site(args)
+    login = parse_login(args.ssh) if args.ssh else login_of_uri(site.host.uri)
+    access = host_access(site.host, args.site, login, **_pins(args)) if login else None
     run = run_ipfire(
-        load_site(args.site),
-        ssh=args.ssh,
+        site,
+        access=access,
         apply=args.apply,
         remove=args.remove,
         out=_path(args.out),
         state=args.state,
-        known_hosts=_path(args.known_hosts),
-        host_key=args.host_key,
-        identity=_path(args.identity),
     )
     return _show_ipfire(args, run)
 
@@ -432,7 +484,7 @@ def _show_ipfire(args: argparse.Namespace, run: IpfireRun) -> int:
         if run.applied:
             _print_applied(args, run.applied)
         if run.out:
-            _print_install(args, run.out, run.source)
+            _print_install(args, run.out, run.source, run.host)
     return 1 if run.ok is False else 0
 
 
@@ -469,9 +521,11 @@ def _print_applied(args: argparse.Namespace, applied: Applied) -> None:
         print(f"next: wg-appliance verify --site {args.site}")
 
 
-def _print_install(args: argparse.Namespace, out: dict[str, str], source: str | None) -> None:
+def _print_install(
+    args: argparse.Namespace, out: dict[str, str], source: str | None, reached: str | None
+) -> None:
     """Where the files went and how to install them by hand, or with --apply."""
-    host = args.ssh or "root@ipfire:222"
+    host = reached or args.ssh or "root@ipfire:222"
     login = parse_login(host)
     fw, rt = out["firewall.local"], out["routing"]
     ssh = f"ssh -p {login.port} {login.user}@{login.host}"
@@ -603,6 +657,8 @@ def _parser() -> argparse.ArgumentParser:
             )
         if c.arguments:
             c.arguments(sp)
+        if c.host:
+            _host_arguments(sp)
         if c.json:
             sp.add_argument("--json", action="store_true", help=c.json)
     return p

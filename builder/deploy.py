@@ -17,6 +17,7 @@ from builder.errors import ConnectError, HostError
 from builder.local.files import OutDir, write_files
 from builder.local.state import State
 from builder.model.keys import Keys
+from builder.model.login import HostAccess
 from builder.model.site import Site
 from builder.progress import Progress
 from builder.remote import libvirtd as lh
@@ -160,6 +161,7 @@ def deploy(
     progress: Progress,
     replace: bool = False,
     boot_timeout: float = BOOT_TIMEOUT_S,
+    access: HostAccess | None = None,
 ) -> Deployed:
     t0 = time.monotonic()
     keys = state.keys_for(site)
@@ -167,7 +169,7 @@ def deploy(
     want = wanted_metadata(site, image_digest, seed.digest)
     names = volume_names(site, seed.digest)
 
-    conn = lh.connect(site.host.uri)
+    conn = lh.connect_site(site, access, progress)
     try:
         dom = lh.find_domain(conn, site.name)
         have = lh.domain_metadata(dom) if dom is not None else None
@@ -243,10 +245,15 @@ def deploy(
         conn.close()
 
 
-def destroy(site: Site, keep_disk: bool = False, everything: bool = False) -> list[str]:
+def destroy(
+    site: Site,
+    keep_disk: bool = False,
+    everything: bool = False,
+    access: HostAccess | None = None,
+) -> list[str]:
     """Remove the appliance's domain and its own volumes (checked through the metadata);
     with `everything`, also base images in the site's pool that no domain uses any more."""
-    conn = lh.connect(site.host.uri)
+    conn = lh.connect_site(site, access)
     try:
         keep = [volume_names(site, "")["disk"]] if keep_disk else []
         removed = lh.destroy_domain(conn, site.name, keep=keep)

@@ -15,7 +15,7 @@ from builder.checks.result import Check
 from builder.errors import InputError
 from builder.local.files import OutDir
 from builder.local.state import STATE_FIX, State
-from builder.model.login import parse_login
+from builder.model.login import HostAccess
 from builder.model.site import Site
 from builder.render import ipfire
 
@@ -41,21 +41,20 @@ class IpfireRun:
 def run_ipfire(
     site: Site,
     *,
-    ssh: str | None = None,
+    access: HostAccess | None = None,
     apply: bool = False,
     remove: bool = False,
     out: Path | None = None,
     state: str | None = None,
-    known_hosts: Path | None = None,
-    host_key: str | None = None,
-    identity: Path | None = None,
 ) -> IpfireRun:
     """Without a host: IPFire's stock files merged. With one: its checks, then its own files
     merged (once) and written, or installed when `apply`."""
-    if apply and not ssh:
-        raise InputError("--apply", "", "needs --ssh root@HOST[:222] to reach the IPFire host")
+    if apply and access is None:
+        raise InputError(
+            "--apply", "", "needs --ssh root@HOST[:222] or a remote host.uri to reach the host"
+        )
     run = IpfireRun(site.name, site.wireguard.mode)
-    if not ssh:
+    if access is None:
         files = ipfire.host_files(site, remove=remove)
         return _written(run, write_out(site, files, out, state), files, "IPFire's stock files")
 
@@ -63,8 +62,8 @@ def run_ipfire(
     from builder.remote.ipfire import gather
     from builder.remote.ssh import connect_host
 
-    login = parse_login(ssh)
-    client = connect_host(login, known_hosts=known_hosts, host_key=host_key, identity=identity)
+    login = access.login
+    client = connect_host(access)
     try:
         facts = gather(client, site)
         files = try_files(site, facts, remove)

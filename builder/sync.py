@@ -13,9 +13,10 @@ import time
 from dataclasses import dataclass
 
 from builder.checks.drift import changes, vm_changes
-from builder.errors import ApplianceError, GuestError, HostError
+from builder.errors import ApplianceError, ConnectError, GuestError, HostError
 from builder.local.state import State
 from builder.model.keys import Keys
+from builder.model.login import HostAccess
 from builder.model.site import Site
 from builder.remote import libvirtd as lh
 from builder.remote.appliance import sync_channel
@@ -34,24 +35,29 @@ class SyncResult:
     routes_removed: tuple[str, ...] = ()
 
 
-def _metadata(site: Site):
-    """The domain's metadata through libvirt, or None when the host cannot be asked."""
+def _metadata(site: Site, access: HostAccess | None):
+    """The domain's metadata through libvirt, or None when the host cannot be asked; a host
+    key that is wrong or unknown is never passed over."""
     try:
-        conn = lh.connect(site.host.uri)
+        conn = lh.connect_site(site, access)
+    except ConnectError:
+        raise
     except ApplianceError:
         return None, None
     dom = lh.find_domain(conn, site.name)
     return conn, (lh.domain_metadata(dom) if dom is not None else None)
 
 
-def sync(site: Site, state: State, dry_run: bool = False) -> SyncResult:
+def sync(
+    site: Site, state: State, dry_run: bool = False, access: HostAccess | None = None
+) -> SyncResult:
     t0 = time.monotonic()
     keys = state.look(site) if dry_run else state.keys_for(site, existing=True)
     conn, metadata = None, None
     with sync_channel(site, keys) as channel:
         try:
             facts = channel.answer()
-            conn, metadata = _metadata(site)
+            conn, metadata = _metadata(site, access)
             refused = vm_changes(site, facts, metadata)
             if refused:
                 raise HostError(

@@ -519,15 +519,16 @@ def test_cli_bad_input_is_exit_2_in_one_line(tmp_path, args, start):
     assert r.stderr.startswith(start) and r.stderr.count("\n") == 1, r.stderr
 
 
-def test_cli_unreachable_host_is_exit_3(tmp_path):
+def test_cli_unreachable_host_is_exit_1_with_the_fix(tmp_path):
     site = routed(tmp_path)
     known = tmp_path / "known_hosts"
     known.write_text("")
     r = ipfire_cli(
         "--site", str(site.path), "--ssh", "root@127.0.0.1:9", "--known-hosts", str(known)
     )
-    assert r.returncode == 3, r.stderr
-    assert "cannot connect" in r.stderr and r.stderr.count("\n") == 1
+    assert r.returncode == 1, r.stderr
+    assert "cannot connect: connection refused" in r.stderr and "port 222" in r.stderr
+    assert r.stderr.count("\n") == 1
 
 
 # --- hostile site values: quoted, refused or escaped, never run ---------------------------

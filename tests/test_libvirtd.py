@@ -14,7 +14,9 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from builder.errors import ConnectError, HostError, InputError
+from builder.errors import HostError, InputError
+from builder.model.login import host_access, login_of_uri
+from builder.model.site import Host
 from builder.remote import libvirtd as lh
 from builder.render.libvirt_xml import parse_metadata, volume_xml
 from tests.plugins.samples import spec
@@ -57,10 +59,22 @@ def test_missing_daemon_says_to_start_libvirtd(tmp_path: Path) -> None:
     assert "libvirtd -d" in e.value.fix
 
 
-def test_unreachable_ssh_host_is_a_connect_error() -> None:
-    with pytest.raises(ConnectError) as e:
-        lh.connect("qemu+ssh://root@127.0.0.1:1/system?no_tty=1")
-    assert "port 222" in str(e.value)
+def test_unreachable_ssh_host_is_exit_1_with_the_fix(tmp_path: Path) -> None:
+    """Nothing is sent to libvirt when the SSH login itself cannot be made."""
+    uri = "qemu+ssh://root@127.0.0.1:1/system"
+    access = host_access(
+        Host(uri=uri), "site.toml", login_of_uri(uri), host_key="SHA256:" + "A" * 43
+    )
+    with pytest.raises(HostError) as e:
+        lh.connect(uri, access)
+    assert e.value.exit_code == 1
+    assert "root@127.0.0.1:1: cannot connect: connection refused" in e.value.what
+    assert "port 222" in e.value.fix
+
+
+def test_remote_uri_without_a_login_is_refused() -> None:
+    with pytest.raises(HostError, match="no SSH login"):
+        lh.connect("qemu+ssh://root@127.0.0.1:1/system")
 
 
 def test_virt_type_follows_libvirt_and_the_override(

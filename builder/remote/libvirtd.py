@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 import time
 from collections.abc import Collection
 from dataclasses import replace
@@ -24,9 +25,11 @@ from pathlib import Path
 
 import libvirt
 
-from builder.errors import ConnectError, HostError, InputError
-from builder.model.site import host_uri_problem
+from builder.errors import HostError, InputError
+from builder.model.login import HostAccess, access_of, libvirt_uri
+from builder.model.site import Site, host_uri_problem
 from builder.progress import Progress
+from builder.remote.ssh import HostUnreachable, connect_host, execute, fingerprint, identity_file
 from builder.render.libvirt_xml import (
     META_POOL,
     PREFIX,
@@ -66,23 +69,25 @@ libvirt.registerErrorHandler(_quiet, None)
 # --- connection and preflight -------------------------------------------------
 
 
-def connect(uri: str) -> libvirt.virConnect:
-    """Open `uri`, turning libvirt's errors into what to do about them."""
+def connect(
+    uri: str, access: HostAccess | None = None, progress: Progress | None = None
+) -> libvirt.virConnect:
+    """Open `uri`, turning libvirt's errors into what to do about them. A remote URI needs
+    `access`: the host key is checked against its pin before libvirt sends anything."""
     scheme = uri.split(":", 1)[0]
     if scheme.split("+")[0] not in ("qemu", "test") or "://" not in uri:
         raise HostError(f"{uri} is not a libvirt URI for qemu guests", URI_FIX)
     problem = host_uri_problem(uri) if scheme not in ("test", "qemu") else None
     if problem:
         raise HostError(f"{uri}: {problem}", URI_FIX)
+    if "ssh" in scheme:
+        if access is None:
+            raise HostError(f"{uri}: no SSH login to the host was given", URI_FIX)
+        return _connect_ssh(access, progress)
     try:
         return libvirt.open(uri)
     except libvirt.libvirtError as e:
         msg = str(e)
-        if "ssh" in scheme:
-            raise ConnectError(
-                f"cannot reach libvirt at {uri}: {msg} (check host and port 222, enable SSH key "
-                "authentication in the IPFire web UI and load the key into ssh-agent)"
-            ) from e
         if e.get_error_code() == libvirt.VIR_ERR_NO_CONNECT or "URI" in msg:
             raise HostError(f"no libvirt driver for {uri}: {msg}", URI_FIX) from e
         if "Failed to connect socket" in msg or "No such file" in msg:
@@ -92,6 +97,69 @@ def connect(uri: str) -> libvirt.virConnect:
                 "an init system)",
             ) from e
         raise HostError(f"cannot connect to {uri}: {msg}", URI_FIX) from e
+
+
+def connect_site(
+    site: Site, access: HostAccess | None = None, progress: Progress | None = None
+) -> libvirt.virConnect:
+    """The site's libvirt host, logged in with `access` (the command line's pins), else with
+    what the site's [host] says."""
+    return connect(site.host.uri, access or access_of(site.host, str(site.path)), progress)
+
+
+# What libvirt's SSH transport runs on the far side needs there: a libvirtd socket and
+# virt-ssh-helper (libvirt >= 8.4) or nc. One line per thing missing.
+FAR_SIDE = r"""
+found=
+for s in /run/libvirt/libvirt-sock /var/run/libvirt/libvirt-sock; do
+  [ -S "$s" ] && found=1
+done
+[ -n "$found" ] || echo no-socket
+command -v virt-ssh-helper >/dev/null 2>&1 || command -v nc >/dev/null 2>&1 || echo no-helper
+true
+"""
+START_LIBVIRTD = (
+    "start libvirtd on the host (IPFire: install the libvirt add-on with Pakfire, then "
+    "/etc/init.d/libvirtd start)"
+)
+
+
+def _connect_ssh(access: HostAccess, progress: Progress | None) -> libvirt.virConnect:
+    """Pin-check the host with paramiko, look at what the far side needs, then let libvirt
+    (libssh) connect with a known_hosts file that holds only the key just checked."""
+    login = access.login
+    client = connect_host(access)
+    try:
+        key = client.get_transport().get_remote_server_key()
+        missing = execute(client, FAR_SIDE, timeout=30).stdout.split()
+    finally:
+        client.close()
+    if "no-socket" in missing:
+        raise HostUnreachable(f"{login}: libvirtd is not running on the host", START_LIBVIRTD)
+    if "no-helper" in missing:
+        raise HostUnreachable(
+            f"{login}: the host has neither virt-ssh-helper nor nc for libvirt's SSH transport",
+            "install libvirt (it brings virt-ssh-helper) on the host",
+        )
+    if progress:
+        progress.say(f"  host key {fingerprint(key)} matches {access.pinned_by}")
+    with tempfile.TemporaryDirectory(prefix="wg-appliance-") as tmp:
+        known = Path(tmp) / "known_hosts"
+        known.write_text(f"{login.known_hosts_name} {key.get_name()} {key.get_base64()}\n")
+        uri = libvirt_uri(login, known, identity_file(access))
+        try:
+            return libvirt.open(uri)
+        except libvirt.libvirtError as e:
+            msg = printable(str(e), keep_newlines=False)
+            if "Failed to connect socket" in msg or "No such file" in msg:
+                raise HostUnreachable(
+                    f"{login}: libvirtd does not answer: {msg}", START_LIBVIRTD
+                ) from None
+            raise HostUnreachable(
+                f"{login}: libvirt cannot connect over SSH: {msg}",
+                "check that the key in host.ssh_key (or ssh-agent) logs in as "
+                f"`ssh -p {login.port} {login.user}@{login.host}` does",
+            ) from None
 
 
 def kvm_offered(conn: libvirt.virConnect) -> bool:

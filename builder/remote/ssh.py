@@ -15,15 +15,14 @@ import base64
 import hashlib
 import io
 import logging
-import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import paramiko
 
-from builder.errors import ConnectError, InputError
-from builder.model.login import HostLogin
+from builder.errors import ConnectError, HostError, InputError
+from builder.model.login import USER_KNOWN_HOSTS, HostAccess
 
 # paramiko logs transport-thread failures with tracebacks; ConnectError says it in one line.
 logging.getLogger("paramiko").addHandler(logging.NullHandler())
@@ -31,6 +30,18 @@ logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 class HostKeyMismatch(ConnectError):
     """The peer offered another host key than the pinned one: never retried."""
+
+
+class HostKeyUnknown(ConnectError):
+    """Nothing pins the key the host offered: never learned, never retried."""
+
+
+class HostUnreachable(HostError):
+    """A host (not the appliance) could not be reached or refused the login: exit 1, with
+    what to do, since nothing was sent and the admin's side needs the fix."""
+
+
+DEFAULT_IDENTITIES = ("id_ed25519", "id_ecdsa", "id_rsa")
 
 
 @dataclass(frozen=True)
@@ -58,6 +69,7 @@ class _Words:
     auth: str  # what to do when authentication fails
     unreachable: str  # what to check when nothing answers
     unknown: str = ""  # what to do when the key is not pinned at all
+    host: bool = False  # a host login: reach and auth failures are exit 1 (HostUnreachable)
 
 
 APPLIANCE = _Words(
@@ -69,12 +81,15 @@ APPLIANCE = _Words(
 )
 HOST = _Words(
     pinned="known_hosts has another",
-    mismatch="treat it as an attack unless IPFire was reinstalled (then fix the known_hosts line)",
+    mismatch="treat it as an attack unless the host was reinstalled (then update host.host_key "
+    "or the known_hosts line)",
     auth="(enable SSH key authentication in the web UI under System > SSH Access and add your "
     "public key to /root/.ssh/authorized_keys)",
     unreachable="is SSH enabled in the web UI, System > SSH Access, on port 222?",
-    unknown="the host key is not in known_hosts. Not connecting: compare the fingerprint with "
-    "the IPFire console, then pass it with --host-key SHA256:... or add the key to known_hosts",
+    unknown="compare it with the IPFire console (ssh-keygen -lf "
+    '/etc/ssh/ssh_host_ed25519_key.pub), then set host.host_key = "SHA256:..." in the site '
+    "file or pass --host-key",
+    host=True,
 )
 
 
@@ -117,17 +132,17 @@ def _open(
         ) from None
     except paramiko.AuthenticationException:
         client.close()
+        if words.host:
+            fix = words.auth.strip("()")
+            raise HostUnreachable(f"{where}: authentication failed", fix) from None
         raise ConnectError(f"{where}: authentication failed {words.auth}") from None
-    except paramiko.SSHException as e:
+    except (paramiko.SSHException, OSError, EOFError) as e:
         client.close()
-        if words.unknown and "not found in known_hosts" in str(e):
-            raise ConnectError(f"{where}: {words.unknown}") from None
-        raise ConnectError(f"{where}: cannot connect: {e}") from None
-    except (OSError, EOFError) as e:
-        client.close()
-        raise ConnectError(
-            f"{where}: cannot connect: {e or type(e).__name__} ({words.unreachable})"
-        ) from None
+        refused = isinstance(e, paramiko.ssh_exception.NoValidConnectionsError)
+        reason = "connection refused" if refused else f"{e or type(e).__name__}"
+        if words.host:
+            raise HostUnreachable(f"{where}: cannot connect: {reason}", words.unreachable) from None
+        raise ConnectError(f"{where}: cannot connect: {reason} ({words.unreachable})") from None
 
 
 def connect(target: Target, timeout: float = 10.0) -> paramiko.SSHClient:
@@ -152,54 +167,65 @@ def connect(target: Target, timeout: float = 10.0) -> paramiko.SSHClient:
     )
 
 
-class _PinnedFingerprint(paramiko.MissingHostKeyPolicy):
-    def __init__(self, expected: str):
-        self.expected = expected
+class _Pin(paramiko.MissingHostKeyPolicy):
+    """Called for a key that no known_hosts line names: accepted only when its fingerprint is
+    the pinned one; otherwise the one line says what was offered and where the pin is."""
+
+    def __init__(self, access: HostAccess):
+        self.access = access
 
     def missing_host_key(self, client, hostname, key) -> None:
-        offered = fingerprint(key)
-        if offered != self.expected:
+        offered = f"{key.get_name()} {fingerprint(key)}"
+        where = str(self.access.login)
+        if self.access.host_key is None:
+            raise HostKeyUnknown(
+                f"{where}: unknown host key: it offered {offered}, and "
+                f"{self.access.pinned_by} does not name the host. Not connecting: {HOST.unknown}"
+            )
+        if fingerprint(key) != self.access.host_key:
             raise HostKeyMismatch(
-                f"{hostname}: host key mismatch: the host offered {key.get_name()} {offered}, "
-                f"not {self.expected}. Not connecting: check the fingerprint on the IPFire "
-                "console (ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub)"
+                f"{where}: host key mismatch: it offered {offered}, {self.access.pinned_by} pins "
+                f"{self.access.host_key}. Not connecting: {HOST.mismatch}"
             )
 
 
-def connect_host(
-    login: HostLogin,
-    known_hosts: Path | None = None,
-    host_key: str | None = None,
-    identity: Path | None = None,
-    timeout: float = 15.0,
-) -> paramiko.SSHClient:
-    """The admin's login to a host: own key or agent, host key pinned by a fingerprint or
-    known_hosts (default ~/.ssh/known_hosts, read only)."""
+def identity_file(access: HostAccess) -> Path | None:
+    """The key file to offer: the one named (which must exist), else the first of the usual
+    ~/.ssh keys, as ssh itself would try; None leaves only ssh-agent."""
+    if access.identity is not None:
+        if not access.identity.is_file():
+            raise InputError(str(access.identity), access.identity_from, "no such file")
+        return access.identity
+    ssh = Path("~/.ssh").expanduser()
+    return next((ssh / n for n in DEFAULT_IDENTITIES if (ssh / n).is_file()), None)
+
+
+def connect_host(access: HostAccess, timeout: float = 15.0) -> paramiko.SSHClient:
+    """The admin's login to a host: agent and key file, the host key pinned by a fingerprint
+    or known_hosts (read only). A wrong or unknown key is exit 3 before anything is sent."""
     client = paramiko.SSHClient()
-    if host_key:
-        if not re.fullmatch(r"SHA256:[A-Za-z0-9+/]{43}", host_key):
-            raise InputError(host_key, "--host-key", "expected SHA256:... as ssh-keygen -lf shows")
-        client.set_missing_host_key_policy(_PinnedFingerprint(host_key))
-    else:
-        path = (known_hosts or Path("~/.ssh/known_hosts")).expanduser()
+    if access.known_hosts is not None and access.host_key is None:
+        path = access.known_hosts.expanduser()
         try:
             client.get_host_keys().load(str(path))
         except FileNotFoundError:
-            if known_hosts is not None:
-                raise InputError(str(path), "--known-hosts", "no such file") from None
+            if access.known_hosts != USER_KNOWN_HOSTS:
+                raise InputError(str(path), access.pinned_by.split()[0], "no such file") from None
         except (OSError, paramiko.SSHException) as e:
-            raise InputError(str(path), "--known-hosts", f"cannot read: {e}") from None
-        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+            raise InputError(str(path), access.pinned_by.split()[0], f"cannot read: {e}") from None
+    client.set_missing_host_key_policy(_Pin(access))
+    key = identity_file(access)
+    words = replace(HOST, pinned=f"{access.pinned_by} has another")
     return _open(
         client,
-        login.host,
-        login.port,
-        login.user,
-        HOST,
+        access.login.host,
+        access.login.port,
+        access.login.user,
+        words,
         timeout,
-        key_filename=str(identity.expanduser()) if identity else None,
+        key_filename=str(key) if key else None,
         allow_agent=True,
-        look_for_keys=identity is None,
+        look_for_keys=False,
     )
 
 

@@ -21,17 +21,14 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Interface
 from pathlib import Path
 
-from builder.errors import HostError
-from builder.local.run import run
+from tests.lab.host_sshd import HostSshd
 from tests.lab.lab import (
     BRIDGE,
-    HOST_GREEN,
     HOST_NS,
     INET_NS,
     LAN_NS,
@@ -42,7 +39,6 @@ from tests.lab.lab import (
 RED = "red0"
 HOST_RED = IPv4Interface("203.0.113.1/24")
 INET_RED = IPv4Interface("203.0.113.2/24")
-SSH_PORT = 222
 RELEASE = "IPFire 2.29 (x86_64) - core195"
 OVERLAID = ("etc", "var", "opt")
 
@@ -309,66 +305,23 @@ class IpfireLab:
         self._make_keys(root)
         return root
 
+    @staticmethod
+    def sshd(root: HostRoot) -> HostSshd:
+        return HostSshd(root.path / "ssh", root.home)
+
     def _make_keys(self, root: HostRoot) -> None:
-        ssh = root.path / "ssh"
-        ssh.mkdir(exist_ok=True)
-        dot_ssh = root.home / ".ssh"
-        dot_ssh.mkdir(parents=True, exist_ok=True)
-        for key in (ssh / "host_ed25519", dot_ssh / "id_ed25519"):
-            run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "", "-f", key])
-        (ssh / "authorized_keys").write_text((dot_ssh / "id_ed25519.pub").read_text())
-        host_pub = " ".join((ssh / "host_ed25519.pub").read_text().split()[:2])
-        (dot_ssh / "known_hosts").write_text(f"[{HOST_GREEN.ip}]:{SSH_PORT} {host_pub}\n")
-        (ssh / "sshd_config").write_text(
-            "\n".join(
-                [
-                    f"Port {SSH_PORT}",
-                    f"ListenAddress {HOST_GREEN.ip}",
-                    f"HostKey {ssh / 'host_ed25519'}",
-                    f"PidFile {ssh / 'sshd.pid'}",
-                    f"AuthorizedKeysFile {ssh / 'authorized_keys'}",
-                    "PermitRootLogin prohibit-password",
-                    "PasswordAuthentication no",
-                    "KbdInteractiveAuthentication no",
-                    "UsePAM no",
-                    "StrictModes no",
-                    "Subsystem sftp internal-sftp",
-                    "",
-                ]
-            )
-        )
+        self.sshd(root).make()
 
     def host_fingerprint(self, root: HostRoot) -> str:
-        out = run(["ssh-keygen", "-l", "-E", "sha256", "-f", root.path / "ssh/host_ed25519.pub"])
-        return out.stdout.split()[1]
+        return self.sshd(root).fingerprint()
 
     def start_sshd(self, root: HostRoot, green_is_bridge: bool = True) -> subprocess.Popen:
         """sshd -D in a private mount namespace seeing `root`'s files over the machine's.
 
         `green_is_bridge=False` hides green0's bridge attributes in that namespace: GREEN as
         IPFire has it when the admin never set bridge mode."""
-        hide = [f"mount -t tmpfs none /sys/devices/virtual/net/{BRIDGE}"]
-        argv = _host_view(
-            root,
-            f"exec /usr/sbin/sshd -D -e -f {root.path / 'ssh/sshd_config'}",
-            extra_mounts=[] if green_is_bridge else hide,
-        )
-        log = (root.path / "sshd.log").open("w")
-        proc = subprocess.Popen(
-            ["ip", "netns", "exec", HOST_NS, *argv],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 15
-        while "Server listening" not in (root.path / "sshd.log").read_text():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                _stop_pid(proc.pid, timeout=2)
-                raise HostError(
-                    "the lab's IPFire sshd did not start",
-                    (root.path / "sshd.log").read_text()[-500:],
-                )
-            time.sleep(0.05)
-        return proc
+        hide = [] if green_is_bridge else [f"mount -t tmpfs none /sys/devices/virtual/net/{BRIDGE}"]
+        return self.sshd(root).start(wrap=lambda command: _host_view(root, command, hide))
 
     @staticmethod
     def stop_sshd(proc: subprocess.Popen) -> None:

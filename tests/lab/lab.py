@@ -142,6 +142,9 @@ class Lab:
             self.unlock()
 
     def _teardown(self) -> None:
+        sshd = self.daemon_pid("sshd")  # the host's sshd that `python -m tests.lab up` left
+        if sshd is not None:
+            _stop_pid(sshd)
         self.stop_libvirt()
         for ns in self.namespaces():
             self.remove_namespace(ns)
