@@ -17,6 +17,7 @@ class Progress:
         self.stream = stream or sys.stderr
         self.start = time.monotonic()
         self._last_decile = -1
+        self._counting: dict[str, float] = {}
 
     def say(self, message: str) -> None:
         if not self.quiet:
@@ -33,11 +34,20 @@ class Progress:
         self.say(f"{name} done in {time.monotonic() - t0:.1f}s")
 
     def bytes(self, label: str, done: int, total: int) -> None:
-        """A byte counter: redraws in place on a terminal, prints every 10% otherwise."""
+        """A byte counter with rate and time left: redraws in place on a terminal, prints
+        every 10% otherwise."""
         if self.quiet:
             return
+        now = time.monotonic()
+        began = self._counting.setdefault(label, now)
         pct = 100 * done // total if total else 100
         text = f"{label}: {done / 1e6:.1f}/{total / 1e6:.1f} MB ({pct}%)"
+        if now > began and done:
+            rate = done / (now - began)
+            left = (total - done) / rate if done < total else now - began
+            text += f", {rate / 1e6:.1f} MB/s, " + (
+                f"{left:.0f} s left" if done < total else f"took {left:.1f} s"
+            )
         if self.stream.isatty():
             end = "\n" if done >= total else ""
             print(

@@ -1,6 +1,9 @@
 """End to end in the lab, all real: the image boots under qemu on the lab's green0, cloud-init
 configures it, real WireGuard clients (wireguard-go) dial it through the host's RED side.
 
+The tool runs as on an admin's workstation: on the LAN host, where the host's libvirt socket
+cannot be seen, reaching libvirtd only through the host's sshd on port 222 with its key pinned.
+
 Order matters and is kept by pytest's file order: deploy (interrupted, then converging),
 re-deploy, verify, road warrior and site-to-site in masquerade mode, the failure cases,
 routed mode, destroy. One appliance boot per mode keeps the file at a few minutes under TCG.
@@ -14,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,6 +27,8 @@ from builder.model.keys import ssh_genkey
 from tests.conftest import EXAMPLE
 from tests.lab import lab as L
 from tests.lab.clients import PeerAddressServer, WgClient, ping, tcp_source_seen
+from tests.lab.host_sshd import URI as HOST_URI
+from tests.lab.host_sshd import HostSshd, hidden_libvirt, host_flags, workstation
 from tests.lab.internet import (
     BLAN_HOST,
     BLAN_NS,
@@ -40,7 +46,8 @@ APPLIANCE = "192.168.77.50"
 
 def cli(lab: L.Lab, *args: str, ns: str = L.LAN_NS, check: bool = False, timeout: float = 900):
     """The real command line, run on the LAN host as an admin's workstation would."""
-    return lab.exec(ns, [sys.executable, "-m", "builder", *args], check=check, timeout=timeout)
+    argv = [sys.executable, "-m", "builder", *args]
+    return lab.exec(ns, workstation(argv), check=check, timeout=timeout)
 
 
 def _if(text: str):
@@ -50,11 +57,31 @@ def _if(text: str):
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory) -> Path:
-    """The example site as the lab needs it: clients dial the host's RED address."""
+def host_sshd(lab, tmp_path_factory) -> Iterator[HostSshd]:
+    """The host's sshd on GREEN port 222: the workstation's only way to libvirtd."""
+    d = tmp_path_factory.mktemp("host-sshd")
+    sshd = HostSshd(d / "sshd", d / "admin").make()
+    sshd.start()
+    yield sshd
+    sshd.stop()
+
+
+def remote_host(text: str, sshd: HostSshd) -> str:
+    """A site's [host] as an IPFire admin writes it: the URI, the pin, the identity."""
+    return text.replace(
+        'uri = "qemu:///system"',
+        f'uri = "{HOST_URI}"\nhost_key = "{sshd.fingerprint()}"\nssh_key = "{sshd.identity}"',
+        1,
+    )
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, host_sshd) -> Path:
+    """The example site as the lab needs it: clients dial the host's RED address, the tool
+    reaches the host over SSH."""
     d = tmp_path_factory.mktemp("e2e")
     text = EXAMPLE.read_text().replace('"vpn.example.org:51820"', '"203.0.113.1:51820"')
-    (d / "site.toml").write_text(text)
+    (d / "site.toml").write_text(remote_host(text, host_sshd))
     return d / "site.toml"
 
 
@@ -84,6 +111,57 @@ def _deploy_args(site: Path, image) -> list[str]:
     return ["deploy", "--site", str(site), "--image", str(image.path), "--timeout", "600"]
 
 
+def test_the_workstation_cannot_see_the_hosts_libvirt_socket(net, site):
+    """The proof that what follows goes over SSH: the local socket is not there."""
+    r = cli(net, "destroy", "--site", str(site), "--host-uri", "qemu:///system")
+    assert r.returncode == 1 and "libvirtd is not running" in r.stderr, r.stderr
+
+
+def _pool_files() -> list[str]:
+    pool_dir = L.Lab.host_path("/var/lib/libvirt/images/wg-appliance")
+    return sorted(p.name for p in pool_dir.iterdir()) if pool_dir.is_dir() else []
+
+
+def test_wrong_or_unknown_host_key_stops_before_anything(net, appliance_image, site, tmp_path):
+    """Exit 3, one line with the key the host offered and where the pin came from; no
+    domain, pool or volume is made."""
+    wrong = "SHA256:" + "A" * 43
+    r = cli(net, *_deploy_args(site, appliance_image), "--host-key", wrong)
+    assert r.returncode == 3 and r.stderr.count("\n") == 1, r.stderr
+    assert "host key mismatch" in r.stderr and wrong in r.stderr and "--host-key" in r.stderr
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    r = cli(net, *_deploy_args(site, appliance_image), "--known-hosts", str(empty))
+    assert r.returncode == 3 and "unknown host key" in r.stderr, r.stderr
+    assert empty.read_text() == ""
+    listed = subprocess.run(
+        ["virsh", "-c", L.URI, "list", "--all", "--name"], capture_output=True, text=True
+    ).stdout.split()
+    assert "wg-gw" not in listed and _pool_files() == []
+
+
+def test_host_without_libvirtd_fails_with_the_fix(net, appliance_image, site, tmp_path):
+    """An sshd whose host has no libvirtd socket: exit 1, what to start, nothing made."""
+    other = HostSshd(tmp_path / "sshd", tmp_path / "admin", port=2222).make()
+    other.start(wrap=hidden_libvirt)
+    try:
+        r = cli(
+            net,
+            *_deploy_args(site, appliance_image),
+            "--host-uri",
+            HOST_URI.replace(":222/", ":2222/"),
+            "--host-key",
+            other.fingerprint(),
+            "--identity",
+            str(other.identity),
+        )
+    finally:
+        other.stop()
+    assert r.returncode == 1, r.stderr
+    assert "libvirtd is not running on the host" in r.stderr and "libvirtd start" in r.stderr
+    assert _pool_files() == []
+
+
 def test_interrupted_deploy_converges(net, appliance_image, site):
     """Killed right after the volume upload, the next deploy finishes the job."""
     argv = [
@@ -91,10 +169,7 @@ def test_interrupted_deploy_converges(net, appliance_image, site):
         "netns",
         "exec",
         L.LAN_NS,
-        sys.executable,
-        "-m",
-        "builder",
-        *_deploy_args(site, appliance_image),
+        *workstation([sys.executable, "-m", "builder", *_deploy_args(site, appliance_image)]),
     ]
     proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     seen = []
@@ -127,11 +202,16 @@ def test_guest_cloud_init_accepts_its_seed(net, site):
     assert "Valid schema user-data" in r.stdout, r.stdout
 
 
-def test_second_deploy_is_up_to_date(net, appliance_image, site):
+def test_second_deploy_is_up_to_date(net, appliance_image, site, host_sshd, tmp_path):
+    """The same site with its host given on the command line, as `make appliance` does."""
     before = subprocess.run(
         ["virsh", "-c", L.URI, "dumpxml", "wg-gw"], capture_output=True, text=True, check=True
     ).stdout
-    r = cli(net, *_deploy_args(site, appliance_image))
+    plain = tmp_path / "site.toml"
+    plain.write_text(EXAMPLE.read_text().replace('"vpn.example.org:51820"', '"203.0.113.1:51820"'))
+    state = site.parent / ".wg-appliance" / "wg-gw"
+    flags = ["--state", str(state), *host_flags(host_sshd)]
+    r = cli(net, *_deploy_args(plain, appliance_image), *flags)
     assert r.returncode == 0, r.stderr
     assert "wg-gw: up to date" in r.stdout
     after = subprocess.run(

@@ -139,6 +139,7 @@ def test_failed_upload_leaves_no_volume(pool: libvirt.virStoragePool, tmp_path: 
     with pytest.raises(HostError, match="uploading"):
         lh.upload_volume(pool, "img-abc.qcow2", src)
     assert lh.find_volume(pool, "img-abc.qcow2") is None
+    assert lh.find_volume(pool, "img-abc.qcow2" + lh.PART) is None
 
 
 def test_existing_volume_of_same_size_is_kept(pool: libvirt.virStoragePool, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ import pytest
 from builder.local.run import run
 from builder.progress import Progress
 from builder.remote import libvirtd as lh
-from builder.render.libvirt_xml import DomainSpec
+from builder.render.libvirt_xml import DomainSpec, volume_xml
 from tests.lab.lab import BRIDGE, HOST_NS, POOL_NAME, POOL_PATH, URI, Lab
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -80,7 +81,9 @@ def test_pool_and_stream_upload_through_the_lab_libvirtd(
     assert (
         hashlib.sha256(on_host.read_bytes()).digest() == hashlib.sha256(src.read_bytes()).digest()
     )
-    assert "upload data-1.bin: 9.4/9.4 MB (100%)" in out.getvalue()
+    assert "upload data-1.bin: 9.4/9.4 MB (100%), " in out.getvalue()
+    assert re.search(r"\d+\.\d MB/s, took \d+\.\d s", out.getvalue()), out.getvalue()
+    assert lh.find_volume(pool, "data-1.bin" + lh.PART) is None
     print(f"uploaded 9 MiB in {elapsed:.2f}s")
 
     mtime = on_host.stat().st_mtime_ns
@@ -89,6 +92,23 @@ def test_pool_and_stream_upload_through_the_lab_libvirtd(
     assert "already on the host" in out.getvalue()
     assert on_host.stat().st_mtime_ns == mtime
     vol.delete(0)
+
+
+def test_an_upload_cut_short_is_done_again_not_taken_as_complete(
+    conn: libvirt.virConnect, tmp_path: Path
+) -> None:
+    """What a killed upload leaves (a `.part` of full size, half garbage) is replaced; only
+    a complete upload ever gets the volume's own name."""
+    pool = lh.ensure_pool(conn, POOL_NAME, str(POOL_PATH))
+    src = tmp_path / "data.bin"
+    src.write_bytes(os.urandom(3 * 1024 * 1024))
+    pool.createXML(volume_xml("data-2.bin" + lh.PART, src.stat().st_size, "raw"), 0)
+    vol = lh.upload_volume(pool, "data-2.bin", src)
+    try:
+        assert Path(vol.path()).read_bytes() == src.read_bytes()
+        assert lh.find_volume(pool, "data-2.bin" + lh.PART) is None
+    finally:
+        vol.delete(0)
 
 
 def test_tiny_domain_boots_on_green0_and_is_destroyed(

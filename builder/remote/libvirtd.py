@@ -268,6 +268,9 @@ def volume_file_size(vol: libvirt.virStorageVol) -> int:
     return volume_file_bytes(vol.XMLDesc(0))
 
 
+PART = ".part"
+
+
 def upload_volume(
     pool: libvirt.virStoragePool,
     name: str,
@@ -276,8 +279,10 @@ def upload_volume(
 ) -> libvirt.virStorageVol:
     """Upload `local_file` as volume `name` through a libvirt stream (works over SSH).
 
-    Names carry the content digest, so a volume of that name and size is the same content and
-    is kept; one of another size is a broken earlier upload and is replaced.
+    Names carry the content digest, and the bytes go to `name.part` first, copied to `name`
+    on the host only once all arrived: a volume called `name` is always complete, so a
+    finished upload is never repeated, and a run killed half way leaves only a `.part` that
+    the next run replaces.
     """
     size = local_file.stat().st_size
     vol = find_volume(pool, name)
@@ -287,10 +292,13 @@ def upload_volume(
                 progress.say(f"volume {name} is already on the host")
             return vol
         vol.delete(0)
-    vol = pool.createXML(volume_xml(name, size, "raw"), 0)
+    stale = find_volume(pool, name + PART)
+    if stale is not None:
+        stale.delete(0)
+    part = pool.createXML(volume_xml(name + PART, size, "raw"), 0)
     stream = pool.connect().newStream(0)
     try:
-        vol.upload(stream, 0, size, 0)
+        part.upload(stream, 0, size, 0)
         done = 0
         with local_file.open("rb") as f:
             while chunk := f.read(CHUNK):
@@ -301,8 +309,10 @@ def upload_volume(
                 if progress:
                     progress.bytes(f"upload {name}", done, size)
         stream.finish()
+        pool.createXMLFrom(volume_xml(name, size, "raw"), part, 0)
+        part.delete(0)
     except BaseException as e:
-        _abort_upload(stream, vol)
+        _abort_upload(stream, part)
         if isinstance(e, libvirt.libvirtError):
             raise HostError(f"uploading {local_file} as {name} failed: {e}") from e
         raise

@@ -51,8 +51,9 @@ class HostSshd:
     """sshd -D for one host: config, host key, pid and log in `path`; the admin's key pair
     and known_hosts in `home`/.ssh."""
 
-    def __init__(self, path: Path, home: Path) -> None:
+    def __init__(self, path: Path, home: Path, port: int = SSH_PORT) -> None:
         self.path = path
+        self.port = port
         self.dot_ssh = home / ".ssh"
         self.proc: subprocess.Popen | None = None
 
@@ -67,11 +68,11 @@ class HostSshd:
             run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "", "-f", key])
         (path / "authorized_keys").write_text(self.identity.with_suffix(".pub").read_text())
         host_pub = " ".join(self.host_key.with_suffix(".pub").read_text().split()[:2])
-        self.known_hosts.write_text(f"[{HOST_GREEN.ip}]:{SSH_PORT} {host_pub}\n")
+        self.known_hosts.write_text(f"[{HOST_GREEN.ip}]:{self.port} {host_pub}\n")
         self.config.write_text(
             "\n".join(
                 [
-                    f"Port {SSH_PORT}",
+                    f"Port {self.port}",
                     f"ListenAddress {HOST_GREEN.ip}",
                     f"HostKey {self.host_key}",
                     f"PidFile {path / 'sshd.pid'}",
