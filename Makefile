@@ -28,12 +28,14 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # With no SITE: the image is built here (it needs the package mirror), then the lab comes up
-# and the tool runs on its LAN host, as an admin's workstation would.
+# and the tool runs on its LAN host, as an admin's workstation would: the host's libvirt
+# socket out of sight, libvirtd reached through the host's sshd on 222 with its key pinned.
 appliance: setup
 	$(BIN)/wg-appliance image
 ifeq ($(SITE),)
 	$(BIN)/python -m tests.lab up
-	ip netns exec wgl-lan $(BIN)/wg-appliance up --site examples/site.toml $(if $(STATE),--state $(STATE))
+	$(BIN)/python -m tests.lab workstation $(BIN)/wg-appliance up --site examples/site.toml \
+	    $$($(BIN)/python -m tests.lab host-flags) $(if $(STATE),--state $(STATE))
 	@echo "lab: 'make lab-down' removes it; the appliance is at 192.168.77.50 inside it"
 else
 	$(BIN)/wg-appliance up --site $(SITE) $(if $(STATE),--state $(STATE))

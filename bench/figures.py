@@ -187,4 +187,52 @@ def lab() -> dict[str, float]:
     }
 
 
-ALL = [render_1000, image, lab]
+# One upload of `image` as a fresh volume, timed inside the process that makes it: the
+# same code deploy runs, so the two transports differ only in how bytes reach libvirtd.
+UPLOAD = """
+import sys, time
+from pathlib import Path
+from builder.model.login import access_of
+from builder.model.site import Host
+from builder.remote import libvirtd as lh
+uri, image, fp, identity = sys.argv[1:5]
+access = access_of(Host(uri=uri), "bench", host_key=fp or None, identity=Path(identity))
+conn = lh.connect(uri, access)
+pool = lh.ensure_pool(conn, "wgl-bench", "/var/lib/libvirt/images/wgl-bench")
+t0 = time.perf_counter()
+vol = lh.upload_volume(pool, "bench.qcow2", Path(image))
+print(time.perf_counter() - t0)
+vol.delete(0)
+"""
+
+
+def upload() -> dict[str, float]:
+    """The base image uploaded to the lab host's libvirtd over its local socket and over SSH
+    from the workstation (libssh through the host's sshd), best of three each, in one run."""
+    from tests.lab import lab as L
+    from tests.lab.host_sshd import URI, start_lab_sshd, workstation
+
+    img = build_image(cache=default_cache_dir(), progress=Progress(quiet=True))
+    lab = L.Lab()
+    lab.up()
+    try:
+        sshd = start_lab_sshd(lab)
+        local, remote = [], []
+        for _ in range(3):
+            argv = [sys.executable, "-c", UPLOAD, "qemu:///system", str(img.path), "", "/"]
+            local.append(float(lab.exec(L.HOST_NS, argv, timeout=600).stdout))
+            argv = [sys.executable, "-c", UPLOAD, URI, str(img.path), sshd.fingerprint()]
+            argv.append(str(sshd.identity))
+            remote.append(float(lab.exec(L.LAN_NS, workstation(argv), timeout=600).stdout))
+    finally:
+        lab.down()
+    mb = img.size / 1e6
+    return {
+        "upload_base_local_s": round(min(local), 2),
+        "upload_base_ssh_s": round(min(remote), 2),
+        "upload_base_ssh_mb_s": round(mb / min(remote), 1),
+        "upload_base_ssh_ratio_to_local": round(min(remote) / min(local), 2),
+    }
+
+
+ALL = [render_1000, image, upload, lab]
