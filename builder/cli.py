@@ -571,12 +571,25 @@ def _verify_arguments(p: argparse.ArgumentParser) -> None:
     "wg-appliance verify --site site.toml --require-handshake branch --json",
     _verify_arguments,
     json=DOCUMENT,
+    host=True,
 )
 def cmd_verify(args: argparse.Namespace) -> int:
-    from builder.verify import verify
+    from builder.verify import Unreachable, verify
 
     site, state = _site_and_state(args)
-    report = verify(site, state, timeout=args.timeout, required=set(args.require_handshake))
+    try:
+        report = verify(
+            site,
+            state,
+            timeout=args.timeout,
+            required=set(args.require_handshake),
+            access=_access(args, site),
+        )
+    except Unreachable as e:
+        if e.serial:
+            print("--- the appliance's serial log, from its host ---", file=sys.stderr)
+            print(_shown(e.serial, one_line=False), file=sys.stderr)
+        raise
     print(report.to_json() if args.json else report.table())
     return 0 if report.ok else 1
 

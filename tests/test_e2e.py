@@ -374,6 +374,21 @@ def test_verify_refuses_wrong_host_key(net, site, tmp_path):
     assert "host key mismatch" in r.stderr and r.stderr.count("\n") == 1
 
 
+def test_verify_of_a_silent_appliance_shows_its_serial_log(net, site):
+    """A paused appliance does not answer: exit 3, and the host (over SSH) gives the end of
+    the serial log, which shows the appliance's console."""
+    virsh = ["virsh", "-c", L.URI]
+    subprocess.run([*virsh, "suspend", "wg-gw"], check=True, capture_output=True)
+    try:
+        r = cli(net, "verify", "--site", str(site), "--timeout", "5")
+    finally:
+        subprocess.run([*virsh, "resume", "wg-gw"], check=True, capture_output=True)
+    assert r.returncode == 3, r.stdout + r.stderr
+    log, _, error = r.stderr.partition("--- the appliance's serial log, from its host ---\n")
+    assert "wg-gw" in error and error.strip().splitlines()[-1].startswith("error: "), r.stderr
+    assert cli(net, "verify", "--site", str(site), "--timeout", "60").returncode == 0
+
+
 def test_routed_mode(net, appliance_image, site, clients):
     """Routed: the LAN host sees tunnel addresses (it routes the tunnel and branch nets to the
     appliance), and the branch and main LANs reach each other both ways."""

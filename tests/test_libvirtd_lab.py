@@ -97,12 +97,13 @@ def test_pool_and_stream_upload_through_the_lab_libvirtd(
 def test_an_upload_cut_short_is_done_again_not_taken_as_complete(
     conn: libvirt.virConnect, tmp_path: Path
 ) -> None:
-    """What a killed upload leaves (a `.part` of full size, half garbage) is replaced; only
-    a complete upload ever gets the volume's own name."""
+    """What a killed upload leaves (the volume at full size but half garbage, its `.part`
+    marker beside it) is uploaded again, not kept."""
     pool = lh.ensure_pool(conn, POOL_NAME, str(POOL_PATH))
     src = tmp_path / "data.bin"
     src.write_bytes(os.urandom(3 * 1024 * 1024))
-    pool.createXML(volume_xml("data-2.bin" + lh.PART, src.stat().st_size, "raw"), 0)
+    pool.createXML(volume_xml("data-2.bin", src.stat().st_size, "raw"), 0)
+    pool.createXML(volume_xml("data-2.bin" + lh.PART, 0, "raw"), 0)
     vol = lh.upload_volume(pool, "data-2.bin", src)
     try:
         assert Path(vol.path()).read_bytes() == src.read_bytes()

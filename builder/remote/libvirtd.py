@@ -268,7 +268,7 @@ def volume_file_size(vol: libvirt.virStorageVol) -> int:
     return volume_file_bytes(vol.XMLDesc(0))
 
 
-PART = ".part"
+PART = ".part"  # beside a volume while its upload runs: the volume is not complete yet
 
 
 def upload_volume(
@@ -279,26 +279,25 @@ def upload_volume(
 ) -> libvirt.virStorageVol:
     """Upload `local_file` as volume `name` through a libvirt stream (works over SSH).
 
-    Names carry the content digest, and the bytes go to `name.part` first, copied to `name`
-    on the host only once all arrived: a volume called `name` is always complete, so a
-    finished upload is never repeated, and a run killed half way leaves only a `.part` that
-    the next run replaces.
+    Names carry the content digest, so a volume of that name and size is the same content and
+    is kept, unless the marker `name.part` is beside it: that is made before the first byte
+    and removed after the last, so a run killed half way leaves it, and the next run uploads
+    again rather than booting a half image. A finished upload is never repeated.
     """
     size = local_file.stat().st_size
-    vol = find_volume(pool, name)
-    if vol is not None:
-        if volume_file_size(vol) == size:
-            if progress:
-                progress.say(f"volume {name} is already on the host")
-            return vol
-        vol.delete(0)
-    stale = find_volume(pool, name + PART)
-    if stale is not None:
-        stale.delete(0)
-    part = pool.createXML(volume_xml(name + PART, size, "raw"), 0)
+    vol, marker = find_volume(pool, name), find_volume(pool, name + PART)
+    if vol is not None and marker is None and volume_file_size(vol) == size:
+        if progress:
+            progress.say(f"volume {name} is already on the host")
+        return vol
+    for old in (vol, marker):
+        if old is not None:
+            old.delete(0)
+    marker = pool.createXML(volume_xml(name + PART, 0, "raw"), 0)
+    vol = pool.createXML(volume_xml(name, size, "raw"), 0)
     stream = pool.connect().newStream(0)
     try:
-        part.upload(stream, 0, size, 0)
+        vol.upload(stream, 0, size, 0)
         done = 0
         with local_file.open("rb") as f:
             while chunk := f.read(CHUNK):
@@ -309,10 +308,9 @@ def upload_volume(
                 if progress:
                     progress.bytes(f"upload {name}", done, size)
         stream.finish()
-        pool.createXMLFrom(volume_xml(name, size, "raw"), part, 0)
-        part.delete(0)
+        marker.delete(0)
     except BaseException as e:
-        _abort_upload(stream, part)
+        _abort_upload(stream, vol, marker)
         if isinstance(e, libvirt.libvirtError):
             raise HostError(f"uploading {local_file} as {name} failed: {e}") from e
         raise
@@ -320,9 +318,9 @@ def upload_volume(
     return pool.storageVolLookupByName(name)
 
 
-def _abort_upload(stream: libvirt.virStream, vol: libvirt.virStorageVol) -> None:
-    """Leave no half volume behind: the next run would take it for a good one."""
-    for undo in (stream.abort, lambda: vol.delete(0)):
+def _abort_upload(stream: libvirt.virStream, *vols: libvirt.virStorageVol) -> None:
+    """Leave no half volume behind (and no marker for one that is gone)."""
+    for undo in (stream.abort, *(lambda v=v: v.delete(0) for v in vols)):
         with contextlib.suppress(libvirt.libvirtError):
             undo()
 
@@ -390,6 +388,18 @@ def find_domain(conn: libvirt.virConnect, name: str) -> libvirt.virDomain | None
 def domain_metadata(dom: libvirt.virDomain) -> dict[str, str] | None:
     """The tool's metadata of `dom`, or None when the tool did not make it."""
     return parse_metadata(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+
+
+def appliance_serial_tail(conn: libvirt.virConnect, name: str, lines: int = 25) -> str | None:
+    """The end of appliance `name`'s serial log, found through its metadata (pool and
+    volumes), or None when the host has no such appliance or log."""
+    dom = find_domain(conn, name)
+    meta = domain_metadata(dom) if dom is not None else None
+    pool = find_pool(conn, meta.get(META_POOL, "")) if meta else None
+    logs = [v for v in owned_volumes(meta) if v.endswith("-serial.log")] if meta else []
+    if pool is None or not logs:
+        return None
+    return "\n".join(serial_tail(pool, logs[0]).splitlines()[-lines:])
 
 
 def domain_virt_type(dom: libvirt.virDomain) -> str:
