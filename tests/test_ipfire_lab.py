@@ -399,7 +399,18 @@ def test_apply_installs_live_rules_and_routes_and_is_idempotent(lab, host, tmp_p
     assert len(backups) == 2 and backups[0] == "firewall.local", backups
 
     files = {p: host.file(p).read_bytes() for p in (ipfire.FIREWALL_LOCAL, ipfire.ROUTING)}
-    r = cli(lab, host, site, *ssh_args("--apply", "--json"))
+    # Again, as the site's [host] names the host: no --ssh, the pin and key from the file.
+    (tmp_path / "remote").mkdir()
+    pinned = IpfireLab.sshd(host)
+    remote = site_file(
+        tmp_path / "remote",
+        {
+            'uri = "qemu:///system"': f'uri = "qemu+ssh://root@{L.HOST_GREEN.ip}:222/system"\n'
+            f'host_key = "{pinned.fingerprint()}"\nssh_key = "{pinned.identity}"'
+        },
+    )
+    pinned.known_hosts.write_text("")  # the file's pin is what counts, not known_hosts
+    r = cli(lab, host, remote, "--apply", "--json")
     assert r.returncode == 0, r.stdout + r.stderr
     applied = json.loads(r.stdout)["applied"]
     assert not applied["firewall_local_changed"] and not applied["routing_changed"]
