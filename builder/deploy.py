@@ -7,13 +7,15 @@ start and the wait for SSH. A run killed anywhere leaves a state the next run co
 
 from __future__ import annotations
 
+import json
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import libvirt
 
-from builder.errors import ConnectError, HostError
+from builder.errors import ConnectError, GuestError, HostError
 from builder.local.files import OutDir, write_files
 from builder.local.state import State
 from builder.model.keys import Keys
@@ -41,6 +43,17 @@ from builder.render.seed import SECRET, make_seed
 
 BOOT_TIMEOUT_S = 900.0
 CLOUD_INIT_RESULT = "/run/cloud-init/result.json"
+KEPT = "/var/lib/wg-appliance"  # the agent reads the first boot's result here later
+KEPT_RESULT = f"{KEPT}/cloud-init-result.json"
+# After a good first boot: keep cloud-init's result for verify, then switch cloud-init off
+# with its own switch, so a boot without the seed never provisions the appliance anew.
+SWITCH_OFF = (
+    "set -e; if [ -e /run/cloud-init/result.json ]; then "
+    f"install -d -m 0755 {KEPT}; "
+    f"cp /run/cloud-init/status.json {KEPT}/cloud-init-status.json; "
+    f"cp /run/cloud-init/result.json {KEPT_RESULT}; fi; "
+    "touch /etc/cloud/cloud-init.disabled"
+)
 
 
 class SiteChanged(HostError):
@@ -121,9 +134,10 @@ def _wait_ready(
     serial: str,
     timeout: float,
     progress: Progress,
-) -> None:
+) -> bool:
     """Ready means: SSH answers with the pinned key and cloud-init has finished, since sshd
-    starts before cloud-init's final stage brings wg0 up."""
+    starts before cloud-init's final stage brings wg0 up. True when cloud-init succeeded
+    and is switched off."""
     deadline = time.monotonic() + timeout
     with progress.stage(f"waiting for SSH on {site.lan.address.ip} (pinned host key)"):
         try:
@@ -139,18 +153,72 @@ def _wait_ready(
     with progress.stage("waiting for cloud-init to finish"):
         try:
             left = max(1, int(deadline - time.monotonic()))
-            result = execute(
-                client,
-                f"timeout {left} sh -c 'until [ -e {CLOUD_INIT_RESULT} ]; do sleep 1; done'",
-                timeout=left + 10,
-            )
+            wait = f"until [ -e {CLOUD_INIT_RESULT} ] || [ -e {KEPT_RESULT} ]; do sleep 1; done"
+            result = execute(client, f"timeout {left} sh -c '{wait}'", timeout=left + 10)
+            if result.rc != 0:
+                raise HostError(
+                    f"cloud-init on {site.name} did not finish within {timeout:.0f}s",
+                    f"run `wg-appliance verify --site {site.path}` to see what it is doing",
+                )
+            return _switch_cloud_init_off(client, site)
         finally:
             client.close()
-        if result.rc != 0:
-            raise HostError(
-                f"cloud-init on {site.name} did not finish within {timeout:.0f}s",
-                f"run `wg-appliance verify --site {site.path}` to see what it is doing",
-            )
+
+
+def _switch_cloud_init_off(client, site: Site) -> bool:
+    """True when the first boot succeeded and cloud-init is now off; False (seed kept, so a
+    fix can boot from it) when cloud-init reported errors."""
+    shown = execute(client, f"cat {CLOUD_INIT_RESULT} 2>/dev/null || cat {KEPT_RESULT}").stdout
+    try:
+        errors = json.loads(shown)["v1"]["errors"]
+    except (ValueError, KeyError, TypeError):
+        errors = ["no readable result.json"]
+    if errors:
+        return False
+    r = execute(client, "sudo -n sh -c " + shlex.quote(SWITCH_OFF))
+    if r.rc != 0:
+        raise GuestError(
+            f"could not switch cloud-init off on {site.name}: {r.stderr.strip()[-300:]}",
+            "run the same deploy again",
+        )
+    return True
+
+
+def _retire_seed(
+    dom: libvirt.virDomain, pool: libvirt.virStoragePool, seed: str, progress: Progress
+) -> None:
+    """The seed holds every private key: out of the domain and off the host once the
+    appliance has its own copy on its disk."""
+    taken = lh.retire_seed(dom)
+    vol = lh.find_volume(pool, seed)
+    if vol is not None:
+        vol.delete(0)
+    if taken or vol is not None:
+        progress.say(f"seed {seed} taken out of {dom.name()} and deleted from the host")
+
+
+def _pool(conn: libvirt.virConnect, site: Site, progress: Progress) -> libvirt.virStoragePool:
+    pool = _pool(conn, site, progress)
+    note = lh.check_pool_privacy(pool)
+    if note:
+        progress.say(f"  note: {note}")
+    return pool
+
+
+def _finish(
+    dom: libvirt.virDomain,
+    site: Site,
+    keys: Keys,
+    pool: libvirt.virStoragePool,
+    names: dict[str, str],
+    timeout: float,
+    progress: Progress,
+) -> None:
+    """Wait until the appliance is ready; after a good first boot the seed goes."""
+    if _wait_ready(site, keys, pool, names["serial"], timeout, progress):
+        _retire_seed(dom, pool, names["seed"], progress)
+    else:
+        progress.say("cloud-init reported errors: the seed stays; see wg-appliance verify")
 
 
 def deploy(
@@ -197,7 +265,7 @@ def deploy(
                     lh.destroy_domain(conn, site.name)
                 outcome = "replaced"
             else:
-                pool = lh.ensure_pool(conn, site.host.pool, site.host.pool_path)
+                pool = _pool(conn, site, progress)
                 virt_type = lh.domain_virt_type(dom) or virt_type
                 if not dom.isActive():
                     with progress.stage(f"starting {site.name}"):
@@ -205,7 +273,7 @@ def deploy(
                     outcome = "started"
                 else:
                     outcome = "up to date"
-                _wait_ready(site, keys, pool, names["serial"], boot_timeout, progress)
+                _finish(dom, site, keys, pool, names, boot_timeout, progress)
                 return Deployed(
                     site.name, outcome, virt_type, str(site.lan.address.ip), time.monotonic() - t0
                 )
@@ -213,8 +281,10 @@ def deploy(
         with OutDir(state.path / "seed") as out:
             write_files(out, seed.files, secret=SECRET)
         with progress.stage("storage"):
-            pool = lh.ensure_pool(conn, site.host.pool, site.host.pool_path)
-            base = lh.upload_volume(pool, base_volume_name(image_digest), image_path, progress)
+            pool = _pool(conn, site, progress)
+            base = lh.upload_volume(
+                pool, base_volume_name(image_digest), image_path, progress, mode=None
+            )
             seed_vol = lh.upload_volume(
                 pool, names["seed"], state.path / "seed" / "seed.iso", progress
             )
@@ -235,7 +305,7 @@ def deploy(
         with progress.stage(f"defining and starting {site.name} ({virt_type})"):
             dom = lh.start_domain(conn, spec, progress)
             virt_type = lh.domain_virt_type(dom) or virt_type
-        _wait_ready(site, keys, pool, names["serial"], boot_timeout, progress)
+        _finish(dom, site, keys, pool, names, boot_timeout, progress)
         return Deployed(
             site.name, outcome, virt_type, str(site.lan.address.ip), time.monotonic() - t0
         )

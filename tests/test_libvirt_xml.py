@@ -11,7 +11,17 @@ import libvirt
 import pytest
 
 from builder.local.run import run
-from builder.render.libvirt_xml import XMLNS, domain_xml, owned_volumes, parse_metadata
+from builder.render.libvirt_xml import (
+    XMLNS,
+    domain_xml,
+    owned_volumes,
+    parse_metadata,
+    pool_mode,
+    pool_xml,
+    seed_cdrom_xml,
+    seed_source,
+    volume_xml,
+)
 from tests.plugins.samples import META, spec
 
 
@@ -87,3 +97,20 @@ def test_libvirt_keeps_our_metadata_through_define() -> None:
     finally:
         dom.undefine()
         conn.close()
+
+
+def test_volumes_are_private_unless_asked_and_new_pools_unlistable():
+    private = ET.fromstring(volume_xml("seed.iso", 1, "raw"))
+    assert private.findtext("target/permissions/mode") == "0600"
+    assert (
+        ET.fromstring(volume_xml("base.qcow2", 1, "raw", mode=None)).find("target/permissions")
+        is None
+    )
+    assert pool_mode(pool_xml("p", "/srv/p")) == 0o711
+
+
+def test_the_seed_drive_is_found_with_or_without_its_file():
+    assert seed_source(domain_xml(spec(seed_path="/p/s.iso"))) == (True, "/p/s.iso")
+    assert seed_source(domain_xml(spec(seed_path=None))) == (False, None)
+    empty = ET.fromstring(seed_cdrom_xml())
+    assert empty.find("source") is None and empty.find("target").get("dev") == "hdc"

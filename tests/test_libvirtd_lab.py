@@ -22,7 +22,7 @@ import pytest
 from builder.local.run import run
 from builder.progress import Progress
 from builder.remote import libvirtd as lh
-from builder.render.libvirt_xml import DomainSpec, volume_xml
+from builder.render.libvirt_xml import DomainSpec, seed_source, volume_xml
 from tests.lab.lab import BRIDGE, HOST_NS, POOL_NAME, POOL_PATH, URI, Lab
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -113,13 +113,19 @@ def test_an_upload_cut_short_is_done_again_not_taken_as_complete(
 
 
 def test_tiny_domain_boots_on_green0_and_is_destroyed(
-    lab: Lab, conn: libvirt.virConnect, boot_image: Path
+    lab: Lab, conn: libvirt.virConnect, boot_image: Path, tmp_path: Path
 ) -> None:
+    """Also: its volumes are 0600, and the seed comes out of the running domain and its
+    definition."""
     pool = lh.ensure_pool(conn, POOL_NAME, str(POOL_PATH))
     lh.check_memory(conn, 64)
     base = lh.upload_volume(pool, "boot-1.qcow2", boot_image)
     disk = lh.create_disk(pool, "wga-tiny-disk.qcow2", base, 1)
     disk_file = Path(disk.path())
+    (tmp_path / "seed.iso").write_bytes(b"\0" * 65536)
+    seed = lh.upload_volume(pool, "wga-tiny-seed.iso", tmp_path / "seed.iso")
+    for private in (disk_file, Path(seed.path())):
+        assert private.stat().st_mode & 0o777 == 0o600, private
     info = run(["qemu-img", "info", "-U", disk_file]).stdout
     assert f"backing file: {base.path()}" in info
     virt_type, _ = lh.choose_virt_type(conn)
@@ -130,11 +136,15 @@ def test_tiny_domain_boots_on_green0_and_is_destroyed(
         vcpus=1,
         virt_type=virt_type,
         disk_path=str(disk_file),
-        seed_path=None,
+        seed_path=seed.path(),
         bridge=BRIDGE,
         mac="52:54:00:77:00:02",
         serial_log_path=f"/var/log/libvirt/qemu/{name}-serial.log",
-        metadata={"site": "tiny", "pool": POOL_NAME, "volumes": "wga-tiny-disk.qcow2"},
+        metadata={
+            "site": "tiny",
+            "pool": POOL_NAME,
+            "volumes": "wga-tiny-disk.qcow2 wga-tiny-seed.iso",
+        },
     )
     t0 = time.monotonic()
     out = io.StringIO()
@@ -152,8 +162,14 @@ def test_tiny_domain_boots_on_green0_and_is_destroyed(
         print(f"boot sector ran {time.monotonic() - t0:.1f}s after start ({ran_as})")
         ports = lab.exec(HOST_NS, ["ip", "-br", "link", "show", "master", BRIDGE]).stdout
         assert len(ports.splitlines()) == 2, ports  # the LAN veth and the guest's tap
+        assert seed_source(dom.XMLDesc(0)) == (True, seed.path())
+        assert lh.retire_seed(dom) is True
+        assert seed_source(dom.XMLDesc(0)) == (True, None), "the tray is empty"
+        assert seed_source(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)) == (False, None)
+        assert lh.retire_seed(dom) is False, "a second run has nothing to do"
+        assert dom.isActive()
     finally:
         removed = lh.destroy_domain(conn, name)
-    assert removed == [f"domain {name}", "volume wga-tiny-disk.qcow2"]
+    assert removed == [f"domain {name}", "volume wga-tiny-disk.qcow2", "volume wga-tiny-seed.iso"]
     assert lh.find_volume(pool, "boot-1.qcow2") is not None
     assert not disk_file.exists()

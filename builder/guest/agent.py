@@ -140,6 +140,10 @@ def addresses():
     }
 
 
+# Where deploy keeps the first boot's cloud-init result when it switches cloud-init off.
+FIRST_BOOT = "/var/lib/wg-appliance"
+
+
 def facts(args):
     """Everything verify judges, in one document."""
     link = sh("ip", "-j", "link", "show", "wg0")
@@ -153,9 +157,13 @@ def facts(args):
     )
     return {
         "time": time.time(),
-        # The files `cloud-init status` reads; the command itself costs seconds under TCG.
-        "cloud_init_status": read("/run/cloud-init/status.json", ""),
-        "cloud_init_result": read("/run/cloud-init/result.json", ""),
+        # The files `cloud-init status` reads (the command itself costs seconds under TCG);
+        # once cloud-init is off after the first boot, the copies deploy kept of them.
+        "cloud_init_status": read("/run/cloud-init/status.json", "")
+        or read(FIRST_BOOT + "/cloud-init-status.json", ""),
+        "cloud_init_result": read("/run/cloud-init/result.json", "")
+        or read(FIRST_BOOT + "/cloud-init-result.json", ""),
+        "cloud_init_off": os.path.exists("/etc/cloud/cloud-init.disabled"),
         "cloud_init_log_tail": read("/var/log/cloud-init.log")[-3000:],
         "wg": wg_dump(),
         "wg_link": json.loads(link["out"] or "[]") if link["rc"] == 0 else [],

@@ -33,6 +33,7 @@ from builder.remote.ssh import HostUnreachable, connect_host, execute, fingerpri
 from builder.render.libvirt_xml import (
     META_POOL,
     PREFIX,
+    PRIVATE,
     XMLNS,
     DomainSpec,
     domain_type,
@@ -41,8 +42,11 @@ from builder.render.libvirt_xml import (
     metadata_xml,
     owned_volumes,
     parse_metadata,
+    pool_mode,
     pool_target_path,
     pool_xml,
+    seed_cdrom_xml,
+    seed_source,
     volume_file_bytes,
     volume_xml,
 )
@@ -276,8 +280,10 @@ def upload_volume(
     name: str,
     local_file: Path,
     progress: Progress | None = None,
+    mode: str | None = PRIVATE,
 ) -> libvirt.virStorageVol:
-    """Upload `local_file` as volume `name` through a libvirt stream (works over SSH).
+    """Upload `local_file` as volume `name` through a libvirt stream (works over SSH), with
+    file mode `mode` (None: libvirt's default, for what holds no secret).
 
     Names carry the content digest, so a volume of that name and size is the same content and
     is kept, unless the marker `name.part` is beside it: that is made before the first byte
@@ -294,7 +300,7 @@ def upload_volume(
         if old is not None:
             old.delete(0)
     marker = pool.createXML(volume_xml(name + PART, 0, "raw"), 0)
-    vol = pool.createXML(volume_xml(name, size, "raw"), 0)
+    vol = pool.createXML(volume_xml(name, size, "raw", mode=mode), 0)
     stream = pool.connect().newStream(0)
     try:
         vol.upload(stream, 0, size, 0)
@@ -400,6 +406,37 @@ def appliance_serial_tail(conn: libvirt.virConnect, name: str, lines: int = 25) 
     if pool is None or not logs:
         return None
     return "\n".join(serial_tail(pool, logs[0]).splitlines()[-lines:])
+
+
+def retire_seed(dom: libvirt.virDomain) -> bool:
+    """Take the seed out of `dom`: the tray emptied in the running guest (IDE cannot be
+    unplugged live) and the drive removed from the persistent definition. True if anything
+    changed; safe to repeat."""
+    changed = False
+    try:
+        if dom.isActive():
+            _, live = seed_source(dom.XMLDesc(0))
+            if live is not None:
+                dom.updateDeviceFlags(seed_cdrom_xml(), libvirt.VIR_DOMAIN_AFFECT_LIVE)
+                changed = True
+        present, saved = seed_source(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        if present:
+            dom.detachDeviceFlags(seed_cdrom_xml(saved), libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+            changed = True
+    except libvirt.libvirtError as e:
+        raise HostError(f"taking the seed out of {dom.name()}: {e}", "run deploy again") from e
+    return changed
+
+
+def check_pool_privacy(pool: libvirt.virStoragePool) -> str | None:
+    """A note when others may list the pool's folder (the volumes themselves are 0600)."""
+    mode = pool_mode(pool.XMLDesc(0))
+    if mode is None or not mode & 0o004:
+        return None
+    return (
+        f"the pool folder {pool_path(pool)} is readable by others (mode {mode:04o}); the "
+        f"volumes are {PRIVATE}, but `chmod 0711` on the folder also hides their names"
+    )
 
 
 def domain_virt_type(dom: libvirt.virDomain) -> str:

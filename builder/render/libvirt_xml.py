@@ -107,11 +107,7 @@ def domain_xml(spec: DomainSpec) -> str:
     _sub(disk, "target", dev="vda", bus="virtio")
     if spec.seed_path is not None:
         # The Debian cloud kernel finds the NoCloud seed on `pc` only as an IDE cdrom.
-        cd = _sub(dev, "disk", type="file", device="cdrom")
-        _sub(cd, "driver", name="qemu", type="raw")
-        _sub(cd, "source", file=spec.seed_path)
-        _sub(cd, "target", dev="hdc", bus="ide")
-        _sub(cd, "readonly")
+        dev.append(ET.fromstring(seed_cdrom_xml(spec.seed_path)))
     nic = _sub(dev, "interface", type="bridge")
     _sub(nic, "mac", address=spec.mac)
     _sub(nic, "source", bridge=spec.bridge)
@@ -160,6 +156,30 @@ def owned_volumes(metadata: dict[str, str]) -> list[str]:
     return metadata.get(META_VOLUMES, "").split()
 
 
+SEED_TARGET = "hdc"
+
+
+def seed_cdrom_xml(source: str | None = None) -> str:
+    """The seed's cdrom device: with `source` as attached, without it an empty tray."""
+    cd = ET.Element("disk", type="file", device="cdrom")
+    ET.SubElement(cd, "driver", name="qemu", type="raw")
+    if source is not None:
+        ET.SubElement(cd, "source", file=source)
+    ET.SubElement(cd, "target", dev=SEED_TARGET, bus="ide")
+    ET.SubElement(cd, "readonly")
+    return ET.tostring(cd, encoding="unicode")
+
+
+def seed_source(xml: str) -> tuple[bool, str | None]:
+    """(has the seed's cdrom drive, the file in it) in a domain's XML."""
+    for disk in ET.fromstring(xml).iterfind("devices/disk[@device='cdrom']"):
+        target = disk.find("target")
+        if target is not None and target.get("dev") == SEED_TARGET:
+            source = disk.find("source")
+            return True, source.get("file") if source is not None else None
+    return False, None
+
+
 def domain_type(xml: str) -> str:
     """The virtualisation type a domain's XML runs under (`kvm`, `qemu`)."""
     return ET.fromstring(xml).get("type", "")
@@ -168,11 +188,16 @@ def domain_type(xml: str) -> str:
 # --- storage ------------------------------------------------------------------
 
 
+PRIVATE = "0600"  # every volume the tool makes but the base image: only its owner reads it
+POOL_MODE = "0711"  # a new pool's folder: qemu may open files in it, nobody may list it
+
+
 def pool_xml(name: str, path: str) -> str:
     pool = ET.Element("pool", type="dir")
     ET.SubElement(pool, "name").text = name
     target = ET.SubElement(pool, "target")
     ET.SubElement(target, "path").text = path
+    ET.SubElement(ET.SubElement(target, "permissions"), "mode").text = POOL_MODE
     return ET.tostring(pool, encoding="unicode")
 
 
@@ -180,14 +205,29 @@ def pool_target_path(xml: str) -> str:
     return ET.fromstring(xml).findtext("target/path", "")
 
 
+def pool_mode(xml: str) -> int | None:
+    """The pool folder's mode as libvirt reports it, or None when it does not."""
+    mode = ET.fromstring(xml).findtext("target/permissions/mode")
+    return int(mode, 8) if mode else None
+
+
 def volume_xml(
-    name: str, capacity: int, fmt: str, backing_path: str | None = None, backing_fmt: str = ""
+    name: str,
+    capacity: int,
+    fmt: str,
+    backing_path: str | None = None,
+    backing_fmt: str = "",
+    mode: str | None = PRIVATE,
 ) -> str:
+    """A volume; `mode` None leaves libvirt's default (the base image, which holds no
+    secret)."""
     vol = ET.Element("volume", type="file")
     ET.SubElement(vol, "name").text = name
     ET.SubElement(vol, "capacity", unit="bytes").text = str(capacity)
     target = ET.SubElement(vol, "target")
     ET.SubElement(target, "format", type=fmt)
+    if mode is not None:
+        ET.SubElement(ET.SubElement(target, "permissions"), "mode").text = mode
     if backing_path is not None:
         backing = ET.SubElement(vol, "backingStore")
         ET.SubElement(backing, "path").text = backing_path
