@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from builder.model.keys import ssh_genkey
+from builder.render.libvirt_xml import seed_source
 from tests.conftest import EXAMPLE
 from tests.lab import lab as L
 from tests.lab.clients import PeerAddressServer, WgClient, ping, tcp_source_seen
@@ -220,6 +221,54 @@ def test_second_deploy_is_up_to_date(net, appliance_image, site, host_sshd, tmp_
     assert before == after
 
 
+def _secrets(state: Path) -> dict[str, bytes]:
+    """Every secret of the state dir as the bytes a file on the host would hold."""
+    keys = json.loads((state / "keys.json").read_text())
+    found = {"wg_private": keys["wg_private"].encode()}
+    for name, peer in keys["peers"].items():
+        for kind in ("private", "psk"):
+            if peer.get(kind):
+                found[f"{name}.{kind}"] = peer[kind].encode()
+    body = [ln for ln in keys["host_key"].splitlines() if "-----" not in ln and len(ln) > 20]
+    found |= {f"host_key line {i}": ln.encode() for i, ln in enumerate(body)}
+    return found
+
+
+def _xml(inactive: bool = False) -> str:
+    extra = ["--inactive"] if inactive else []
+    return subprocess.run(
+        ["virsh", "-c", L.URI, "dumpxml", *extra, "wg-gw"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
+
+def test_no_secret_is_left_on_the_host(net, site):
+    """After deploy the pool holds the appliance's own disk, the base image and the serial
+    log; none but the disk holds a private key, PSK or the SSH host key; the seed is gone
+    from the domain; what the tool made is 0600."""
+    state = site.parent / ".wg-appliance" / "wg-gw"
+    secrets = _secrets(state)
+    seed = (state / "seed" / "seed.iso").read_bytes()
+    assert all(v in seed for k, v in secrets.items() if k.startswith("host_key")), (
+        "the scan must find the keys where they are"
+    )
+    pool = L.Lab.host_path("/var/lib/libvirt/images/wg-appliance")
+    names = _pool_files()
+    assert not [n for n in names if "-seed-" in n], names
+    for name in names:
+        if name == "wg-gw-disk.qcow2":
+            continue
+        data = (pool / name).read_bytes()
+        leaked = [k for k, v in secrets.items() if v in data]
+        assert not leaked, f"{name} holds {leaked}"
+    assert seed_source(_xml()) == (True, None) and seed_source(_xml(inactive=True)) == (False, None)
+    for name in ("wg-gw-disk.qcow2", "wg-gw-serial.log"):
+        assert (pool / name).stat().st_mode & 0o777 == 0o600, name
+    assert cli(net, "verify", "--site", str(site)).returncode == 0
+
+
 def test_changed_site_is_refused_without_replace(net, appliance_image, site, tmp_path):
     changed = tmp_path / "site.toml"
     changed.write_text(site.read_text().replace("memory_mib = 512", "memory_mib = 640"))
@@ -396,6 +445,7 @@ def test_routed_mode(net, appliance_image, site, clients):
     r = cli(net, *_deploy_args(site, appliance_image), "--replace")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "replaced" in r.stdout
+    assert not [n for n in _pool_files() if "-seed-" in n] and seed_source(_xml())[1] is None
     for dest in ("10.77.0.0/24", "192.168.88.0/24"):
         net.exec(L.LAN_NS, ["ip", "route", "replace", dest, "via", APPLIANCE])
     # Clients notice the new appliance by themselves: no handshake answer for 15 s, retry.
@@ -572,6 +622,9 @@ def test_synced_state_survives_reboot(net, appliance_image, site):
     assert v.returncode == 0, v.stdout + v.stderr
     uptime = float(_ssh(net, site, "cut -d' ' -f1 /proc/uptime").stdout)
     assert uptime < 300, "the appliance did not reboot"
+    checks = {c["name"]: c for c in json.loads(v.stdout)["checks"]}
+    assert "cloud-init is off" in checks["cloud-init"]["detail"], checks["cloud-init"]
+    assert seed_source(_xml())[1] is None, "it booted without the seed"
     deploy = cli(net, *_deploy_args(site, appliance_image))
     assert "up to date" in deploy.stdout, "sync must leave deploy nothing to do"
 
