@@ -208,7 +208,7 @@ vol.delete(0)
 
 def upload() -> dict[str, float]:
     """The base image uploaded to the lab host's libvirtd over its local socket and over SSH
-    from the workstation (libssh through the host's sshd), best of three each, in one run."""
+    from the workstation (libssh2 through the host's sshd), best of three each, in one run."""
     from tests.lab import lab as L
     from tests.lab.host_sshd import URI, start_lab_sshd, workstation
 

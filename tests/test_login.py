@@ -101,7 +101,7 @@ def test_local_uri_has_no_login():
 def test_libvirt_uri_pins_through_its_own_known_hosts():
     uri = libvirt_uri(HostLogin("root", "fd00::1", 222), Path("/t/kh"), Path("/k/id"))
     parts = urlsplit(uri)
-    assert parts.scheme == "qemu+libssh" and parts.netloc == "root@[fd00::1]:222"
+    assert parts.scheme == "qemu+libssh2" and parts.netloc == "root@[fd00::1]:222"
     assert parse_qs(parts.query) == {
         "known_hosts": ["/t/kh"],
         "known_hosts_verify": ["normal"],

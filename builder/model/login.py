@@ -123,7 +123,7 @@ def access_of(
 
 
 def libvirt_uri(login: HostLogin, known_hosts: Path, keyfile: Path | None) -> str:
-    """The libssh URI that checks the host against `known_hosts` alone: libvirt then never
+    """The libssh2 URI that checks the host against `known_hosts` alone: libvirt then never
     prompts, never learns a key and never reads the user's own known_hosts."""
     host = f"[{login.host}]" if ":" in login.host else login.host
     params = [f"known_hosts={quote(str(known_hosts), safe='/')}", "known_hosts_verify=normal"]
@@ -131,4 +131,4 @@ def libvirt_uri(login: HostLogin, known_hosts: Path, keyfile: Path | None) -> st
         params += [f"keyfile={quote(str(keyfile), safe='/')}", "sshauth=agent,privkey"]
     else:
         params.append("sshauth=agent")
-    return f"qemu+libssh://{login.user}@{host}:{login.port}/system?" + "&".join(params)
+    return f"qemu+libssh2://{login.user}@{host}:{login.port}/system?" + "&".join(params)

@@ -534,7 +534,7 @@ def _mode(value: Any, ctx: _Ctx, key: str) -> str:
     return value
 
 
-# The SSH transports libvirt has; the tool always connects through libssh (see builder.remote
+# The SSH transports libvirt has; the tool always connects through libssh2 (see builder.remote
 # .libvirtd), whichever the admin writes, because only its host key check takes a file.
 URI_RE = re.compile(
     r"(qemu\+(?:ssh|libssh|libssh2))://(?:([a-z_][a-z0-9_-]{0,31})@)?"

@@ -130,7 +130,7 @@ START_LIBVIRTD = (
 
 def _connect_ssh(access: HostAccess, progress: Progress | None) -> libvirt.virConnect:
     """Pin-check the host with paramiko, look at what the far side needs, then let libvirt
-    (libssh) connect with a known_hosts file that holds only the key just checked."""
+    (libssh2) connect with a known_hosts file that holds only the key just checked."""
     login = access.login
     client = connect_host(access)
     try:
