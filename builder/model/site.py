@@ -535,7 +535,8 @@ def _mode(value: Any, ctx: _Ctx, key: str) -> str:
 
 
 # The SSH transports libvirt has; the tool always connects through libssh2 (see builder.remote
-# .libvirtd), whichever the admin writes, because only its host key check takes a file.
+# .libvirtd), whichever the admin writes: its host key check takes a file, and it carries
+# large replies, which libssh does not with libvirt 9.0.
 URI_RE = re.compile(
     r"(qemu\+(?:ssh|libssh|libssh2))://(?:([a-z_][a-z0-9_-]{0,31})@)?"
     r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::(\d{1,5}))?/system(?:\?(.*))?"
