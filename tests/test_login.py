@@ -16,6 +16,7 @@ from builder.model.login import (
     HostLogin,
     access_of,
     host_access,
+    known_hosts_lines,
     libvirt_uri,
     login_of_uri,
 )
@@ -119,3 +120,19 @@ def test_any_path_stays_one_uri_parameter(name):
     query = parse_qs(urlsplit(uri).query, keep_blank_values=True)
     assert set(query) == {"known_hosts", "known_hosts_verify", "keyfile", "sshauth"}
     assert query["known_hosts"] == [str(path)] and query["keyfile"] == [str(path)]
+
+
+def test_known_hosts_holds_the_checked_key_first_and_only_plain_keys_after():
+    login = HostLogin("root", "ipfire", 222)
+    listed = "\n".join(
+        [
+            "ecdsa-sha2-nistp256 AAAAE2VjZHNh root@ipfire",
+            "ssh-ed25519 AAAAC3Nz root@ipfire",
+            'command="x" ssh-rsa AAAAB3',
+            "ssh-rsa AAAA\u2028B3",
+            "no-socket",
+        ]
+    )
+    assert known_hosts_lines(login, "ssh-ed25519 AAAAC3Nz", listed) == (
+        "[ipfire]:222 ssh-ed25519 AAAAC3Nz\n[ipfire]:222 ecdsa-sha2-nistp256 AAAAE2VjZHNh\n"
+    )

@@ -122,6 +122,24 @@ def access_of(
     )
 
 
+HOST_KEY_LINE = re.compile(
+    r"(ssh-ed25519|ecdsa-sha2-nistp(?:256|384|521)|ssh-rsa) ([A-Za-z0-9+/]+={0,2})(?: .*)?"
+)
+
+
+def known_hosts_lines(login: HostLogin, verified: str, listed: str) -> str:
+    """known_hosts for libvirt: the key just checked against the pin, then the host's other
+    public keys as it listed them over that checked connection. libssh2 prefers ECDSA where
+    paramiko prefers ed25519, so without the others it would not find the key it is shown;
+    lines that are not a plain public key are left out."""
+    keys = [verified]
+    for line in listed.split("\n"):
+        m = HOST_KEY_LINE.fullmatch(line.strip())
+        if m and f"{m.group(1)} {m.group(2)}" not in keys:
+            keys.append(f"{m.group(1)} {m.group(2)}")
+    return "".join(f"{login.known_hosts_name} {key}\n" for key in keys)
+
+
 def libvirt_uri(login: HostLogin, known_hosts: Path, keyfile: Path | None) -> str:
     """The libssh2 URI that checks the host against `known_hosts` alone: libvirt then never
     prompts, never learns a key and never reads the user's own known_hosts."""

@@ -26,7 +26,7 @@ from pathlib import Path
 import libvirt
 
 from builder.errors import HostError, InputError
-from builder.model.login import HostAccess, access_of, libvirt_uri
+from builder.model.login import HostAccess, access_of, known_hosts_lines, libvirt_uri
 from builder.model.site import Site, host_uri_problem
 from builder.progress import Progress
 from builder.remote.ssh import HostUnreachable, connect_host, execute, fingerprint, identity_file
@@ -112,7 +112,8 @@ def connect_site(
 
 
 # What libvirt's SSH transport runs on the far side needs there: a libvirtd socket and
-# virt-ssh-helper (libvirt >= 8.4) or nc. One line per thing missing.
+# virt-ssh-helper (libvirt >= 8.4) or nc; one line per thing missing. Then the host's public
+# keys, for the known_hosts libvirt reads.
 FAR_SIDE = r"""
 found=
 for s in /run/libvirt/libvirt-sock /var/run/libvirt/libvirt-sock; do
@@ -120,6 +121,7 @@ for s in /run/libvirt/libvirt-sock /var/run/libvirt/libvirt-sock; do
 done
 [ -n "$found" ] || echo no-socket
 command -v virt-ssh-helper >/dev/null 2>&1 || command -v nc >/dev/null 2>&1 || echo no-helper
+cat /etc/ssh/ssh_host_*_key.pub 2>/dev/null
 true
 """
 START_LIBVIRTD = (
@@ -135,9 +137,10 @@ def _connect_ssh(access: HostAccess, progress: Progress | None) -> libvirt.virCo
     client = connect_host(access)
     try:
         key = client.get_transport().get_remote_server_key()
-        missing = execute(client, FAR_SIDE, timeout=30).stdout.split()
+        far_side = execute(client, FAR_SIDE, timeout=30).stdout
     finally:
         client.close()
+    missing = far_side.splitlines()
     if "no-socket" in missing:
         raise HostUnreachable(f"{login}: libvirtd is not running on the host", START_LIBVIRTD)
     if "no-helper" in missing:
@@ -149,7 +152,8 @@ def _connect_ssh(access: HostAccess, progress: Progress | None) -> libvirt.virCo
         progress.say(f"  host key {fingerprint(key)} matches {access.pinned_by}")
     with tempfile.TemporaryDirectory(prefix="wg-appliance-") as tmp:
         known = Path(tmp) / "known_hosts"
-        known.write_text(f"{login.known_hosts_name} {key.get_name()} {key.get_base64()}\n")
+        verified = f"{key.get_name()} {key.get_base64()}"
+        known.write_text(known_hosts_lines(login, verified, far_side))
         uri = libvirt_uri(login, known, identity_file(access))
         try:
             return libvirt.open(uri)

@@ -29,7 +29,8 @@ NO_SOCKET = "test ! -e /run/libvirt/libvirt-sock"
 
 
 def plain(command: str) -> list[str]:
-    return ["sh", "-c", command]
+    """`command` in a mount namespace of its own, so what it mounts stays there."""
+    return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", command]
 
 
 def hidden_libvirt(command: str) -> list[str]:
@@ -62,10 +63,15 @@ class HostSshd:
         path = self.path
         path.mkdir(parents=True, exist_ok=True)
         self.dot_ssh.mkdir(parents=True, exist_ok=True)
-        for key in (self.host_key, self.identity):
+        self.etc_ssh.mkdir(parents=True, exist_ok=True)
+        for key, kind in (
+            (self.host_key, "ed25519"),
+            (self.etc_ssh / "ssh_host_ecdsa_key", "ecdsa"),
+            (self.identity, "ed25519"),
+        ):
             key.unlink(missing_ok=True)
             key.with_suffix(".pub").unlink(missing_ok=True)
-            run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "", "-f", key])
+            run(["ssh-keygen", "-q", "-t", kind, "-N", "", "-C", "", "-f", key])
         (path / "authorized_keys").write_text(self.identity.with_suffix(".pub").read_text())
         host_pub = " ".join(self.host_key.with_suffix(".pub").read_text().split()[:2])
         self.known_hosts.write_text(f"[{HOST_GREEN.ip}]:{self.port} {host_pub}\n")
@@ -75,6 +81,7 @@ class HostSshd:
                     f"Port {self.port}",
                     f"ListenAddress {HOST_GREEN.ip}",
                     f"HostKey {self.host_key}",
+                    f"HostKey {self.etc_ssh / 'ssh_host_ecdsa_key'}",
                     f"PidFile {path / 'sshd.pid'}",
                     f"AuthorizedKeysFile {path / 'authorized_keys'}",
                     "PermitRootLogin prohibit-password",
@@ -90,8 +97,14 @@ class HostSshd:
         return self
 
     @property
+    def etc_ssh(self) -> Path:
+        """The host's /etc/ssh as its sessions see it: its own host keys, ed25519 and ECDSA
+        (IPFire has both; clients that prefer ECDSA meet that key first)."""
+        return self.path / "etc-ssh"
+
+    @property
     def host_key(self) -> Path:
-        return self.path / "host_ed25519"
+        return self.etc_ssh / "ssh_host_ed25519_key"
 
     @property
     def config(self) -> Path:
@@ -116,7 +129,9 @@ class HostSshd:
     def start(self, wrap: Callable[[str], list[str]] = plain) -> subprocess.Popen:
         """Start sshd in HOST_NS and wait until it listens."""
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation dir
-        argv = wrap(f"exec /usr/sbin/sshd -D -e -f {self.config}")
+        argv = wrap(
+            f"mount --bind {self.etc_ssh} /etc/ssh && exec /usr/sbin/sshd -D -e -f {self.config}"
+        )
         with self.log.open("w") as log:
             self.proc = subprocess.Popen(
                 ["ip", "netns", "exec", HOST_NS, *argv], stdout=log, stderr=subprocess.STDOUT
