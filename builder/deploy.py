@@ -101,9 +101,12 @@ def differences(have: dict[str, str], want: dict[str, str]) -> list[str]:
     return out
 
 
-def preflight(conn: libvirt.virConnect, site: Site, need_memory: bool) -> tuple[str, list[str]]:
-    """Checks before anything changes; raises on the first failure with its fix."""
-    virt_type, why = lh.choose_virt_type(conn)
+def preflight(
+    conn: libvirt.virConnect, site: Site, need_memory: bool, learned: str | None = None
+) -> tuple[str, list[str]]:
+    """Checks before anything changes; raises on the first failure with its fix. `learned`:
+    the virtualisation type an earlier deploy found to work on this host."""
+    virt_type, why = lh.choose_virt_type(conn, learned)
     report = [f"libvirt: {site.host.uri} reachable", f"virtualisation: {virt_type} ({why})"]
     lh.check_bridge(conn, site.host.bridge)
     report.append(f"bridge: {site.host.bridge}")
@@ -171,8 +174,10 @@ def deploy(
     try:
         dom = lh.find_domain(conn, site.name)
         have = lh.domain_metadata(dom) if dom is not None else None
+        host = lh.host_identity(conn)
+        learned = state.learned_virt_type(host)
         with progress.stage("preflight"):
-            virt_type, report = preflight(conn, site, need_memory=dom is None or replace)
+            virt_type, report = preflight(conn, site, dom is None or replace, learned)
             for line in report:
                 progress.say(f"  {line}")
         if dom is not None and have is None:
@@ -231,8 +236,11 @@ def deploy(
             metadata=want,
         )
         with progress.stage(f"defining and starting {site.name} ({virt_type})"):
-            dom = lh.start_domain(conn, spec, progress)
+            watch = 0.0 if learned == "kvm" else lh.KVM_WATCH_S
+            dom = lh.start_domain(conn, spec, progress, kvm_watch_s=watch)
             virt_type = lh.domain_virt_type(dom) or virt_type
+        if spec.virt_type == "kvm":  # KVM was tried: the next deploy here need not try again
+            state.learn_virt_type(host, virt_type)
         _wait_ready(site, keys, pool, names["serial"], boot_timeout, progress)
         return Deployed(
             site.name, outcome, virt_type, str(site.lan.address.ip), time.monotonic() - t0
