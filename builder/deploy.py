@@ -115,9 +115,12 @@ def differences(have: dict[str, str], want: dict[str, str]) -> list[str]:
     return out
 
 
-def preflight(conn: libvirt.virConnect, site: Site, need_memory: bool) -> tuple[str, list[str]]:
-    """Checks before anything changes; raises on the first failure with its fix."""
-    virt_type, why = lh.choose_virt_type(conn)
+def preflight(
+    conn: libvirt.virConnect, site: Site, need_memory: bool, learned: str | None = None
+) -> tuple[str, list[str]]:
+    """Checks before anything changes; raises on the first failure with its fix. `learned`:
+    the virtualisation type an earlier deploy found to work on this host."""
+    virt_type, why = lh.choose_virt_type(conn, learned)
     report = [f"libvirt: {site.host.uri} reachable", f"virtualisation: {virt_type} ({why})"]
     lh.check_bridge(conn, site.host.bridge)
     report.append(f"bridge: {site.host.bridge}")
@@ -198,7 +201,8 @@ def _retire_seed(
 
 
 def _pool(conn: libvirt.virConnect, site: Site, progress: Progress) -> libvirt.virStoragePool:
-    pool = _pool(conn, site, progress)
+    """The site's pool, made when missing; says so when others can list its folder."""
+    pool = lh.ensure_pool(conn, site.host.pool, site.host.pool_path)
     note = lh.check_pool_privacy(pool)
     if note:
         progress.say(f"  note: {note}")
@@ -241,8 +245,10 @@ def deploy(
     try:
         dom = lh.find_domain(conn, site.name)
         have = lh.domain_metadata(dom) if dom is not None else None
+        host = lh.host_identity(conn)
+        learned = state.learned_virt_type(host)
         with progress.stage("preflight"):
-            virt_type, report = preflight(conn, site, need_memory=dom is None or replace)
+            virt_type, report = preflight(conn, site, dom is None or replace, learned)
             for line in report:
                 progress.say(f"  {line}")
         if dom is not None and have is None:
@@ -303,8 +309,11 @@ def deploy(
             metadata=want,
         )
         with progress.stage(f"defining and starting {site.name} ({virt_type})"):
-            dom = lh.start_domain(conn, spec, progress)
+            watch = 0.0 if learned == "kvm" else lh.KVM_WATCH_S
+            dom = lh.start_domain(conn, spec, progress, kvm_watch_s=watch)
             virt_type = lh.domain_virt_type(dom) or virt_type
+        if spec.virt_type == "kvm":  # KVM was tried: the next deploy here need not try again
+            state.learn_virt_type(host, virt_type)
         _finish(dom, site, keys, pool, names, boot_timeout, progress)
         return Deployed(
             site.name, outcome, virt_type, str(site.lan.address.ip), time.monotonic() - t0

@@ -340,3 +340,36 @@ def test_the_program_sync_sends_runs_without_site_packages():
     assert p.returncode == 0, p.stderr
     facts = json.loads(p.stdout)
     assert set(facts) == {"wg", "files", "addresses"} and p.stdout.count("\n") == 1
+
+
+def test_the_loader_keeps_one_copy_and_runs_it_from_bytecode(tmp_path):
+    """The first call keeps the agent (dropping an older copy), later ones import it; every
+    call answers as the agent run from its source does."""
+    import subprocess
+    import sys
+
+    from builder.remote.appliance import AGENT, agent_program
+
+    folder = tmp_path / "agent"
+    folder.mkdir()
+    (folder / "agent_0000000000000000.py").write_text("raise SystemExit('stale')\n")
+    direct = subprocess.run(
+        [sys.executable, "-S", "-c", AGENT.read_text(), "bogus"], capture_output=True, text=True
+    )
+    for _ in range(2):
+        r = subprocess.run(
+            [sys.executable, "-S", "-c", agent_program(str(folder)), "bogus"],
+            capture_output=True,
+            text=True,
+        )
+        assert (r.returncode, r.stderr) == (direct.returncode, direct.stderr)
+        kept = sorted(p.name for p in folder.glob("agent_*.py"))
+        assert len(kept) == 1 and kept[0] != "agent_0000000000000000.py"
+    assert list((folder / "__pycache__").glob(kept[0][:-3] + ".*.pyc"))
+    (tmp_path / "file").write_text("")  # a folder that cannot be made: the source still runs
+    r = subprocess.run(
+        [sys.executable, "-S", "-c", agent_program(str(tmp_path / "file" / "agent")), "bogus"],
+        capture_output=True,
+        text=True,
+    )
+    assert (r.returncode, r.stderr) == (direct.returncode, direct.stderr)

@@ -90,6 +90,36 @@ def test_virt_type_follows_libvirt_and_the_override(
         lh.choose_virt_type(conn)
 
 
+def test_a_learned_virt_type_skips_the_probe_unless_overridden(
+    conn: libvirt.virConnect, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(lh.ENV_VIRT_TYPE, raising=False)
+    monkeypatch.setattr(lh, "kvm_offered", lambda _conn: True)
+    assert lh.choose_virt_type(conn) == ("kvm", "libvirt offers KVM")
+    assert lh.choose_virt_type(conn, "kvm") == ("kvm", "KVM worked here before")
+    virt_type, why = lh.choose_virt_type(conn, "qemu")
+    assert virt_type == "qemu" and f"{lh.ENV_VIRT_TYPE}=kvm" in why
+    monkeypatch.setenv(lh.ENV_VIRT_TYPE, "kvm")
+    assert lh.choose_virt_type(conn, "qemu")[0] == "kvm"
+    assert lh.host_identity(conn) == f"test:///default {conn.getHostname()}"
+
+
+def test_a_kvm_known_to_work_is_not_watched(
+    conn: libvirt.virConnect, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    watched: list[float] = []
+    monkeypatch.setattr(lh, "stopped_by_qemu", lambda _dom, s: watched.append(s) or False)
+    s = spec(name=unique("wga"), virt_type="kvm")
+    try:
+        lh.start_domain(conn, s)
+        assert watched == [lh.KVM_WATCH_S]
+        lh.start_domain(conn, s, kvm_watch_s=0)
+        assert watched == [lh.KVM_WATCH_S], "a KVM known to work must start without a watch"
+        assert lh.domain_virt_type(lh.find_domain(conn, s.name)) == "kvm"
+    finally:
+        lh.destroy_domain(conn, s.name)
+
+
 def test_missing_bridge_and_plain_interface_ask_for_bridge_mode(
     conn: libvirt.virConnect,
 ) -> None:

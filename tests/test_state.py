@@ -147,3 +147,28 @@ def test_verify_and_dry_run_leave_the_state_dir_alone(site_dir):
         r = wg_cli(*args, "--site", str(site_dir / "site.toml"), "--state", str(state.path))
         assert r.returncode in (1, 3) and "Traceback" not in r.stderr, r.stderr
         assert _snapshot(state.path) == before, args
+
+
+def test_learned_virt_type_belongs_to_its_host_and_is_written_once(tmp_path):
+    state = State(tmp_path / "state")
+    assert state.learned_virt_type("qemu:///system gw") is None
+    assert not state.path.exists(), "asking made the state dir"
+    state.learn_virt_type("qemu:///system gw", "qemu")
+    assert state.learned_virt_type("qemu:///system gw") == "qemu"
+    assert state.learned_virt_type("qemu+ssh://root@ipfire:222/system ipfire") is None
+    virt = state.path / "virt.json"
+    mtime = virt.stat().st_mtime_ns
+    state.learn_virt_type("qemu:///system gw", "qemu")
+    assert virt.stat().st_mtime_ns == mtime, "the same outcome rewrote the file"
+    state.learn_virt_type("qemu:///system gw", "kvm")
+    assert state.learned_virt_type("qemu:///system gw") == "kvm"
+
+
+@pytest.mark.parametrize(
+    "text", ["", "not json", "[1]", '{"host": "h", "virt_type": "xen"}', '{"virt_type": "kvm"}']
+)
+def test_a_learned_virt_type_file_that_makes_no_sense_means_not_known(tmp_path, text):
+    state = State(tmp_path / "state")
+    state.ensure()
+    (state.path / "virt.json").write_text(text)
+    assert state.learned_virt_type("h") is None

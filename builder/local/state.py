@@ -21,6 +21,7 @@ from builder.text import printable
 KEYS_FILE = "keys.json"
 ADMIN_KEY_FILE = "admin_ed25519"
 KNOWN_HOSTS_FILE = "known_hosts"
+VIRT_FILE = "virt.json"
 
 
 RESTORE = "restore it from a backup; deleting it makes new keys and every client must be re-issued"
@@ -97,6 +98,28 @@ class State:
         if stored is None and existing:
             raise HostError(f"no keys in {self.path}", NO_KEYS_FIX)
         return derive(site, stored)
+
+    def learned_virt_type(self, host: str) -> str | None:
+        """The virtualisation type a start on `host` showed to work (`kvm`, or `qemu` when
+        KVM failed), or None when no deploy here has tried KVM on that host. Not a secret, and
+        not trusted beyond its two values: anything else in the file means "not known"."""
+        if not os.path.isdir(self.path):
+            return None
+        with contextlib.closing(self.folder().open(create=False)) as d:
+            raw = d.read(VIRT_FILE)
+        try:
+            data = json.loads(raw) if raw else {}
+        except ValueError:
+            return None
+        if not isinstance(data, dict) or data.get("host") != host:
+            return None
+        return data.get("virt_type") if data.get("virt_type") in ("kvm", "qemu") else None
+
+    def learn_virt_type(self, host: str, virt_type: str) -> None:
+        """Keep what a KVM start on `host` showed, so the next deploy skips the probe."""
+        data = {"host": host, "virt_type": virt_type}
+        with self.folder() as d:
+            d.write(VIRT_FILE, (json.dumps(data, sort_keys=True) + "\n").encode(), 0o644)
 
     @property
     def admin_key_path(self) -> Path:

@@ -8,9 +8,11 @@ libvirtd. The XML these calls send and read is made and parsed in builder.render
 Virtualisation type: libvirt can say whether it offers KVM, but not whether KVM works. Nested
 KVM can be offered and still stop the guest with "KVM internal error ... emulation failure";
 qemu then pauses the domain. So `start_domain` watches a KVM guest for a few seconds and, if
-qemu pauses it, restarts it under TCG (`type='qemu'`) with a warning. The environment variable
-WG_APPLIANCE_VIRT_TYPE=kvm|qemu overrides the choice (and with `kvm` turns the fallback into
-an error).
+qemu pauses it, restarts it under TCG (`type='qemu'`) with a warning. That watch is paid once
+per host: the caller keeps what it showed (`host_identity`, the learned type) and passes it to
+`choose_virt_type`, which then neither watches a KVM that worked nor tries one that failed. The
+environment variable WG_APPLIANCE_VIRT_TYPE=kvm|qemu overrides the choice (and with `kvm` turns
+the fallback into an error).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from builder.render.libvirt_xml import (
 from builder.text import printable
 
 ENV_VIRT_TYPE = "WG_APPLIANCE_VIRT_TYPE"
+KVM_WATCH_S = 15.0
 MIB = 1024**2
 GIB = 1024**3
 CHUNK = 4 * MIB
@@ -179,15 +182,26 @@ def kvm_offered(conn: libvirt.virConnect) -> bool:
     return True
 
 
-def choose_virt_type(conn: libvirt.virConnect) -> tuple[str, str]:
-    """(virt_type, why): the environment override, else KVM when libvirt offers it."""
+def host_identity(conn: libvirt.virConnect) -> str:
+    """The host a learned virtualisation type belongs to: the URI and the host's own name."""
+    return f"{conn.getURI()} {conn.getHostname()}"
+
+
+def choose_virt_type(conn: libvirt.virConnect, learned: str | None = None) -> tuple[str, str]:
+    """(virt_type, why): the environment override, else what an earlier start on this host
+    showed (`learned`), else KVM when libvirt offers it."""
     forced = os.environ.get(ENV_VIRT_TYPE, "")
     if forced:
         if forced not in ("kvm", "qemu"):
             raise InputError("environment", ENV_VIRT_TYPE, f"{forced!r}: use kvm or qemu")
         return forced, f"{ENV_VIRT_TYPE}={forced}"
+    if learned == "qemu":
+        return "qemu", (
+            f"KVM failed here before, so the appliance runs under TCG (slow); "
+            f"{ENV_VIRT_TYPE}=kvm tries KVM again"
+        )
     if kvm_offered(conn):
-        return "kvm", "libvirt offers KVM"
+        return "kvm", "KVM worked here before" if learned == "kvm" else "libvirt offers KVM"
     return "qemu", "libvirt offers no KVM; the appliance runs under TCG (slow)"
 
 
@@ -523,10 +537,11 @@ def start_domain(
     conn: libvirt.virConnect,
     spec: DomainSpec,
     progress: Progress | None = None,
-    kvm_watch_s: float = 15.0,
+    kvm_watch_s: float = KVM_WATCH_S,
 ) -> libvirt.virDomain:
     """Define, start and autostart the appliance; fall back from KVM to TCG when KVM fails
-    (unless WG_APPLIANCE_VIRT_TYPE=kvm insists). The domain keeps the type that worked."""
+    (unless WG_APPLIANCE_VIRT_TYPE=kvm insists). The domain keeps the type that worked.
+    `kvm_watch_s` 0 starts a KVM known to work without watching it."""
     dom = define_domain(conn, spec)
     if dom.isActive():
         dom.destroy()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from functools import cache
+from pathlib import Path
 
 import jinja2
 
@@ -15,6 +16,15 @@ from builder.resources import data_dir
 
 TEMPLATES = data_dir("cloud-init")
 SEED_FILES = ("user-data", "meta-data", "network-config")
+ROUTES_HELPER = Path(__file__).resolve().parent.parent / "guest" / "routes.py"
+# Files the seed installs that no site value shapes: guest path -> (source, mode).
+STATIC_FILES = {
+    "/usr/local/lib/wg-appliance/routes.py": (ROUTES_HELPER, 0o644),
+    "/etc/systemd/system/wg-quick@wg0.service.d/routes.conf": (
+        TEMPLATES / "wg-quick-routes.conf",
+        0o644,
+    ),
+}
 
 
 def _one_line(value: object) -> object:
@@ -74,6 +84,7 @@ def render_seed(site: Site, keys: Keys) -> dict[str, str]:
         keys=keys,
         guest_files=GUEST_FILES,
         files=appliance_files(site, keys),
+        static_files={path: (src.read_text(), mode) for path, (src, mode) in STATIC_FILES.items()},
     )
     network_config = _render("network-config.j2", site=site)
     digest = hashlib.sha256((user_data + "\0" + network_config).encode()).hexdigest()[:16]
