@@ -198,7 +198,8 @@ def _retire_seed(
 
 
 def _pool(conn: libvirt.virConnect, site: Site, progress: Progress) -> libvirt.virStoragePool:
-    pool = _pool(conn, site, progress)
+    """The site's pool, made when missing; says so when others can list its folder."""
+    pool = lh.ensure_pool(conn, site.host.pool, site.host.pool_path)
     note = lh.check_pool_privacy(pool)
     if note:
         progress.say(f"  note: {note}")
