@@ -433,8 +433,10 @@ def test_verify_of_a_silent_appliance_shows_its_serial_log(net, site):
     finally:
         subprocess.run([*virsh, "resume", "wg-gw"], check=True, capture_output=True)
     assert r.returncode == 3, r.stdout + r.stderr
-    log, _, error = r.stderr.partition("--- the appliance's serial log, from its host ---\n")
-    assert "wg-gw" in error and error.strip().splitlines()[-1].startswith("error: "), r.stderr
+    _, header, rest = r.stderr.partition("--- the appliance's serial log, from its host ---\n")
+    serial, _, error = rest.rpartition("error: ")
+    assert header and serial.strip(), r.stderr
+    assert APPLIANCE in error and "\n" not in error.strip(), r.stderr
     assert cli(net, "verify", "--site", str(site), "--timeout", "60").returncode == 0
 
 
