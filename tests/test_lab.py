@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+import sys
+
 import libvirt
 import pytest
 
-from tests.lab.lab import BRIDGE, HOST_GREEN, HOST_NS, LAN_NS, URI, Lab
+from builder.local.run import run
+from tests.conftest import EXAMPLE, ROOT
+from tests.lab.host_sshd import host_flags, start_lab_sshd
+from tests.lab.lab import (
+    BRIDGE,
+    HOST_GREEN,
+    HOST_NS,
+    LAN_NS,
+    LIBVIRT_SOCK,
+    URI,
+    Lab,
+)
 
 pytestmark = pytest.mark.root
 
@@ -33,3 +48,23 @@ def test_libvirtd_runs_in_the_host_namespace_without_default_network(lab: Lab) -
         assert conn.listAllNetworks() == []
     finally:
         conn.close()
+
+
+def test_the_workstation_reaches_libvirt_only_over_pinned_ssh(lab: Lab, tmp_path) -> None:
+    """What `make appliance` runs: the host's sshd, its flags, a command on the workstation
+    that cannot see the host's libvirt socket but reaches libvirtd through SSH."""
+    sshd = start_lab_sshd(lab)
+    try:
+        lab_cli = [sys.executable, "-m", "tests.lab"]
+        flags = run([*lab_cli, "host-flags"], cwd=ROOT).stdout.split()
+        assert flags == host_flags(sshd) and sshd.fingerprint() in flags
+        seen = run([*lab_cli, "workstation", "test", "-e", str(LIBVIRT_SOCK)], check=False)
+        assert seen.returncode == 1, "the workstation must not see the host's socket"
+        site = tmp_path / "site.toml"
+        shutil.copy(EXAMPLE, site)
+        argv = [*lab_cli, "workstation", sys.executable, "-m", "builder", "destroy"]
+        r = run([*argv, "--site", str(site), *flags, "--json"], cwd=ROOT)
+        assert json.loads(r.stdout) == {"removed": []}
+    finally:
+        sshd.stop()
+        lab.pid_file("sshd").unlink(missing_ok=True)
