@@ -449,7 +449,8 @@ def set_metrics(system, on, changed):
     if changed:
         system.run("systemctl", "daemon-reload")
     if on:
-        system.run("systemctl", "enable", "--quiet", METRICS_UNIT)
+        if not system.enabled(METRICS_UNIT):  # one systemctl less when a peer changes
+            system.run("systemctl", "enable", "--quiet", METRICS_UNIT)
         system.run("systemctl", "restart" if changed else "start", METRICS_UNIT)
     elif system.read(FILES["metrics.service"][0]) is not None:
         system.run("systemctl", "disable", "--quiet", "--now", METRICS_UNIT)
