@@ -7,7 +7,10 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from builder.image.build import build_image, default_cache_dir
@@ -171,6 +174,42 @@ def _deploy(lab, site: Path, img, tag: str) -> tuple[float, dict]:
     return deploy_s + verify_s, figures
 
 
+SCRAPE = (
+    "import sys, time, urllib.request\n"
+    "t0 = time.perf_counter()\n"
+    "with urllib.request.urlopen(sys.argv[1], timeout=60) as r:\n"
+    "    body = r.read()\n"
+    "print(time.perf_counter() - t0, len(body), body.count(b'wireguard_sent_bytes_total{'))\n"
+)
+
+
+def _scrape(lab, url: str) -> tuple[float, int, int]:
+    """(seconds, bytes, peers) of one GET of the exporter from the LAN host."""
+    from tests.lab.lab import LAN_NS
+
+    out = lab.exec(LAN_NS, [sys.executable, "-c", SCRAPE, url], timeout=120).stdout.split()
+    return float(out[0]), int(out[1]), int(out[2])
+
+
+@contextmanager
+def _scraping(lab, url: str) -> Iterator[list[float]]:
+    """Scrapes back to back in a thread while the body runs; their times in the list."""
+    times: list[float] = []
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            times.append(_scrape(lab, url)[0])
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield times
+    finally:
+        stop.set()
+        thread.join(120)
+
+
 def lab() -> dict[str, float]:
     """In the lab: deploy the example's 3 peers and verify, with where the deploy's time goes;
     then the same for a 1000-peer appliance, read its status, sync one added peer into it,
@@ -206,6 +245,9 @@ def lab() -> dict[str, float]:
                 )
                 sync_times.append(_timed_cli(lab, "sync", "--site", str(site))[0])
             sync_s = min(sync_times)
+            url = "http://192.168.77.50:9586/metrics"
+            scrape_first = _scrape(lab, url)
+            scrapes = [_scrape(lab, url) for _ in range(3)]
             # Direct path first: RED to GREEN through the host, no tunnel.
             lab.exec(L.INET_NS, ["ip", "route", "replace", "192.168.77.0/24", "via", "203.0.113.1"])
             direct = _iperf(lab, RW_NS, L.LAN_NS, "192.168.77.10")
@@ -214,6 +256,8 @@ def lab() -> dict[str, float]:
             client.up(conf)
             ping(lab, RW_NS, "192.168.77.10")
             tunnel = _iperf(lab, RW_NS, L.LAN_NS, "192.168.77.10")
+            with _scraping(lab, url) as during:
+                tunnel_scraped = _iperf(lab, RW_NS, L.LAN_NS, "192.168.77.10")
             big_site(site, 3, endpoint="203.0.113.1:51820")  # the example's size, synced down
             _cli(lab, "sync", "--site", str(site))
             verify_3_s, status_3_s = _best(lab, "verify", site), _best(lab, "status", site)
@@ -230,6 +274,13 @@ def lab() -> dict[str, float]:
         "verify_3_peers_s": round(verify_3_s, 2),
         "status_3_peers_s": round(status_3_s, 2),
         "sync_one_peer_into_1000_s": round(sync_s, 2),
+        "metrics_scrape_1000_peers_first_s": round(scrape_first[0], 2),
+        "metrics_scrape_1000_peers_s": round(min(t for t, _, _ in scrapes), 2),
+        "metrics_scrape_1000_peers_kb": round(scrapes[0][1] / 1e3, 1),
+        "metrics_scrape_1000_peers_peers": scrapes[0][2],
+        "iperf3_tunnel_while_scraping_mbit_s_tcg": round(tunnel_scraped, 1),
+        "iperf3_tunnel_while_scraping_ratio": round(tunnel_scraped / tunnel, 3),
+        "metrics_scrapes_during_iperf3": len(during),
         "iperf3_direct_mbit_s": round(direct, 1),
         "iperf3_tunnel_mbit_s_tcg": round(tunnel, 1),
         "iperf3_tunnel_ratio_to_direct": round(tunnel / direct, 3),

@@ -2,9 +2,9 @@
 
 What the VM itself is made of (memory, disk, LAN or tunnel address) cannot change live; such
 changes are refused with the command that does them. Everything else (peers, AllowedIPs,
-keys, PSKs, endpoints, keepalive, peer networks and their routes, mode, port, MTU) is a new
-wg0.conf and ruleset, applied by `wg syncconf` and one `nft -f` transaction, rolled back as a
-whole when any step fails.
+keys, PSKs, endpoints, keepalive, peer networks and their routes, mode, port, MTU, metrics) is
+a new wg0.conf and ruleset, applied by `wg syncconf` and one `nft -f` transaction, and the
+metrics exporter's unit enabled or disabled, rolled back as a whole when any step fails.
 """
 
 from __future__ import annotations
@@ -67,7 +67,13 @@ def sync(
             found = changes(site, keys, facts)
             if dry_run or not found:
                 return SyncResult(site.name, tuple(found), False, time.monotonic() - t0)
-            channel.send({**appliance_files(site, keys), "mtu": site.wireguard.mtu})
+            channel.send(
+                {
+                    **appliance_files(site, keys),
+                    "mtu": site.wireguard.mtu,
+                    "metrics": site.metrics.enabled,
+                }
+            )
             result = channel.answer()
             if not result.get("ok"):
                 raise GuestError(

@@ -17,6 +17,9 @@ from builder.guest import agent as ga
 WG = ga.FILES["wg0.conf"][0]
 NFT = ga.FILES["nftables.conf"][0]
 SYSCTL = ga.FILES["sysctl"][0]
+EXPORTER = ga.FILES["metrics.py"][0]
+UNIT = ga.FILES["metrics.service"][0]
+NAMES = ga.FILES["peers.json"][0]
 FWD4 = "/proc/sys/net/ipv4/ip_forward"
 FWD6 = "/proc/sys/net/ipv6/conf/all/forwarding"
 
@@ -29,7 +32,11 @@ NEW = {
     "wg0.conf": NEW_WG,
     "nftables.conf": "flush ruleset\ntable inet new {}\n",
     "sysctl": "# forwarding\nnet.ipv4.ip_forward = 1\nnet.ipv6.conf.all.forwarding = 1\n",
+    "metrics.py": "print('new exporter')\n",
+    "metrics.service": "[Service]\nExecStart=new\n",
+    "peers.json": '{"branch=": "branch"}\n',
     "mtu": 1380,
+    "metrics": True,
 }
 
 
@@ -47,12 +54,14 @@ class FakeSystem:
         self.files = files
         self.live = {"ruleset": "table inet old {}\n", "peers": "[Interface]\nold\n"}
         self.routes = {"192.168.99.0/24"}
+        # The exporter: enabled, and which program and unit file it runs (None: stopped).
+        self.exporter = {"enabled": False, "running": None}
         self.fail_at, self.fail_on = fail_at, tuple(fail_on)
         self.error = error or ga.Failed("injected")
         self.ops: list[tuple] = []
 
     def state(self):
-        return copy.deepcopy((self.files, self.live, self.routes))
+        return copy.deepcopy((self.files, self.live, self.routes, self.exporter))
 
     def _op(self, *words):
         self.ops.append(words)
@@ -71,6 +80,10 @@ class FakeSystem:
     def remove(self, path):
         self._op("remove", path)
         self.files.pop(path, None)
+
+    def enabled(self, unit):
+        assert unit == ga.METRICS_UNIT
+        return self.exporter["enabled"]
 
     def run(self, *argv, input=None):
         self._op(*argv)
@@ -122,6 +135,31 @@ class FakeSystem:
                 shown.append({"dst": str(net.network_address) if host else str(net)})
         return json.dumps(shown)
 
+    def _unit_file(self, args):
+        assert args[-1] == ga.METRICS_UNIT, args
+        if UNIT not in self.files:
+            raise ga.Failed(f"Unit file {ga.METRICS_UNIT} does not exist.")
+
+    def _systemctl_daemonreload(self, args, _):
+        pass
+
+    def _systemctl_enable(self, args, _):
+        self._unit_file(args)
+        self.exporter["enabled"] = True
+
+    def _systemctl_disable(self, args, _):
+        self._unit_file(args)
+        assert "--now" in args
+        self.exporter = {"enabled": False, "running": None}
+
+    def _systemctl_restart(self, args, _):
+        self._unit_file(args)
+        self.exporter["running"] = (self.files[UNIT]["data"], self.files[EXPORTER]["data"])
+
+    def _systemctl_start(self, args, _):
+        if self.exporter["running"] is None:
+            self._systemctl_restart(args, _)
+
     def _ip_link(self, args, _):
         self.files[ga.MTU_PATH] = entry(args[-1] + "\n")
 
@@ -132,7 +170,7 @@ class FakeSystem:
             self.routes.remove(args[1])
 
 
-def guest(absent=(), **kwargs) -> FakeSystem:
+def guest(absent=(), exporter_on=False, **kwargs) -> FakeSystem:
     files = {
         WG: entry(OLD_WG, 0o600),
         NFT: entry("flush ruleset\ntable inet old {}\n"),
@@ -140,12 +178,21 @@ def guest(absent=(), **kwargs) -> FakeSystem:
         FWD4: entry("1\n"),
         FWD6: entry("0\n"),
         ga.MTU_PATH: entry("1420\n"),
+        EXPORTER: entry("print('old exporter')\n"),
+        UNIT: entry("[Service]\nExecStart=old\n"),
+        NAMES: entry("{}\n"),
     }
     for path in absent:
         del files[path]
     system = FakeSystem(files, **kwargs)
     if WG in files:
         system.live["peers"] = ga.strip(OLD_WG)
+    if exporter_on:
+        assert UNIT in files and EXPORTER in files
+        system.exporter = {
+            "enabled": True,
+            "running": (files[UNIT]["data"], files[EXPORTER]["data"]),
+        }
     return system
 
 
@@ -171,15 +218,39 @@ def test_apply_changes_all_of_it():
     assert system.live["ruleset"] == "table inet new {}\n"
     assert system.live["peers"] == ga.strip(NEW_WG)
     assert system.routes == {"192.168.88.0/24"}
+    assert system.exporter == {
+        "enabled": True,
+        "running": (NEW["metrics.service"].encode(), NEW["metrics.py"].encode()),
+    }
 
 
-def apply_ops(absent=()) -> int:
-    system = guest(absent)
-    assert run(system)["ok"]
+def test_metrics_off_stops_and_disables_the_exporter():
+    system = guest(exporter_on=True)
+    assert run(system, {**NEW, "metrics": False})["ok"]
+    assert system.exporter == {"enabled": False, "running": None}
+    assert ("systemctl", "daemon-reload") in system.ops
+
+
+def test_an_unchanged_exporter_is_started_not_restarted():
+    system = guest(exporter_on=True)
+    same = {
+        **NEW,
+        "metrics.py": system.files[EXPORTER]["data"].decode(),
+        "metrics.service": system.files[UNIT]["data"].decode(),
+    }
+    assert run(system, same)["ok"]
+    assert ("systemctl", "restart", ga.METRICS_UNIT) not in system.ops
+    assert ("systemctl", "daemon-reload") not in system.ops
+    assert system.exporter["enabled"] and system.exporter["running"]
+
+
+def apply_ops(absent=(), exporter_on=False, request=NEW) -> int:
+    system = guest(absent, exporter_on)
+    assert run(system, request)["ok"]
     return len(system.ops)
 
 
-OPTIONAL = [WG, NFT, SYSCTL]
+OPTIONAL = [WG, NFT, SYSCTL, EXPORTER, UNIT, NAMES]
 
 
 @settings(max_examples=150, deadline=None)
@@ -191,10 +262,12 @@ OPTIONAL = [WG, NFT, SYSCTL]
     ),
 )
 def test_a_failure_at_any_step_leaves_the_guest_as_it_was(absent, data, error):
-    step = data.draw(st.integers(0, apply_ops(absent) - 1), label="failing step")
-    system = guest(absent, fail_at=step, error=error)
+    on = UNIT not in absent and EXPORTER not in absent and data.draw(st.booleans(), "was on")
+    request = {**NEW, "metrics": data.draw(st.booleans(), label="metrics wanted")}
+    step = data.draw(st.integers(0, apply_ops(absent, on, request) - 1), label="failing step")
+    system = guest(absent, on, fail_at=step, error=error)
     before = system.state()
-    out = run(system)
+    out = run(system, request)
     assert out["ok"] is False and out["rolled_back"] is True, out
     assert out["not_restored"] == []
     assert system.state() == before
@@ -249,6 +322,9 @@ def test_what_cannot_be_restored_is_named_and_the_rest_is():
         json.dumps({**NEW, "mtu": "1380"}),
         json.dumps({**NEW, "mtu": True}),
         json.dumps({**NEW, "mtu": 10}),
+        json.dumps({**NEW, "metrics": "yes"}),
+        json.dumps({k: v for k, v in NEW.items() if k != "metrics"}),
+        json.dumps({**NEW, "peers.json": None}),
     ],
 )
 def test_a_bad_request_changes_nothing(request_line):
@@ -339,7 +415,8 @@ def test_the_program_sync_sends_runs_without_site_packages():
     )
     assert p.returncode == 0, p.stderr
     facts = json.loads(p.stdout)
-    assert set(facts) == {"wg", "files", "addresses"} and p.stdout.count("\n") == 1
+    assert set(facts) == {"wg", "files", "addresses", "metrics"} and p.stdout.count("\n") == 1
+    assert set(facts["files"]) == set(ga.FILES) and type(facts["metrics"]["enabled"]) is bool
 
 
 def test_the_loader_keeps_one_copy_and_runs_it_from_bytecode(tmp_path):

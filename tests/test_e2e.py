@@ -348,6 +348,141 @@ def test_status_names_peers_and_marks_a_stranger_unknown(net, site):
     assert {p: p.stat().st_mtime_ns for p in state.rglob("*")} == before
 
 
+METRICS_URL = f"http://{APPLIANCE}:9586/metrics"
+SCRAPE = (
+    "import sys, urllib.request\n"
+    "with urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[2])) as r:\n"
+    "    sys.stdout.write(r.read().decode())\n"
+)
+PEER_METRICS = (
+    "wireguard_latest_handshake_seconds",
+    "wireguard_sent_bytes_total",
+    "wireguard_received_bytes_total",
+)
+
+
+def _scrape(net, ns: str = L.LAN_NS, url: str = METRICS_URL, timeout: float = 20):
+    """One GET of the exporter from inside a lab namespace, as Prometheus makes it."""
+    return net.exec(ns, [sys.executable, "-c", SCRAPE, url, str(timeout)], check=False)
+
+
+def _scrape_within(net, seconds: float, url: str = METRICS_URL):
+    """The first scrape that answers in `seconds` (a freshly started exporter under TCG)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        r = _scrape(net, url=url, timeout=5)
+        if r.returncode == 0 or time.monotonic() > deadline:
+            return r
+        time.sleep(1)
+
+
+def _samples(text: str) -> dict[tuple[str, str], float]:
+    """(metric, peer name) -> value for the per-peer metrics; wireguard_peers by interface."""
+    out = {}
+    for line in text.split("\n"):
+        if line.startswith("wireguard_"):
+            head, value = line.rsplit(" ", 1)
+            metric, _, labels = head.partition("{")
+            found = dict(part.split("=", 1) for part in labels.rstrip("}").split(","))
+            key = found.get("name", found.get("interface", "")).strip('"')
+            out[(metric, key)] = float(value)
+    return out
+
+
+def test_metrics_from_the_lan_name_every_peer_and_move_with_traffic(net, site, appliance_image):
+    """The LAN host scrapes the exporter: the three metrics for every site peer by name, the
+    peer count and the image's digest; after more of the road warrior's traffic its counters
+    have moved, and the phone that never connected has no handshake."""
+    first = _scrape(net)
+    assert first.returncode == 0, first.stderr
+    before = _samples(first.stdout)
+    for name in ("laptop", "phone", "branch"):
+        for metric in PEER_METRICS:
+            assert (metric, name) in before, (metric, name, first.stdout[:2000])
+    assert before[("wireguard_peers", "wg0")] == 3
+    assert f'wg_appliance_image_info{{digest="{appliance_image.digest}"}} 1' in first.stdout
+    assert before[("wireguard_latest_handshake_seconds", "laptop")] > 0
+    assert before[("wireguard_latest_handshake_seconds", "phone")] == 0
+    assert ping(net, RW_NS, "192.168.77.10", count=5)
+    after = _samples(_scrape(net).stdout)
+    for metric in ("wireguard_sent_bytes_total", "wireguard_received_bytes_total"):
+        assert after[(metric, "laptop")] > before[(metric, "laptop")] > 0, metric
+    assert (
+        after[("wireguard_latest_handshake_seconds", "laptop")]
+        >= before[("wireguard_latest_handshake_seconds", "laptop")]
+    )
+
+
+def test_metrics_give_no_answer_outside_allow(net, site):
+    """The road warrior reaches the LAN through the tunnel, but its tunnel address is not in
+    `allow`: the scrape gets no answer at all (dropped, not refused)."""
+    assert ping(net, RW_NS, "192.168.77.10")
+    t0 = time.monotonic()
+    r = _scrape(net, RW_NS, timeout=5)
+    assert r.returncode != 0 and "timed out" in r.stderr, r.stdout[:300] + r.stderr[-500:]
+    assert time.monotonic() - t0 >= 4.5
+    assert _scrape(net).returncode == 0, "the LAN host still scrapes"
+
+
+def _wg0_index(net, site) -> str:
+    """wg0's interface index: wg-quick down/up would make a new interface with a new one."""
+    return _ssh(net, site, "cat /sys/class/net/wg0/ifindex").stdout.strip()
+
+
+def test_sync_turns_metrics_off_and_on_while_the_tunnel_keeps_pinging(net, site):
+    """Off, then on at another port, then back as the site file had it: each by sync on the
+    running appliance, with the ruleset following; wg0 is never restarted, so a ping through
+    an unchanged peer loses nothing."""
+    original = site.read_text()
+    index = _wg0_index(net, site)
+    pinger = subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            RW_NS,
+            "ping",
+            "-c",
+            "400",
+            "-i",
+            "0.2",
+            "-W",
+            "1",
+            "192.168.77.10",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(1)
+        site.write_text(original.replace("enabled = true", "enabled = false"))
+        off = cli(net, "sync", "--site", str(site))
+        assert off.returncode == 0 and "metrics: turned off" in off.stdout, off.stdout + off.stderr
+        assert _scrape(net, timeout=3).returncode != 0
+        v = cli(net, "verify", "--site", str(site), "--json")
+        checks = {c["name"]: c for c in json.loads(v.stdout)["checks"]}
+        assert v.returncode == 0 and checks["metrics"]["detail"] == "off", v.stdout
+        site.write_text(original.replace("port = 9586", "port = 9100"))
+        on = cli(net, "sync", "--site", str(site))
+        assert on.returncode == 0 and "metrics: turned on, port 9100" in on.stdout, on.stderr
+        moved = _scrape_within(net, 30, url=f"http://{APPLIANCE}:9100/metrics")
+        assert moved.returncode == 0 and "wireguard_sent_bytes_total{" in moved.stdout
+        site.write_text(original)
+        back = cli(net, "sync", "--site", str(site))
+        assert back.returncode == 0 and "port 9586" in back.stdout, back.stdout + back.stderr
+        assert _scrape_within(net, 30).returncode == 0
+        assert _scrape(net, url=f"http://{APPLIANCE}:9100/metrics", timeout=3).returncode != 0
+    finally:
+        site.write_text(original)
+        pinger.send_signal(signal.SIGINT)  # ping prints its summary on SIGINT
+        out = pinger.communicate(timeout=60)[0]
+    assert " 0% packet loss" in out, out
+    assert _wg0_index(net, site) == index, "wg0 was restarted"
+    assert "in sync, nothing to change" in cli(net, "sync", "--site", str(site)).stdout
+    v = cli(net, "verify", "--site", str(site), "--json")
+    assert json.loads(v.stdout)["ok"], v.stdout
+
+
 def _ssh(net, site, command: str, state: Path | None = None, check: bool = True):
     state = state or site.parent / ".wg-appliance" / "wg-gw"
     return net.exec(

@@ -249,6 +249,13 @@ def test_required_programs_present(disk: Disk) -> None:
 
 @pytest.mark.slow
 @pytest.mark.root
+def test_the_guest_knows_its_recipe_digest(appliance_image: Image, disk: Disk) -> None:
+    """status and the metrics exporter show it: the same digest the manifest and cache use."""
+    assert disk.read("/etc/wg-appliance/image") == appliance_image.digest + "\n"
+
+
+@pytest.mark.slow
+@pytest.mark.root
 def test_nothing_unique_baked_in(disk: Disk) -> None:
     assert not [n for n in disk.ls("/etc/ssh") if n.startswith("ssh_host_")]
     assert disk.size("/etc/machine-id") == 0

@@ -48,7 +48,7 @@ def test_site_peers_by_name_in_site_order(site_keys, reading):
     table = s.table()
     assert table.splitlines()[0] == (
         "wg-gw at 192.168.77.50: up 2 h 1 min, Debian GNU/Linux 12 (bookworm), "
-        "kernel 6.1.0-28-cloud-amd64, peers as in the site file"
+        "kernel 6.1.0-28-cloud-amd64, image abababababab, peers as in the site file"
     )
     row = next(ln for ln in table.splitlines() if ln.startswith("laptop"))
     assert row.split()[1:] == ["203.0.113.9:40211", "30", "s", "ago", "1.5", "KiB", "5.0", "MiB"]
@@ -144,7 +144,7 @@ def test_the_agent_status_mode_runs_without_site_packages():
     )
     assert p.returncode == 0, p.stderr
     doc = json.loads(p.stdout)
-    assert set(doc) == {"time", "uptime", "kernel", "os", "wg"} and doc["uptime"] > 0
+    assert set(doc) == {"time", "uptime", "kernel", "os", "image", "wg"} and doc["uptime"] > 0
 
 
 def test_status_exits_3_when_it_cannot_connect_and_writes_nothing(site_dir):

@@ -114,6 +114,8 @@ def _nftables(site: Site, facts: dict[str, Any]) -> Check:
         "forward from wg0": 'iifname "wg0" accept',
         "MSS clamping": "tcp option maxseg size set rt mtu",
     }
+    if site.metrics.enabled:
+        want["metrics port"] = f"tcp dport {site.metrics.port} accept"
     missing = [label for label, rule in want.items() if rule not in text]
     masq = "masquerade" in text
     if site.wireguard.mode == "masquerade" and not masq:
@@ -123,6 +125,39 @@ def _nftables(site: Site, facts: dict[str, Any]) -> Check:
     if missing:
         return Check("nftables", False, "missing: " + ", ".join(missing))
     return Check("nftables", True, f"ruleset for {site.wireguard.mode} mode")
+
+
+def _metrics(site: Site, facts: dict[str, Any]) -> Check:
+    """On as the site says; when on, the exporter answered the probe's own scrape with a
+    line for every live peer."""
+    m = facts.get("metrics") or {}
+    enabled = bool(m.get("enabled"))
+    if not site.metrics.enabled:
+        if enabled:
+            return Check("metrics", False, "the exporter is enabled, the site says off: run sync")
+        return Check("metrics", True, "off")
+    if not enabled:
+        return Check("metrics", False, "the exporter is not enabled: run sync")
+    scrape = m.get("scrape") or {}
+    where = f"{site.lan.address.ip}:{site.metrics.port}"
+    if scrape.get("status") != 200:
+        said = scrape.get("error") or f"HTTP {scrape.get('status')}"
+        return Check(
+            "metrics",
+            False,
+            f"{where} does not answer: {said}; on the appliance: "
+            "journalctl -u wg-appliance-metrics",
+        )
+    live = len(facts["wg"].get("peers", []))
+    if scrape.get("peers") != live:
+        return Check("metrics", False, f"{where} shows {scrape.get('peers')} peers, wg0 has {live}")
+    allow = ", ".join(str(n) for n in site.metrics.allow)
+    return Check(
+        "metrics",
+        True,
+        f"http://{where}/metrics answers, {live} peers in {scrape.get('seconds', 0):.2f}s, "
+        f"open to {allow}",
+    )
 
 
 def _routes(site: Site, facts: dict[str, Any]) -> Check:
@@ -203,6 +238,7 @@ def evaluate(
         ),
         _nftables(site, facts),
         _routes(site, facts),
+        _metrics(site, facts),
         Check("gateway", gw["ok"], f"{site.lan.gateway}: {gw['detail']}"),
         *_handshakes(site, keys, facts, set(required)),
         _resources(facts, local_time),

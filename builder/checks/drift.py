@@ -94,7 +94,27 @@ def changes(site: Site, keys: Keys, facts: dict) -> list[str]:
         changes.append("forwarding settings")
     if have.get("wg0.conf") != _sha(files["wg0.conf"]) and not changes:
         changes.append("wg0.conf (comments, port or MTU)")
+    changes += metrics_changes(site, files, facts)
     return changes
+
+
+def metrics_changes(site: Site, files: dict[str, str], facts: dict) -> list[str]:
+    """The exporter: on or off as the site says, with this tool's program, unit and names
+    (the peers' names change with the peers, so they are not a line of their own)."""
+    have = facts.get("files", {})
+    enabled = bool(facts.get("metrics", {}).get("enabled"))
+    m = site.metrics
+    if m.enabled != enabled:
+        where = f", port {m.port}" if m.enabled else ""
+        return [f"metrics: turned {'on' if m.enabled else 'off'}{where}"]
+    out = []
+    if have.get("metrics.service") != _sha(files["metrics.service"]):
+        out.append(f"metrics: exporter unit (port {m.port})")
+    if have.get("metrics.py") != _sha(files["metrics.py"]):
+        out.append("metrics: exporter program")
+    if have.get("peers.json") != _sha(files["peers.json"]) and not out:
+        out.append("metrics: peer names")
+    return out
 
 
 def _shown(text: str) -> str:

@@ -77,7 +77,8 @@ def _rate(value: float | None) -> str:
 
 
 def header(a: dict[str, Any]) -> str:
-    """One line: name, address, uptime, OS, kernel, and whether wg0 matches the site."""
+    """One line: name, address, uptime, OS, kernel, image (its recipe digest, short), and
+    whether wg0 matches the site."""
     if a["drift"]:
         match = f"{a['drift']} difference(s) from the site file"
     else:
@@ -85,7 +86,8 @@ def header(a: dict[str, Any]) -> str:
     wg0 = "" if a["wg0_error"] is None else f", wg0 not up: {_line(a['wg0_error'])}"
     return (
         f"{a['name']} at {a['address']}: up {duration(a['uptime_s'])}, "
-        f"{_line(a['os'] or 'unknown OS')}, kernel {_line(a['kernel'])}, {match}{wg0}"
+        f"{_line(a['os'] or 'unknown OS')}, kernel {_line(a['kernel'])}, "
+        f"image {_line((a.get('image') or 'unknown')[:12])}, {match}{wg0}"
     )
 
 
@@ -174,6 +176,7 @@ def view(site: Site, keys: Keys, facts: dict[str, Any], previous: Status | None 
         "uptime_s": facts["uptime"],
         "os": facts.get("os", ""),
         "kernel": facts.get("kernel", ""),
+        "image": facts.get("image") or None,
         "wg0_error": wg.get("error"),
         "public_key": wg.get("public_key"),
         "listen_port": wg.get("listen_port"),

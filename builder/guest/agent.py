@@ -3,14 +3,17 @@
 guest (preshared keys are sent as hashes, private keys not at all).
 
 `probe ARG` (verify): gathers every fact in one round trip and prints one JSON document.
-ARG is JSON: {"gateway": "192.168.1.1"}.
+ARG is JSON: {"gateway": "192.168.1.1", "metrics": "http://192.168.1.50:9586/metrics"}
+(metrics only when the site enables them: the probe then scrapes the exporter once).
 
 `status` (status): only what an admin looks at, one `wg show` and a few /proc reads, as one
-JSON document: time, uptime, kernel, os (PRETTY_NAME of /etc/os-release) and wg0's dump.
+JSON document: time, uptime, kernel, os (PRETTY_NAME of /etc/os-release), the image's recipe
+digest and wg0's dump.
 
-`sync` (sync): prints the light facts (peers, file digests, addresses) as one JSON line, then
-reads one line from stdin: empty means nothing to do; otherwise {"wg0.conf": str,
-"nftables.conf": str, "sysctl": str, "mtu": int}, applied without restarting the tunnel or
+`sync` (sync): prints the light facts (peers, file digests, addresses, whether the metrics
+exporter is enabled) as one JSON line, then reads one line from stdin: empty means nothing to
+do; otherwise one text per FILES key, "mtu": int and "metrics": bool (the exporter enabled
+and running, or disabled and stopped), applied without restarting the tunnel or
 rolled back as a whole, and the outcome printed as one JSON line: {"ok", "rolled_back",
 "untouched", "error", "not_restored", "routes_added", "routes_removed"}.
 
@@ -41,7 +44,15 @@ FILES = {
     "wg0.conf": ("/etc/wireguard/wg0.conf", "root:root", 0o600),
     "nftables.conf": ("/etc/nftables.conf", "root:root", 0o644),
     "sysctl": ("/etc/sysctl.d/90-wg-appliance.conf", "root:root", 0o644),
+    "metrics.py": ("/usr/local/lib/wg-appliance/metrics.py", "root:root", 0o644),
+    "metrics.service": ("/etc/systemd/system/wg-appliance-metrics.service", "root:root", 0o644),
+    "peers.json": ("/etc/wg-appliance/peers.json", "root:root", 0o644),
 }
+# The exporter's unit; enabled means its link in multi-user.target.wants exists.
+METRICS_UNIT = "wg-appliance-metrics.service"
+METRICS_WANTS = "/etc/systemd/system/multi-user.target.wants/" + METRICS_UNIT
+# Written by the image build: the recipe digest the image was made from.
+IMAGE_FILE = "/etc/wg-appliance/image"
 
 
 # --- probe ------------------------------------------------------------------------------
@@ -179,7 +190,32 @@ def facts(args):
         "mem_available": meminfo.get("MemAvailable", 0),
         "mem_total": meminfo.get("MemTotal", 0),
         "uptime": float(read("/proc/uptime", "0 0").split()[0]),
+        "image": read(IMAGE_FILE).strip(),
+        "metrics": metrics_facts(args.get("metrics")),
     }
+
+
+def metrics_facts(url):
+    """Whether the exporter is enabled, and with a URL, what a scrape of it answers (from
+    inside the guest: the ruleset admits loopback, so this judges the exporter, not `allow`)."""
+    out = {"enabled": os.path.lexists(METRICS_WANTS)}
+    if url:
+        import urllib.request
+
+        t0 = time.monotonic()
+        try:
+            with urllib.request.urlopen(url, timeout=10) as r:
+                body = r.read(16 * 1024 * 1024).decode("utf-8", "replace")
+                out["scrape"] = {"status": r.status, "lines": body.count("\n")}
+        except Exception as e:
+            out["scrape"] = {"status": None, "error": f"{type(e).__name__}: {e}"[:300]}
+        out["scrape"]["seconds"] = time.monotonic() - t0
+        out["scrape"]["peers"] = (
+            sum(ln.startswith("wireguard_sent_bytes_total{") for ln in body.splitlines())
+            if out["scrape"]["status"] == 200
+            else 0
+        )
+    return out
 
 
 def os_name():
@@ -197,6 +233,7 @@ def status():
         "uptime": float(read("/proc/uptime", "0 0").split()[0]),
         "kernel": os.uname().release,
         "os": os_name(),
+        "image": read(IMAGE_FILE).strip(),
         "wg": wg_dump(),
     }
 
@@ -240,6 +277,7 @@ class System:
         if have and (have["data"], have["mode"], (have["uid"], have["gid"])) == (data, mode, owner):
             return
         tmp = path + ".wga-new"
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
         if os.path.lexists(tmp):
             os.unlink(tmp)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
@@ -257,6 +295,10 @@ class System:
     def remove(self, path):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+
+    def enabled(self, unit):
+        """A unit of ours is enabled when its multi-user.target.wants link exists."""
+        return os.path.lexists("/etc/systemd/system/multi-user.target.wants/" + unit)
 
 
 WG_QUICK_KEYS = {
@@ -352,6 +394,8 @@ def parse(line):
     mtu = new.get("mtu")
     if mtu is not None and (type(mtu) is not int or not 68 <= mtu <= 65535):
         raise ValueError(f"bad MTU {mtu!r}")
+    if type(new.get("metrics")) is not bool:
+        raise ValueError("the request does not say whether metrics are on")
     return new
 
 
@@ -371,6 +415,7 @@ def capture(new, system):
         "sysctl": sysctl,
         "mtu": int(mtu["data"]),
         "routes": sorted(current_routes(system)),
+        "metrics": system.enabled(METRICS_UNIT),
     }
     if files["nftables.conf"] is None:
         old["ruleset"] = system.run("nft", "list", "ruleset")
@@ -379,7 +424,7 @@ def capture(new, system):
     return old
 
 
-def apply(new, system):
+def apply(new, system, old):
     for key, (path, _, mode) in FILES.items():
         system.write(path, new[key].encode(), mode)
     system.run("sysctl", "--load", FILES["sysctl"][0])
@@ -393,7 +438,30 @@ def apply(new, system):
         add_route(system, net)
     for net in removed:
         del_route(system, net)
+    set_metrics(system, new["metrics"], exporter_changed(old, new))
     return {"routes_added": added, "routes_removed": removed}
+
+
+def exporter_changed(old, new):
+    """True when the exporter's program or unit differs from what was on disk."""
+    for key in ("metrics.py", "metrics.service"):
+        was = old["files"][key]
+        if was is None or was["data"] != new[key].encode():
+            return True
+    return False
+
+
+def set_metrics(system, on, changed):
+    """The exporter's unit enabled and running with the files on disk, or disabled and
+    stopped; wg0 is not touched. A changed unit file is loaded first."""
+    if changed:
+        system.run("systemctl", "daemon-reload")
+    if on:
+        if not system.enabled(METRICS_UNIT):  # one systemctl less when a peer changes
+            system.run("systemctl", "enable", "--quiet", METRICS_UNIT)
+        system.run("systemctl", "restart" if changed else "start", METRICS_UNIT)
+    elif system.read(FILES["metrics.service"][0]) is not None:
+        system.run("systemctl", "disable", "--quiet", "--now", METRICS_UNIT)
 
 
 def restore_file(system, path, old):
@@ -426,8 +494,14 @@ def rollback(old, system):
         except Exception as e:
             left.append(f"{what}: {describe(e)}")
 
+    if not old["metrics"]:
+        attempt("metrics exporter off", set_metrics, system, False, False)
     for key, (path, _, _) in FILES.items():
         attempt(path, restore_file, system, path, old["files"][key])
+    if old["metrics"]:
+        attempt("metrics exporter", set_metrics, system, True, True)
+    else:
+        attempt("systemd units", system.run, "systemctl", "daemon-reload")
     for key, value in old["sysctl"].items():
         attempt(f"sysctl {key}", system.run, "sysctl", "-q", "-w", f"{key}={value}")
     attempt("nftables ruleset", restore_ruleset, system, old)
@@ -461,7 +535,7 @@ def outcome(line, system):
     except Exception as e:
         return {**untouched, "error": f"cannot record the current state: {describe(e)}"}
     try:
-        result = apply(new, system)
+        result = apply(new, system, old)
     except Exception as e:
         left = rollback(old, system)
         return {
@@ -475,7 +549,12 @@ def outcome(line, system):
 
 
 def sync():
-    light = {"wg": wg_dump(), "files": files(), "addresses": addresses()}
+    light = {
+        "wg": wg_dump(),
+        "files": files(),
+        "addresses": addresses(),
+        "metrics": metrics_facts(None),
+    }
     print(json.dumps(light), flush=True)
     line = sys.stdin.readline()
     if not line.strip():

@@ -41,7 +41,7 @@ from builder.resources import checkout, data_dir
 RECIPE = data_dir("images")
 NAME = "wg-appliance"
 # Bump when a stage changes what it produces, so cached images built by older code go stale.
-BUILD_FORMAT = "4"
+BUILD_FORMAT = "5"
 # Files in images/ that do not change the image, so they stay out of the digest.
 NOT_RECIPE = {"README-section.md", "host-packages.txt"}
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
@@ -179,7 +179,8 @@ def bootstrap(ctx: BuildContext) -> None:
 
 
 def configure(ctx: BuildContext) -> None:
-    """Purge what purge.txt names; units, fstab, resolv.conf and the extlinux menu."""
+    """Purge what purge.txt names; units, fstab, resolv.conf, the extlinux menu, and the
+    recipe digest where the guest reads it (status and the metrics exporter show it)."""
     purge = read_list(ctx.recipe / "purge.txt")
     if purge:
         run(["chroot", ctx.root, "dpkg", "--purge", *purge])
@@ -197,6 +198,8 @@ def configure(ctx: BuildContext) -> None:
     (ctx.root / "etc/fstab").write_text(
         f"UUID={ctx.root_uuid} / ext4 defaults,errors=remount-ro 0 0\n"
     )
+    (ctx.root / "etc/wg-appliance").mkdir(mode=0o755, exist_ok=True)
+    (ctx.root / "etc/wg-appliance/image").write_text(ctx.digest + "\n")
     resolv = ctx.root / "etc/resolv.conf"
     resolv.unlink(missing_ok=True)
     resolv.symlink_to("../run/systemd/resolve/stub-resolv.conf")

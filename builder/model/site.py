@@ -151,6 +151,15 @@ class Peer:
 
 
 @dataclass(frozen=True)
+class Metrics:
+    """The Prometheus endpoint on the LAN address; `allow` are the only sources it admits."""
+
+    enabled: bool
+    port: int
+    allow: tuple[IPv4Network, ...]
+
+
+@dataclass(frozen=True)
 class Site:
     path: Path
     appliance: Appliance
@@ -159,6 +168,7 @@ class Site:
     ssh: Ssh
     wireguard: WireGuard
     peers: tuple[Peer, ...]
+    metrics: Metrics
 
     @property
     def name(self) -> str:
@@ -378,6 +388,16 @@ def _peer_network(value: Any, ctx: _Ctx, key: str) -> IPNetwork:
                 else "multicast"
             )
             raise ctx.fail(key, f"{net} overlaps the {kind} range {bad}: it cannot be routed")
+    return net
+
+
+def _ipv4_network(value: Any, ctx: _Ctx, key: str) -> IPv4Network:
+    net = _network(value, ctx, key)
+    if not isinstance(net, IPv4Network):
+        raise ctx.fail(
+            key,
+            f"{net} is IPv6; the appliance's LAN address, the only one metrics listen on, is IPv4",
+        )
     return net
 
 
@@ -669,6 +689,11 @@ FIELDS: dict[str, tuple[Field, ...]] = {
         Field("keepalive", _int_range(0, 65535), None, "PersistentKeepalive seconds"),
         Field("preshared_key", _typed(bool, "a boolean"), True, "add a preshared key"),
     ),
+    "metrics": (
+        Field("enabled", _typed(bool, "a boolean"), False, "serve Prometheus metrics"),
+        Field("port", _int_range(1, 65535), 9586, "TCP port on the LAN address"),
+        Field("allow", _list_only(_ipv4_network), None, "networks that may scrape; LAN subnet"),
+    ),
 }
 
 
@@ -765,6 +790,7 @@ def parse_site(data: dict[str, Any], path: Path) -> Site:
         raise ctx.fail("peers", "expected [[peers]] entries (an array of tables)")
     peers = tuple(_peer(p, i, ctx) for i, p in enumerate(raw_peers))
     _check_peers(peers, wg, lan, ctx)
+    metrics = _metrics(_section(data.get("metrics", {}), "metrics", ctx, "metrics"), lan, ctx)
 
     return Site(
         path=path,
@@ -774,7 +800,21 @@ def parse_site(data: dict[str, Any], path: Path) -> Site:
         ssh=Ssh(user=ssh_d["user"], authorized_keys=ssh_d["authorized_keys"]),
         wireguard=wg,
         peers=peers,
+        metrics=metrics,
     )
+
+
+def _metrics(parsed: dict[str, Any], lan: Lan, ctx: _Ctx) -> Metrics:
+    """`allow` defaults to the LAN subnet; an empty list would serve no one, so it is refused,
+    and so is the port SSH answers on."""
+    if parsed["port"] == 22:
+        raise ctx.fail("metrics.port", "22 is the appliance's SSH port; choose another")
+    allow = parsed["allow"]
+    if allow is None:
+        allow = (lan.address.network,)
+    elif not allow:
+        raise ctx.fail("metrics.allow", "is empty: no one could scrape; leave it out for the LAN")
+    return Metrics(enabled=parsed["enabled"], port=parsed["port"], allow=allow)
 
 
 def _check_wireguard(wg: WireGuard, lan: Lan, ctx: _Ctx) -> None:

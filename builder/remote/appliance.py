@@ -111,9 +111,16 @@ def _agent_document(site: Site, keys: Keys, timeout: float, what: str, *mode: st
     return _document(result.stdout, what, lambda: result.stderr)
 
 
+def metrics_url(site: Site) -> str | None:
+    """Where the exporter answers, when the site turns it on."""
+    if not site.metrics.enabled:
+        return None
+    return f"http://{site.lan.address.ip}:{site.metrics.port}/metrics"
+
+
 def gather(site: Site, keys: Keys, timeout: float = 20.0) -> dict[str, Any]:
     """Every fact verify judges: one connection, one command."""
-    arg = json.dumps({"gateway": str(site.lan.gateway)})
+    arg = json.dumps({"gateway": str(site.lan.gateway), "metrics": metrics_url(site)})
     return _agent_document(site, keys, timeout, "verify", "probe", arg)
 
 

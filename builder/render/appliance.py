@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from functools import cache
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import jinja2
 
 from builder.errors import RenderError
 from builder.guest.agent import FILES as GUEST_FILES
+from builder.guest.agent import IMAGE_FILE, METRICS_UNIT
 from builder.model.keys import Keys
 from builder.model.site import CONTROL_RE, Peer, Site
 from builder.resources import data_dir
@@ -25,6 +27,8 @@ STATIC_FILES = {
         0o644,
     ),
 }
+# The exporter's program, shipped into the guest as it is in this checkout.
+EXPORTER = Path(__file__).resolve().parent.parent / "guest" / "metrics.py"
 
 
 def _one_line(value: object) -> object:
@@ -65,13 +69,38 @@ def render_sysctl(site: Site) -> str:
     return _render("sysctl.conf.j2", ipv6=ipv6)
 
 
+def render_metrics_unit(site: Site) -> str:
+    return _render(
+        "metrics.service.j2",
+        site=site,
+        program=GUEST_FILES["metrics.py"][0],
+        names=GUEST_FILES["peers.json"][0],
+        image=IMAGE_FILE,
+    )
+
+
+def render_peer_names(site: Site, keys: Keys) -> str:
+    """The exporter's `name` label: public key -> site name, one JSON object."""
+    names = {keys.peers[p.name].public: p.name for p in site.peers}
+    return json.dumps(dict(sorted(names.items())), indent=0) + "\n"
+
+
+@cache
+def exporter_program() -> str:
+    return EXPORTER.read_text()
+
+
 def appliance_files(site: Site, keys: Keys) -> dict[str, str]:
     """The appliance's own files by their name in the guest's file table: cloud-init writes
-    them at first boot, sync replaces them."""
+    them at first boot, sync replaces them. The exporter's files are there whether metrics
+    are on or not; the unit's state says whether it runs."""
     return {
         "wg0.conf": render_wg_conf(site, keys),
         "nftables.conf": render_nftables(site),
         "sysctl": render_sysctl(site),
+        "metrics.py": exporter_program(),
+        "metrics.service": render_metrics_unit(site),
+        "peers.json": render_peer_names(site, keys),
     }
 
 
@@ -85,6 +114,7 @@ def render_seed(site: Site, keys: Keys) -> dict[str, str]:
         guest_files=GUEST_FILES,
         files=appliance_files(site, keys),
         static_files={path: (src.read_text(), mode) for path, (src, mode) in STATIC_FILES.items()},
+        metrics_unit=METRICS_UNIT,
     )
     network_config = _render("network-config.j2", site=site)
     digest = hashlib.sha256((user_data + "\0" + network_config).encode()).hexdigest()[:16]

@@ -151,4 +151,9 @@ def facts(site_keys):
         "mem_available": 300e6,
         "mem_total": 500e6,
         "uptime": 100.0,
+        "image": "ab" * 32,
+        "metrics": {
+            "enabled": site.metrics.enabled,
+            "scrape": {"status": 200, "lines": 40, "peers": len(peers), "seconds": 0.1},
+        },
     }
