@@ -24,7 +24,7 @@ from builder.errors import ApplianceError, InputError
 from builder.local.files import OutDir, file_target, write_files
 from builder.local.state import STATE_FIX, State
 from builder.model.login import parse_login
-from builder.model.site import Site, load_site
+from builder.model.site import Site, expiry_text, load_site
 from builder.progress import Progress
 from builder.render import ipfire
 from builder.render.seed import SECRET, make_seed
@@ -71,14 +71,23 @@ def command(
     return register
 
 
-def _site_and_state(args: argparse.Namespace) -> tuple[Site, State]:
+def _load(args: argparse.Namespace) -> Site:
+    """The site, with its warnings (a past expiry) on stderr: not errors, but they change
+    what is rendered."""
     site = load_site(args.site)
+    for line in site.warnings():
+        print(f"warning: {_shown(line)}", file=sys.stderr)
+    return site
+
+
+def _site_and_state(args: argparse.Namespace) -> tuple[Site, State]:
+    site = _load(args)
     return site, State.for_site(site, args.state)
 
 
 @command("check", "validate a site file and change nothing", "wg-appliance check --site site.toml")
 def cmd_check(args: argparse.Namespace) -> int:
-    site = load_site(args.site)
+    site = _load(args)
     kinds = sum(1 for p in site.peers if p.is_site)
     print(
         f"{args.site}: ok: appliance {site.name}, {len(site.peers)} peers "
@@ -147,6 +156,17 @@ def cmd_peer_config(args: argparse.Namespace) -> int:
 
     site, state = _site_and_state(args)
     peer = site.peer(args.name)
+    if not peer.active:
+        why = (
+            "is disabled (enabled = false)"
+            if not peer.enabled
+            else f"expired at {expiry_text(peer.expires)}"
+        )
+        print(
+            f"warning: peer {peer.name!r} {why}: the appliance does not accept it "
+            "until the site file enables it and sync runs",
+            file=sys.stderr,
+        )
     if args.qr and args.qr != "-":
         folder, name = file_target(Path(args.qr), "--qr")
         with folder:

@@ -29,6 +29,10 @@ NEW = {
     "wg0.conf": NEW_WG,
     "nftables.conf": "flush ruleset\ntable inet new {}\n",
     "sysctl": "# forwarding\nnet.ipv4.ip_forward = 1\nnet.ipv6.conf.all.forwarding = 1\n",
+    "peers.json": '{"dns": [], "peers": []}\n',
+    "agent": "# the agent\n",
+    "peers.service": "[Service]\n",
+    "peers.timer": "[Timer]\n",
     "mtu": 1380,
 }
 
@@ -121,6 +125,12 @@ class FakeSystem:
                 host = net.prefixlen == net.max_prefixlen
                 shown.append({"dst": str(net.network_address) if host else str(net)})
         return json.dumps(shown)
+
+    def _systemctl_daemonreload(self, args, _):
+        pass
+
+    def _systemctl_enable(self, args, _):
+        pass
 
     def _ip_link(self, args, _):
         self.files[ga.MTU_PATH] = entry(args[-1] + "\n")
