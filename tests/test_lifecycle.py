@@ -4,6 +4,7 @@ guest and a real DNS server on loopback."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -15,6 +16,8 @@ from datetime import UTC, datetime
 
 import pytest
 
+from builder.checks.drift import peer_drift
+from builder.checks.status import DISABLED, EXPIRED, LIVE, view
 from builder.errors import InputError
 from builder.guest import agent as ga
 from builder.model.keys import Keys, PeerKeys, wg_pubkey
@@ -400,3 +403,79 @@ def test_a_broken_answer_is_no_address():
         assert ga.dns_query("a.example", "127.0.0.1", 1, 2.0, sock.getsockname()[1]) is None
     finally:
         sock.close()
+
+
+# --- verify, sync's judge and status ---------------------------------------------------------
+
+
+def live_peers(site, keys, extra=()):
+    """wg0 as a healthy appliance holds it for `site`, plus the peers named in `extra`."""
+    out = []
+    for p in site.peers:
+        if not (p.active or p.name in extra):
+            continue
+        endpoint = "198.51.100.20:51820" if p.endpoint else None
+        pk = keys.peers[p.name]
+        out.append(
+            {
+                "public_key": pk.public,
+                "psk_sha256": hashlib.sha256(pk.psk.encode()).hexdigest() if pk.psk else None,
+                "endpoint": endpoint,
+                "allowed_ips": sorted(str(n) for n in p.allowed_ips),
+                "latest_handshake": BEFORE - 10,
+                "rx": 1,
+                "tx": 2,
+                "keepalive": p.keepalive or 0,
+            }
+        )
+    return out
+
+
+def test_absent_disabled_and_expired_peers_are_no_drift(site, keys):
+    """`shop`'s endpoint is a name: the appliance holds an address, and only the port counts."""
+    assert peer_drift(site, keys, live_peers(site, keys)) == []
+
+
+def test_an_expired_or_disabled_peer_still_live_is_named(site, keys):
+    drift = peer_drift(site, keys, live_peers(site, keys, extra=("gone", "off")))
+    assert sorted(drift) == [
+        "gone: expired at 2026-11-30T00:00:00Z, still on wg0",
+        "off: disabled, still on wg0",
+    ]
+
+
+def test_a_named_endpoint_on_another_port_is_drift(site, keys):
+    live = live_peers(site, keys)
+    shop = next(p for p in live if p["public_key"] == keys.peers["shop"].public)
+    shop["endpoint"] = "198.51.100.20:4500"
+    assert peer_drift(site, keys, live) == [
+        "shop: endpoint 198.51.100.20:4500 is not on port 51820"
+    ]
+
+
+def test_status_shows_enabled_expired_and_the_expiry(site, keys):
+    facts = {"time": BEFORE, "uptime": 5.0, "wg": {"peers": live_peers(site, keys)}}
+    s = view(site, keys, facts)
+    by_name = {p.name: p for p in s.peers}
+    assert by_name["off"].state == DISABLED and not by_name["off"].enabled
+    assert by_name["gone"].state == EXPIRED and by_name["gone"].expired
+    assert by_name["gone"].expires == "2026-11-30T00:00:00Z"
+    assert by_name["temp"].state == LIVE and by_name["temp"].expires == "2026-12-01T13:30:00Z"
+    assert s.appliance["drift"] == 0
+    table = s.table()
+    assert "EXPIRES" in table.splitlines()[1]
+    assert any(ln.startswith("off (disabled)") for ln in table.splitlines())
+    assert any(
+        ln.startswith("gone (expired)") and ln.endswith("2026-11-30T00:00:00Z")
+        for ln in table.splitlines()
+    )
+    assert s.to_dict()["peers"][4]["expires"] == "2026-12-01T13:30:00Z"
+
+
+def test_verify_fails_on_an_expired_peer_still_live_and_a_stopped_timer(site, keys):
+    from builder.checks.appliance import _peers_ok, _timer
+
+    assert _timer({"peers_timer": "active"}).ok
+    stopped = _timer({"peers_timer": "inactive"})
+    assert not stopped.ok and "timer is inactive; run `wg-appliance sync`" in stopped.detail
+    assert _peers_ok(site) == "5 peers as in the site file, 2 disabled or expired and absent"

@@ -180,6 +180,7 @@ def facts(args):
         "gateway": ping(args["gateway"]) if args.get("gateway") else None,
         "files": files(),
         "addresses": addresses(),
+        "peers_timer": sh("systemctl", "is-active", TIMER)["out"].strip(),
         "disk_free": st.f_bavail * st.f_frsize,
         "disk_total": st.f_blocks * st.f_frsize,
         "mem_available": meminfo.get("MemAvailable", 0),

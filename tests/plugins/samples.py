@@ -151,4 +151,5 @@ def facts(site_keys):
         "mem_available": 300e6,
         "mem_total": 500e6,
         "uptime": 100.0,
+        "peers_timer": "active",
     }
