@@ -232,7 +232,7 @@ def test_allow_lets_through_only_the_lan_hosts_http(net, life, clients):
     assert not ping(net, RW_NS, "192.168.77.1", count=1, within=1)
 
 
-def test_the_appliance_cuts_the_peer_off_at_its_expiry(net, life):
+def test_the_appliance_cuts_the_peer_off_at_its_expiry(net, appliance_image, life):
     """No tool command between the sync that set the expiry and now: the appliance's timer
     removed the peer. The last echo reply came before the expiry plus the timer's period."""
     expires = life["expires"]
@@ -250,6 +250,11 @@ def test_the_appliance_cuts_the_peer_off_at_its_expiry(net, life):
     assert temp not in _ssh(net, site, "sudo cat /etc/wireguard/wg0.conf").stdout
     peers = next(c for c in _verify(net, site)["checks"] if c["name"] == "peers")
     assert peers["ok"], peers
+
+    again = cli(net, "sync", "--site", str(site))
+    assert "in sync, nothing to change" in again.stdout, again.stdout + again.stderr
+    deploy = cli(net, *_deploy_args(site, appliance_image))
+    assert "up to date" in deploy.stdout, deploy.stdout + deploy.stderr
 
 
 def test_the_moved_branch_is_found_again_by_its_name(net, life):
