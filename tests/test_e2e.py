@@ -463,9 +463,8 @@ def test_failed_sync_removes_a_file_that_was_not_there(net, site):
     assert json.loads(v.stdout)["ok"], v.stdout
 
 
-def test_synced_state_survives_reboot(net, appliance_image, site):
-    site.write_text(site.read_text() + _peer_block("tablet", "10.77.0.6/32"))
-    assert cli(net, "sync", "--site", str(site)).returncode == 0
+def reboot(net, site: Path) -> None:
+    """Reboot the appliance and wait until verify passes again, from a fresh boot."""
     _ssh(net, site, "sudo systemctl reboot", check=False)
     time.sleep(5)
     deadline = time.monotonic() + 300
@@ -477,6 +476,12 @@ def test_synced_state_survives_reboot(net, appliance_image, site):
     assert v.returncode == 0, v.stdout + v.stderr
     uptime = float(_ssh(net, site, "cut -d' ' -f1 /proc/uptime").stdout)
     assert uptime < 300, "the appliance did not reboot"
+
+
+def test_synced_state_survives_reboot(net, appliance_image, site):
+    site.write_text(site.read_text() + _peer_block("tablet", "10.77.0.6/32"))
+    assert cli(net, "sync", "--site", str(site)).returncode == 0
+    reboot(net, site)
     deploy = cli(net, *_deploy_args(site, appliance_image))
     assert "up to date" in deploy.stdout, "sync must leave deploy nothing to do"
 

@@ -4,7 +4,6 @@ guest and a real DNS server on loopback."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -36,6 +35,7 @@ from tests.plugins.samples import (
     LAPTOP_PRIVATE,
     PSK,
     WG_PRIVATE,
+    live_peer,
     write,
 )
 
@@ -410,25 +410,11 @@ def test_a_broken_answer_is_no_address():
 
 def live_peers(site, keys, extra=()):
     """wg0 as a healthy appliance holds it for `site`, plus the peers named in `extra`."""
-    out = []
-    for p in site.peers:
-        if not (p.active or p.name in extra):
-            continue
-        endpoint = "198.51.100.20:51820" if p.endpoint else None
-        pk = keys.peers[p.name]
-        out.append(
-            {
-                "public_key": pk.public,
-                "psk_sha256": hashlib.sha256(pk.psk.encode()).hexdigest() if pk.psk else None,
-                "endpoint": endpoint,
-                "allowed_ips": sorted(str(n) for n in p.allowed_ips),
-                "latest_handshake": BEFORE - 10,
-                "rx": 1,
-                "tx": 2,
-                "keepalive": p.keepalive or 0,
-            }
-        )
-    return out
+    return [
+        live_peer(p, keys.peers[p.name], BEFORE - 10, "198.51.100.20:51820" if p.endpoint else None)
+        for p in site.peers
+        if p.active or p.name in extra
+    ]
 
 
 def test_absent_disabled_and_expired_peers_are_no_drift(site, keys):

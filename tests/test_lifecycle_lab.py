@@ -8,6 +8,7 @@ the moved branch's stale handshake run while the disabled and restricted peers a
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import time
@@ -131,8 +132,6 @@ def life(net, tmp_path_factory):
 
 
 def _keys(site: Path) -> dict:
-    import json
-
     return json.loads((site.parent / ".wg-appliance" / "wg-gw" / "keys.json").read_text())
 
 
@@ -141,8 +140,6 @@ def _wg(net, site: Path, what: str) -> str:
 
 
 def _verify(net, site: Path) -> dict:
-    import json
-
     r = cli(net, "verify", "--site", str(site), "--json")
     return json.loads(r.stdout)
 
@@ -159,7 +156,8 @@ def test_deploy_leaves_the_disabled_peer_off_wg0(net, appliance_image, life):
         _ssh(net, site, "systemctl is-active wg-appliance-peers.timer").stdout.strip() == "active"
     )
     doc = _verify(net, site)
-    assert doc["ok"], doc
+    failing = {c["name"]: c["detail"] for c in doc["checks"] if not c["ok"]}
+    assert set(failing) <= {"handshake branch"}, failing  # the branch is not up yet
     check = next(c for c in doc["checks"] if c["name"] == "peers")
     assert check["detail"] == "3 peers as in the site file, 1 disabled or expired and absent"
 
@@ -268,7 +266,7 @@ def test_the_moved_branch_is_found_again_by_its_name(net, life):
     endpoint = _wg(net, life["site"], "endpoints")
     assert f"{NEW_BRANCH}:51820" in endpoint, endpoint
     doc = _verify(net, life["site"])
-    assert doc["ok"], doc
+    assert doc["ok"], [c for c in doc["checks"] if not c["ok"]]
 
 
 def test_enabling_again_restores_the_same_config(net, life):
@@ -282,17 +280,7 @@ def test_enabling_again_restores_the_same_config(net, life):
 
 def test_the_expired_peer_stays_off_after_a_reboot(net, life):
     site = life["site"]
-    _ssh(net, site, "sudo systemctl reboot", check=False)
-    time.sleep(5)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        v = cli(net, "verify", "--site", str(site), "--json", "--timeout", "5")
-        if v.returncode == 0:
-            break
-        time.sleep(5)
-    assert v.returncode == 0, v.stdout + v.stderr
-    uptime = float(_ssh(net, site, "cut -d' ' -f1 /proc/uptime").stdout)
-    assert uptime < 300, "the appliance did not reboot"
+    e2e.reboot(net, site)
     temp = _keys(site)["peers"]["temp"]["public"]
     assert temp not in _wg(net, site, "peers")
     assert not ping(net, TEMP_NS, "192.168.77.10", count=2, within=10)
