@@ -247,6 +247,9 @@ class Guest:
     def write(self, path, data, mode, owner=(0, 0)):
         self.files[path] = {"data": data, "mode": mode, "uid": owner[0], "gid": owner[1]}
 
+    def poke(self, address: str) -> None:
+        self.ran.append(("poke", address))
+
     def text(self, key: str) -> str:
         return self.files[ga.FILES[key][0]]["data"].decode()
 
@@ -386,6 +389,7 @@ def test_a_stale_named_peer_gets_the_new_address(site, keys, dns):
     out = ga.peers_tick(guest, now=BEFORE + 136)
     assert out["reresolved"] == ["shop 198.51.100.21:51820"]
     assert guest.live[shop]["endpoint"] == "198.51.100.21:51820"
+    assert guest.ran[-1] == ("poke", "10.9.0.8"), "a handshake is started at once"
     assert ga.peers_tick(guest, now=BEFORE + 200)["reresolved"] == [], "already there"
 
 

@@ -338,6 +338,8 @@ def reresolve(doc, now, system):
         endpoint = f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
         if endpoints.get(key) != endpoint:
             system.run("wg", "set", "wg0", "peer", key, "endpoint", endpoint)
+            if p.get("address"):
+                system.poke(p["address"])
             moved.append(f"{p['name']} {endpoint}")
     return moved
 
@@ -411,6 +413,13 @@ class System:
     def remove(self, path):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+
+    def poke(self, address):
+        """One empty UDP datagram into the tunnel to `address` (the discard port): wg0 then
+        starts a handshake at once instead of at the next keepalive or retry."""
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as s, contextlib.suppress(OSError):
+            s.sendto(b"", (address, 9))
 
 
 WG_QUICK_KEYS = {

@@ -92,6 +92,7 @@ def render_peers_json(site: Site, keys: Keys) -> str:
             entry["expires"] = int(p.expires.timestamp())
         if p.dns_endpoint:
             entry["endpoint"] = str(p.endpoint)
+            entry["address"] = str(p.addresses[0].ip)  # poked after a new endpoint
         if entry:
             peers.append({"name": p.name, "public_key": keys.peers[p.name].public, **entry})
     return peers_text({"dns": [str(d) for d in site.lan.dns], "peers": peers})
