@@ -89,9 +89,14 @@ def _site_and_state(args: argparse.Namespace) -> tuple[Site, State]:
 def cmd_check(args: argparse.Namespace) -> int:
     site = _load(args)
     kinds = sum(1 for p in site.peers if p.is_site)
+    off = sum(1 for p in site.peers if not p.enabled)
+    expired = sum(1 for p in site.peers if p.enabled and p.expired)
+    lifecycle = "".join(
+        f", {n} {what}" for n, what in ((off, "disabled"), (expired, "expired")) if n
+    )
     print(
         f"{args.site}: ok: appliance {site.name}, {len(site.peers)} peers "
-        f"({len(site.peers) - kinds} road warriors, {kinds} site-to-site), "
+        f"({len(site.peers) - kinds} road warriors, {kinds} site-to-site{lifecycle}), "
         f"{site.wireguard.mode} mode"
     )
     return 0

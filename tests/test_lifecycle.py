@@ -160,6 +160,7 @@ def test_check_warns_on_stderr_and_exits_0(tmp_path):
         text=True,
     )
     assert p.returncode == 0, p.stderr
+    assert "3 peers (2 road warriors, 1 site-to-site, 1 expired)" in p.stdout, p.stdout
     assert p.stderr == (
         f"warning: {path}: peers[2].expires: 2020-01-01T00:00:00Z is past: "
         "peer 'old' is rendered disabled\n"
