@@ -24,7 +24,7 @@ from builder.errors import ApplianceError, InputError
 from builder.local.files import OutDir, file_target, write_files
 from builder.local.state import STATE_FIX, State
 from builder.model.login import HostAccess, access_of, host_access, login_of_uri, parse_login
-from builder.model.site import Site, host_uri_problem, load_site
+from builder.model.site import Site, expiry_text, host_uri_problem, load_site
 from builder.progress import Progress
 from builder.render import ipfire
 from builder.render.seed import SECRET, make_seed
@@ -73,9 +73,18 @@ def command(
     return register
 
 
+def _load(args: argparse.Namespace) -> Site:
+    """The site, with its warnings (a past expiry) on stderr: not errors, but they change
+    what is rendered."""
+    site = load_site(args.site)
+    for line in site.warnings():
+        print(f"warning: {_shown(line)}", file=sys.stderr)
+    return site
+
+
 def _site(args: argparse.Namespace) -> Site:
     """The site file, with --host-uri (on the commands that talk to the host) over host.uri."""
-    site = load_site(args.site)
+    site = _load(args)
     uri = getattr(args, "host_uri", None)
     if uri is None:
         return site
@@ -128,11 +137,16 @@ def _access(args: argparse.Namespace, site: Site) -> HostAccess | None:
 
 @command("check", "validate a site file and change nothing", "wg-appliance check --site site.toml")
 def cmd_check(args: argparse.Namespace) -> int:
-    site = load_site(args.site)
+    site = _load(args)
     kinds = sum(1 for p in site.peers if p.is_site)
+    off = sum(1 for p in site.peers if not p.enabled)
+    expired = sum(1 for p in site.peers if p.enabled and p.expired)
+    lifecycle = "".join(
+        f", {n} {what}" for n, what in ((off, "disabled"), (expired, "expired")) if n
+    )
     print(
         f"{args.site}: ok: appliance {site.name}, {len(site.peers)} peers "
-        f"({len(site.peers) - kinds} road warriors, {kinds} site-to-site), "
+        f"({len(site.peers) - kinds} road warriors, {kinds} site-to-site{lifecycle}), "
         f"{site.wireguard.mode} mode"
     )
     return 0
@@ -197,6 +211,17 @@ def cmd_peer_config(args: argparse.Namespace) -> int:
 
     site, state = _site_and_state(args)
     peer = site.peer(args.name)
+    if not peer.active:
+        why = (
+            "is disabled (enabled = false)"
+            if not peer.enabled
+            else f"expired at {expiry_text(peer.expires)}"
+        )
+        print(
+            f"warning: peer {peer.name!r} {why}: the appliance does not accept it "
+            "until the site file enables it and sync runs",
+            file=sys.stderr,
+        )
     if args.qr and args.qr != "-":
         folder, name = file_target(Path(args.qr), "--qr")
         with folder:

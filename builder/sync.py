@@ -10,7 +10,7 @@ metrics exporter's unit enabled or disabled, rolled back as a whole when any ste
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from builder.checks.drift import changes, vm_changes
 from builder.errors import ApplianceError, ConnectError, GuestError, HostError
@@ -66,6 +66,8 @@ def sync(
                 )
             found = changes(site, keys, facts)
             if dry_run or not found:
+                if not dry_run and conn is not None and metadata is not None:
+                    _record_expiry(conn, site, keys, metadata)
                 return SyncResult(site.name, tuple(found), False, time.monotonic() - t0)
             channel.send(
                 {
@@ -121,3 +123,15 @@ def _record_seed(conn, site: Site, keys: Keys) -> None:
     meta = lh.domain_metadata(dom) or {}
     meta[META_SEED_DIGEST] = seed_digest(render_seed(site, keys))
     lh.set_domain_metadata(dom, meta)
+
+
+def _record_expiry(conn, site: Site, keys: Keys, metadata: dict[str, str]) -> None:
+    """Nothing to send, but the appliance removed expired peers by itself: when that is the
+    only difference from the recorded seed, record the seed as it is now, so `deploy` says
+    up to date. Any other difference (an SSH key, say) stays for deploy to report."""
+    recorded = metadata.get(META_SEED_DIGEST)
+    if not any(p.expired for p in site.peers) or recorded is None:
+        return
+    before = replace(site, peers=tuple(replace(p, expired=False) for p in site.peers))
+    if recorded == seed_digest(render_seed(before, keys)):
+        _record_seed(conn, site, keys)

@@ -19,7 +19,7 @@ NFT = ga.FILES["nftables.conf"][0]
 SYSCTL = ga.FILES["sysctl"][0]
 EXPORTER = ga.FILES["metrics.py"][0]
 UNIT = ga.FILES["metrics.service"][0]
-NAMES = ga.FILES["peers.json"][0]
+NAMES = ga.FILES["names.json"][0]
 FWD4 = "/proc/sys/net/ipv4/ip_forward"
 FWD6 = "/proc/sys/net/ipv6/conf/all/forwarding"
 
@@ -34,7 +34,11 @@ NEW = {
     "sysctl": "# forwarding\nnet.ipv4.ip_forward = 1\nnet.ipv6.conf.all.forwarding = 1\n",
     "metrics.py": "print('new exporter')\n",
     "metrics.service": "[Service]\nExecStart=new\n",
-    "peers.json": '{"branch=": "branch"}\n',
+    "names.json": '{"branch=": "branch"}\n',
+    "peers.json": '{"dns": [], "peers": []}\n',
+    "agent": "# the agent\n",
+    "peers.service": "[Service]\n",
+    "peers.timer": "[Timer]\n",
     "mtu": 1380,
     "metrics": True,
 }
@@ -144,6 +148,8 @@ class FakeSystem:
         pass
 
     def _systemctl_enable(self, args, _):
+        if args[-1] != ga.METRICS_UNIT:
+            return  # the peer timer's units
         self._unit_file(args)
         self.exporter["enabled"] = True
 

@@ -745,9 +745,8 @@ def test_failed_sync_removes_a_file_that_was_not_there(net, site):
     assert json.loads(v.stdout)["ok"], v.stdout
 
 
-def test_synced_state_survives_reboot(net, appliance_image, site):
-    site.write_text(site.read_text() + _peer_block("tablet", "10.77.0.6/32"))
-    assert cli(net, "sync", "--site", str(site)).returncode == 0
+def reboot(net, site: Path) -> subprocess.CompletedProcess:
+    """Reboot the appliance and wait until verify passes again, from a fresh boot."""
     _ssh(net, site, "sudo systemctl reboot", check=False)
     time.sleep(5)
     deadline = time.monotonic() + 300
@@ -759,6 +758,13 @@ def test_synced_state_survives_reboot(net, appliance_image, site):
     assert v.returncode == 0, v.stdout + v.stderr
     uptime = float(_ssh(net, site, "cut -d' ' -f1 /proc/uptime").stdout)
     assert uptime < 300, "the appliance did not reboot"
+    return v
+
+
+def test_synced_state_survives_reboot(net, appliance_image, site):
+    site.write_text(site.read_text() + _peer_block("tablet", "10.77.0.6/32"))
+    assert cli(net, "sync", "--site", str(site)).returncode == 0
+    v = reboot(net, site)
     checks = {c["name"]: c for c in json.loads(v.stdout)["checks"]}
     assert "cloud-init is off" in checks["cloud-init"]["detail"], checks["cloud-init"]
     assert seed_source(_xml())[1] is None, "it booted without the seed"

@@ -13,6 +13,7 @@ probe, and `virt-xml-validate` for the domain XML.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import subprocess
@@ -32,6 +33,7 @@ from builder.render import ipfire
 from builder.render.appliance import (
     render_nftables,
     render_peer_config,
+    render_peers_json,
     render_seed,
     render_wg_conf,
 )
@@ -100,6 +102,7 @@ KEYS = {
     "peers[0].public_key": ("peers", 0, "public_key"),
     "peers[1].networks[0]": ("peers", 1, "networks", 0),
     "peers[1].endpoint": ("peers", 1, "endpoint"),
+    "peers[0].allow[0]": ("peers", 0, "allow", 0),
 }
 VALID = {
     "host.uri": "qemu+ssh://root@ipfire:222/system",
@@ -112,6 +115,7 @@ VALID = {
     "wireguard.client_dns[0]": "fd09::53",
     "peers[0].public_key": "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=",
     "peers[1].endpoint": "branch.example.org:51820",
+    "peers[0].allow[0]": "192.168.1.20/32 tcp/443",
 }
 
 
@@ -120,6 +124,7 @@ def base_data() -> dict:
     data["host"] = {}
     data["wireguard"]["client_dns"] = ["192.168.1.1"]
     data["peers"][1]["endpoint"] = "branch.example.org:51820"
+    data["peers"][0]["allow"] = ["192.168.1.20/32 tcp/443"]
     return data
 
 
@@ -203,6 +208,8 @@ def judge_all(site, tmp: Path) -> None:
         "macaddress": site.lan.mac
     }
     assert yaml.safe_load(seed["meta-data"])["local-hostname"] == site.name
+    doc = json.loads(render_peers_json(site, keys))
+    assert [p["name"] for p in doc["peers"]] == [p.name for p in site.peers if p.dns_endpoint]
     nft = tmp / "nft.conf"
     nft.write_text(render_nftables(site))
     r = subprocess.run(["unshare", "--net", "nft", "--check", "-f", str(nft)], capture_output=True)

@@ -103,12 +103,12 @@ def test_seed_ships_exporter_unit_and_names_and_starts_it_only_when_on(site_keys
     doc = yaml.safe_load(render_seed(site, keys)["user-data"])
     written = {f["path"]: f for f in doc["write_files"]}
     files = appliance_files(site, keys)
-    for name in ("metrics.py", "metrics.service", "peers.json"):
+    for name in ("metrics.py", "metrics.service", "names.json"):
         path, owner, mode = FILES[name]
         assert written[path]["content"] == files[name]
         assert written[path]["permissions"] == f"{mode:04o}" and written[path]["owner"] == owner
     assert files["metrics.py"] == Path(gm.__file__).read_text()
-    names = json.loads(files["peers.json"])
+    names = json.loads(files["names.json"])
     assert names == {keys.peers[p.name].public: p.name for p in site.peers}
     assert ["systemctl", "enable", "--now", METRICS_UNIT] in doc["runcmd"]
     off = load_site(write(tmp_path, BASE))

@@ -162,7 +162,7 @@ def _metrics(site: Site, facts: dict[str, Any]) -> Check:
 
 def _routes(site: Site, facts: dict[str, Any]) -> Check:
     have = {(r.get("dst"), r.get("dev")) for r in facts["routes"]}
-    nets = [n for p in site.peers for n in p.networks]
+    nets = [n for p in site.peers if p.active for n in p.networks]
     missing = [str(n) for n in nets if (str(n), "wg0") not in have]
     if missing:
         return Check("routes", False, "no route via wg0 for " + ", ".join(missing))
@@ -176,6 +176,8 @@ def _handshakes(site: Site, keys: Keys, facts: dict[str, Any], required: set[str
     live = {p["public_key"]: p for p in facts["wg"].get("peers", [])}
     checks = []
     for p in site.peers:
+        if not p.active:
+            continue
         h = live.get(keys.peers[p.name].public)
         last = h["latest_handshake"] if h else 0
         age = now - last if last else None
@@ -189,6 +191,24 @@ def _handshakes(site: Site, keys: Keys, facts: dict[str, Any], required: set[str
             detail += " (informational)"
         checks.append(Check(f"handshake {p.name}", fresh or not must, detail))
     return checks
+
+
+def _peers_ok(site: Site) -> str:
+    active = sum(1 for p in site.peers if p.active)
+    off = len(site.peers) - active
+    return f"{active} peers as in the site file" + (
+        f", {off} disabled or expired and absent" if off else ""
+    )
+
+
+def _timer(facts: dict[str, Any]) -> Check:
+    """The appliance's own timer: without it expiries and endpoint names wait for a sync."""
+    state = facts.get("peers_timer")
+    if state is None:
+        return Check("peer timer", True, "not reported by this agent (informational)")
+    ok = state == "active"
+    detail = "expiry and endpoint names every 10 s" if ok else f"timer is {state or 'missing'}"
+    return Check("peer timer", ok, detail + ("" if ok else "; run `wg-appliance sync`"))
 
 
 def _resources(facts: dict[str, Any], local_time: float) -> Check:
@@ -227,8 +247,9 @@ def evaluate(
         Check(
             "peers",
             not drift,
-            "; ".join(drift) if drift else f"{len(site.peers)} peers as in the site file",
+            "; ".join(drift) if drift else _peers_ok(site),
         ),
+        _timer(facts),
         Check(
             "forwarding",
             v4 and v6,

@@ -7,7 +7,7 @@ import hashlib
 from typing import Any
 
 from builder.model.keys import Keys
-from builder.model.site import Site
+from builder.model.site import Peer, Site, expiry_text
 from builder.render.appliance import appliance_files
 from builder.render.libvirt_xml import META_DISK_GIB, META_MEMORY_MIB, META_VCPUS
 from builder.text import printable
@@ -16,15 +16,19 @@ VM_KEYS = {META_MEMORY_MIB: "memory_mib", META_VCPUS: "vcpus", META_DISK_GIB: "d
 
 
 def expected_peers(site: Site, keys: Keys) -> dict[str, dict[str, Any]]:
-    """The live peer set the site asks for, keyed by public key."""
+    """The live peer set the site asks for, keyed by public key: disabled and expired peers
+    are not in it."""
     out = {}
     for p in site.peers:
+        if not p.active:
+            continue
         pk = keys.peers[p.name]
         out[pk.public] = {
             "name": p.name,
             "allowed_ips": sorted(str(n) for n in p.allowed_ips),
             "psk_sha256": hashlib.sha256(pk.psk.encode()).hexdigest() if pk.psk else None,
-            "endpoint": str(p.endpoint) if p.endpoint else None,
+            "endpoint": str(p.endpoint) if p.endpoint and not p.dns_endpoint else None,
+            "port": p.endpoint.port if p.endpoint else None,
             "keepalive": p.keepalive or 0,
         }
     return out
@@ -47,13 +51,24 @@ def peer_drift(site: Site, keys: Keys, live: list[dict[str, Any]]) -> list[str]:
             diffs.append("preshared key differs")
         if w["endpoint"] and h["endpoint"] != w["endpoint"]:
             diffs.append(f"endpoint {h['endpoint']} != {w['endpoint']}")
+        elif w["port"] and not (h["endpoint"] or "").endswith(f":{w['port']}"):
+            # A name: the appliance holds whatever it resolved last; the port must agree.
+            diffs.append(f"endpoint {h['endpoint']} is not on port {w['port']}")
         if h["keepalive"] != w["keepalive"]:
             diffs.append(f"keepalive {h['keepalive']} != {w['keepalive']}")
         if diffs:
             drift.append(f"{w['name']}: " + "; ".join(diffs))
+    inactive = {keys.peers[p.name].public: p for p in site.peers if not p.active}
     for pub in have.keys() - want.keys():
-        drift.append(f"unknown peer {pub[:10]}... on the appliance (not in the site file)")
+        if pub in inactive:
+            drift.append(f"{inactive[pub].name}: {inactive_reason(inactive[pub])}, still on wg0")
+        else:
+            drift.append(f"unknown peer {pub[:10]}... on the appliance (not in the site file)")
     return drift
+
+
+def inactive_reason(p: Peer) -> str:
+    return "disabled" if not p.enabled else f"expired at {expiry_text(p.expires)}"
 
 
 def _sha(text: str) -> str:
@@ -92,6 +107,10 @@ def changes(site: Site, keys: Keys, facts: dict) -> list[str]:
         changes.append(f"firewall: ruleset for {site.wireguard.mode} mode")
     if have.get("sysctl") != _sha(files["sysctl"]):
         changes.append("forwarding settings")
+    if have.get("peers.json") != _sha(files["peers.json"]):
+        changes.append("peer expiry and endpoint names")
+    if any(have.get(k) != _sha(files[k]) for k in ("agent", "peers.service", "peers.timer")):
+        changes.append("the appliance's agent and its timer")
     if have.get("wg0.conf") != _sha(files["wg0.conf"]) and not changes:
         changes.append("wg0.conf (comments, port or MTU)")
     changes += metrics_changes(site, files, facts)
@@ -112,7 +131,7 @@ def metrics_changes(site: Site, files: dict[str, str], facts: dict) -> list[str]
         out.append(f"metrics: exporter unit (port {m.port})")
     if have.get("metrics.py") != _sha(files["metrics.py"]):
         out.append("metrics: exporter program")
-    if have.get("peers.json") != _sha(files["peers.json"]) and not out:
+    if have.get("names.json") != _sha(files["names.json"]) and not out:
         out.append("metrics: peer names")
     return out
 

@@ -9,17 +9,20 @@ from typing import Any
 
 from builder.checks.drift import peer_drift
 from builder.model.keys import Keys
-from builder.model.site import Site
+from builder.model.site import Peer, Site, expiry_text
 from builder.text import printable
 
 LIVE, MISSING, UNKNOWN = "live", "missing", "unknown"
+DISABLED, EXPIRED = "disabled", "expired"  # in the site, rightly absent from wg0
 
 
 @dataclass(frozen=True)
 class PeerStatus:
     name: str | None  # None: on wg0 but not in the site file
     public_key: str
-    state: str  # LIVE, MISSING (in the site, not on wg0) or UNKNOWN (on wg0, not in the site)
+    # LIVE, MISSING (in the site, not on wg0), UNKNOWN (on wg0, not in the site), or DISABLED
+    # or EXPIRED (in the site, rightly not on wg0)
+    state: str
     endpoint: str | None
     latest_handshake: int | None  # Unix seconds; None: never
     handshake_age_s: float | None
@@ -27,6 +30,9 @@ class PeerStatus:
     tx_bytes: int
     rx_rate: float | None  # bytes/s since the previous reading; None without one
     tx_rate: float | None
+    enabled: bool = True
+    expired: bool = False
+    expires: str | None = None  # UTC, e.g. 2026-12-31T00:00:00Z; None: never
 
 
 @dataclass(frozen=True)
@@ -40,10 +46,13 @@ class Status:
     def table(self) -> str:
         """The header and one line per peer; every value the guest sent is escaped."""
         rates = any(p.rx_rate is not None for p in self.peers)
+        expiry = any(p.expires for p in self.peers)
         head = ["NAME", "ENDPOINT", "HANDSHAKE", "RECEIVED", "SENT"]
-        rows = [_row(p, rates) for p in self.peers]
+        rows = [_row(p, rates, expiry) for p in self.peers]
         if rates:
             head += ["RX/s", "TX/s"]
+        if expiry:
+            head += ["EXPIRES"]
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
         lines = [header(self.appliance)]
         for r in [head, *rows]:
@@ -55,11 +64,20 @@ def _line(text: str) -> str:
     return printable(text, keep_newlines=False)
 
 
-def _row(p: PeerStatus, rates: bool) -> list[str]:
+NOTES = {MISSING: " (missing on the appliance)", DISABLED: " (disabled)", EXPIRED: " (expired)"}
+
+
+def _row(p: PeerStatus, rates: bool, expiry: bool = False) -> list[str]:
     if p.state == UNKNOWN:
         name = f"{_line(p.public_key)} (unknown)"
     else:
-        name = p.name + (" (missing on the appliance)" if p.state == MISSING else "")
+        name = f"{p.name}{NOTES.get(p.state, '')}"
+        if p.state == LIVE and not (p.enabled and not p.expired):
+            name += (
+                " (disabled in the site, still on wg0)"
+                if not p.enabled
+                else " (expired, still on wg0)"
+            )
     row = [
         name,
         _line(p.endpoint) if p.endpoint else "-",
@@ -69,6 +87,8 @@ def _row(p: PeerStatus, rates: bool) -> list[str]:
     ]
     if rates:
         row += [_rate(p.rx_rate), _rate(p.tx_rate)]
+    if expiry:
+        row += [p.expires or "-"]
     return row
 
 
@@ -135,9 +155,19 @@ def _rates(
 
 
 def _peer(
-    name: str | None, pub: str, live: dict | None, now: float, previous: Status | None
+    site_peer: Peer | None, pub: str, live: dict | None, now: float, previous: Status | None
 ) -> PeerStatus:
-    state = UNKNOWN if name is None else LIVE if live else MISSING
+    name = None if site_peer is None else site_peer.name
+    if site_peer is None:
+        state = UNKNOWN
+    elif live:
+        state = LIVE
+    elif not site_peer.enabled:
+        state = DISABLED
+    elif site_peer.expired:
+        state = EXPIRED
+    else:
+        state = MISSING
     live = live or {"endpoint": None, "latest_handshake": 0, "rx": 0, "tx": 0}
     last = live["latest_handshake"] or None
     rx, tx = live["rx"], live["tx"]
@@ -153,6 +183,9 @@ def _peer(
         tx_bytes=tx,
         rx_rate=rx_rate,
         tx_rate=tx_rate,
+        enabled=site_peer is None or site_peer.enabled,
+        expired=site_peer is not None and site_peer.expired,
+        expires=None if site_peer is None else expiry_text(site_peer.expires) or None,
     )
 
 
@@ -166,7 +199,7 @@ def view(site: Site, keys: Keys, facts: dict[str, Any], previous: Status | None 
     peers = []
     for p in site.peers:
         pub = keys.peers[p.name].public
-        peers.append(_peer(p.name, pub, live.pop(pub, None), now, previous))
+        peers.append(_peer(p, pub, live.pop(pub, None), now, previous))
     peers += [_peer(None, pub, h, now, previous) for pub, h in live.items()]
     drift = peer_drift(site, keys, live_peers)
     appliance = {

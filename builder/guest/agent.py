@@ -10,6 +10,11 @@ ARG is JSON: {"gateway": "192.168.1.1", "metrics": "http://192.168.1.50:9586/met
 JSON document: time, uptime, kernel, os (PRETTY_NAME of /etc/os-release), the image's recipe
 digest and wg0's dump.
 
+`peers` (the appliance's own timer, every 10 s, and once at boot before wg0): removes the
+peers whose expiry in wg0.peers.json has come from wg0.conf, that file and the live wg0,
+and re-resolves the endpoint names of peers whose handshake is older than 135 s through the
+site's DNS servers. It needs no workstation; its one JSON line goes to the journal.
+
 `sync` (sync): prints the light facts (peers, file digests, addresses, whether the metrics
 exporter is enabled) as one JSON line, then reads one line from stdin: empty means nothing to
 do; otherwise one text per FILES key, "mtu": int and "metrics": bool (the exporter enabled
@@ -46,13 +51,22 @@ FILES = {
     "sysctl": ("/etc/sysctl.d/90-wg-appliance.conf", "root:root", 0o644),
     "metrics.py": ("/usr/local/lib/wg-appliance/metrics.py", "root:root", 0o644),
     "metrics.service": ("/etc/systemd/system/wg-appliance-metrics.service", "root:root", 0o644),
-    "peers.json": ("/etc/wg-appliance/peers.json", "root:root", 0o644),
+    "names.json": ("/etc/wg-appliance/peers.json", "root:root", 0o644),
+    "peers.json": ("/etc/wireguard/wg0.peers.json", "root:root", 0o600),
+    "agent": ("/usr/local/sbin/wg-appliance-agent", "root:root", 0o755),
+    "peers.service": ("/etc/systemd/system/wg-appliance-peers.service", "root:root", 0o644),
+    "peers.timer": ("/etc/systemd/system/wg-appliance-peers.timer", "root:root", 0o644),
 }
 # The exporter's unit; enabled means its link in multi-user.target.wants exists.
 METRICS_UNIT = "wg-appliance-metrics.service"
 METRICS_WANTS = "/etc/systemd/system/multi-user.target.wants/" + METRICS_UNIT
 # Written by the image build: the recipe digest the image was made from.
 IMAGE_FILE = "/etc/wg-appliance/image"
+UNITS = ("peers.service", "peers.timer")
+TIMER = "wg-appliance-peers.timer"
+# wireguard-tools' reresolve-dns: a handshake older than this is stale (REKEY_AFTER_TIME
+# 120 s plus a margin).
+STALE_HANDSHAKE_S = 135
 
 
 # --- probe ------------------------------------------------------------------------------
@@ -185,6 +199,7 @@ def facts(args):
         "gateway": ping(args["gateway"]) if args.get("gateway") else None,
         "files": files(),
         "addresses": addresses(),
+        "peers_timer": sh("systemctl", "is-active", TIMER)["out"].strip(),
         "disk_free": st.f_bavail * st.f_frsize,
         "disk_total": st.f_blocks * st.f_frsize,
         "mem_available": meminfo.get("MemAvailable", 0),
@@ -236,6 +251,155 @@ def status():
         "image": read(IMAGE_FILE).strip(),
         "wg": wg_dump(),
     }
+
+
+# --- peers: expiry and endpoint names, run by the appliance's timer ---------------------
+
+
+def peers_text(doc):
+    """wg0.peers.json as rendered and as rewritten here: the same bytes for the same peers,
+    so an appliance that removed an expired peer matches a render made after the expiry."""
+    return json.dumps(doc, indent=1) + "\n"
+
+
+def drop_peers(conf, public_keys):
+    """wg0.conf without the [Peer] blocks of these keys. Each block is rendered on its own
+    (a blank line, `[Peer]`, its keys), so the rest stays byte for byte."""
+    head, *blocks = conf.split("\n[Peer]\n")
+    kept = [b for b in blocks if not any(f"PublicKey = {k}\n" in b + "\n" for k in public_keys)]
+    return "\n[Peer]\n".join([head, *kept])
+
+
+def _skip_name(data, pos):
+    while True:
+        n = data[pos]
+        if n & 0xC0 == 0xC0:
+            return pos + 2
+        if n == 0:
+            return pos + 1
+        pos += n + 1
+
+
+def dns_query(host, server, qtype, timeout=2.0, port=53):
+    """One A (1) or AAAA (28) query over UDP to `server`: the site's own DNS servers, not a
+    resolver cache that may still hold the old address. The first answer, or None."""
+    ident = struct.unpack("!H", os.urandom(2))[0]
+    qname = b"".join(bytes([len(x)]) + x.encode() for x in host.rstrip(".").split("."))
+    query = struct.pack("!HHHHHH", ident, 0x0100, 1, 0, 0, 0) + qname + b"\0"
+    query += struct.pack("!HH", qtype, 1)
+    family = socket.AF_INET6 if ":" in server else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.sendto(query, (server, port))
+            data = s.recv(4096)
+        except OSError:
+            return None
+    try:
+        rid, flags, qd, an = struct.unpack("!HHHH", data[:8])
+        if rid != ident or not flags & 0x8000 or flags & 0xF:
+            return None
+        pos = 12
+        for _ in range(qd):
+            pos = _skip_name(data, pos) + 4
+        for _ in range(an):
+            pos = _skip_name(data, pos)
+            rtype, rclass, _, size = struct.unpack("!HHIH", data[pos : pos + 10])
+            pos += 10
+            if rtype == qtype and rclass == 1 and size in (4, 16):
+                af = socket.AF_INET if size == 4 else socket.AF_INET6
+                return socket.inet_ntop(af, data[pos : pos + size])
+            pos += size
+    except (struct.error, IndexError):
+        return None
+    return None
+
+
+def resolve(host, servers):
+    """An address for `host` from the site's DNS servers (A first, then AAAA), or from the
+    system resolver when the site names none."""
+    for server in servers:
+        for qtype in (1, 28):
+            addr = dns_query(host, server, qtype)
+            if addr:
+                return addr
+    if not servers:
+        try:
+            return socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)[0][4][0]
+        except (OSError, IndexError):
+            return None
+    return None
+
+
+def live_table(system, what):
+    """`wg show wg0 WHAT` as {public key: value}; {} when wg0 is not up (at boot)."""
+    try:
+        out = system.run("wg", "show", "wg0", what)
+    except Failed:
+        return None
+    return dict(line.split("\t", 1) for line in out.splitlines() if "\t" in line)
+
+
+def expire(doc, now, system):
+    """Remove the peers whose time has come: wg0.conf first, then wg0.peers.json, then the
+    live interface, so a crash in between leaves the next run the same work to finish."""
+    gone = [p for p in doc["peers"] if p.get("expires") is not None and p["expires"] <= now]
+    if not gone:
+        return []
+    keys = {p["public_key"] for p in gone}
+    path, _, mode = FILES["wg0.conf"]
+    have = system.read(path)
+    if have is not None:
+        conf = have["data"].decode("utf-8", "surrogateescape")
+        system.write(path, drop_peers(conf, keys).encode("utf-8", "surrogateescape"), mode)
+    rest = {**doc, "peers": [p for p in doc["peers"] if p["public_key"] not in keys]}
+    path, _, mode = FILES["peers.json"]
+    system.write(path, peers_text(rest).encode(), mode)
+    live = live_table(system, "allowed-ips")
+    if live is not None:
+        for key in sorted(keys & live.keys()):
+            system.run("wg", "set", "wg0", "peer", key, "remove")
+        for net in sorted(current_routes(system) - wanted_routes(system)):
+            del_route(system, net)
+    return sorted(p["name"] for p in gone)
+
+
+def reresolve(doc, now, system):
+    """Peers with a name for an endpoint and a stale handshake get that name's address now."""
+    named = [p for p in doc["peers"] if p.get("endpoint")]
+    shakes = live_table(system, "latest-handshakes") if named else None
+    if not shakes:
+        return []
+    endpoints = live_table(system, "endpoints") or {}
+    moved = []
+    for p in named:
+        key = p["public_key"]
+        if key not in shakes or now - int(shakes[key]) <= STALE_HANDSHAKE_S:
+            continue
+        host, _, port = p["endpoint"].rpartition(":")
+        addr = resolve(host, doc.get("dns", []))
+        if addr is None:
+            continue
+        endpoint = f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+        if endpoints.get(key) != endpoint:
+            system.run("wg", "set", "wg0", "peer", key, "endpoint", endpoint)
+            if p.get("address"):
+                system.poke(p["address"])
+            moved.append(f"{p['name']} {endpoint}")
+    return moved
+
+
+def peers_tick(system, now=None):
+    """What the timer runs: expiry, then stale endpoints."""
+    have = system.read(FILES["peers.json"][0])
+    if have is None:
+        return {"expired": [], "reresolved": []}
+    doc = json.loads(have["data"])
+    now = time.time() if now is None else now
+    expired = expire(doc, now, system)
+    if expired:
+        doc = json.loads(system.read(FILES["peers.json"][0])["data"])
+    return {"expired": expired, "reresolved": reresolve(doc, now, system)}
 
 
 # --- sync -------------------------------------------------------------------------------
@@ -299,6 +463,13 @@ class System:
     def enabled(self, unit):
         """A unit of ours is enabled when its multi-user.target.wants link exists."""
         return os.path.lexists("/etc/systemd/system/multi-user.target.wants/" + unit)
+
+    def poke(self, address):
+        """One empty UDP datagram into the tunnel to `address` (the discard port): wg0 then
+        starts a handshake at once instead of at the next keepalive or retry."""
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as s, contextlib.suppress(OSError):
+            s.sendto(b"", (address, 9))
 
 
 WG_QUICK_KEYS = {
@@ -416,6 +587,7 @@ def capture(new, system):
         "mtu": int(mtu["data"]),
         "routes": sorted(current_routes(system)),
         "metrics": system.enabled(METRICS_UNIT),
+        "units": units_changed(new, system),
     }
     if files["nftables.conf"] is None:
         old["ruleset"] = system.run("nft", "list", "ruleset")
@@ -424,9 +596,23 @@ def capture(new, system):
     return old
 
 
+def units_changed(new, system):
+    """Whether the timer's units differ from what is installed (then systemd reloads)."""
+    for key in UNITS:
+        have = system.read(FILES[key][0])
+        if have is None or have["data"] != new[key].encode():
+            return True
+    return False
+
+
 def apply(new, system, old):
+    reload = units_changed(new, system)
     for key, (path, _, mode) in FILES.items():
         system.write(path, new[key].encode(), mode)
+    if reload:
+        system.run("systemctl", "daemon-reload")
+        system.run("systemctl", "enable", FILES["peers.service"][0].rsplit("/", 1)[1])
+        system.run("systemctl", "enable", "--now", TIMER)
     system.run("sysctl", "--load", FILES["sysctl"][0])
     system.run("nft", "--file", FILES["nftables.conf"][0])
     system.run("wg", "syncconf", "wg0", "/dev/stdin", input=strip(new["wg0.conf"]))
@@ -500,7 +686,7 @@ def rollback(old, system):
         attempt(path, restore_file, system, path, old["files"][key])
     if old["metrics"]:
         attempt("metrics exporter", set_metrics, system, True, True)
-    else:
+    elif old.get("units"):
         attempt("systemd units", system.run, "systemctl", "daemon-reload")
     for key, value in old["sysctl"].items():
         attempt(f"sysctl {key}", system.run, "sysctl", "-q", "-w", f"{key}={value}")
@@ -570,8 +756,10 @@ def main():
         json.dump(status(), sys.stdout)
     elif mode == "sync":
         sync()
+    elif mode == "peers":
+        print(json.dumps(peers_tick(System())), flush=True)
     else:
-        sys.exit(f"usage: agent probe ARG | agent status | agent sync (not {mode!r})")
+        sys.exit(f"usage: agent probe ARG | agent status | agent sync | agent peers (not {mode!r})")
 
 
 if __name__ == "__main__":

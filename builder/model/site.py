@@ -20,7 +20,8 @@ import re
 import stat
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import UTC, date, datetime
 from functools import cache
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
 from pathlib import Path
@@ -131,6 +132,22 @@ class WireGuard:
 
 
 @dataclass(frozen=True)
+class Allow:
+    """One destination a restricted peer may reach: a network, optionally one protocol and
+    a port range (lo == hi for a single port)."""
+
+    network: IPNetwork
+    proto: str | None = None
+    ports: tuple[int, int] | None = None
+
+    def __str__(self) -> str:
+        if self.proto is None or self.ports is None:
+            return str(self.network)
+        lo, hi = self.ports
+        return f"{self.network} {self.proto}/{lo}" + (f"-{hi}" if hi != lo else "")
+
+
+@dataclass(frozen=True)
 class Peer:
     name: str
     addresses: tuple[IPInterface, ...]
@@ -139,11 +156,25 @@ class Peer:
     endpoint: Endpoint | None
     keepalive: int | None
     preshared_key: bool
+    enabled: bool = True
+    expires: datetime | None = None  # aware, in UTC
+    allow: tuple[Allow, ...] | None = None  # None: everything the site routes
+    expired: bool = False  # expires was past when the site was loaded
 
     @property
     def is_site(self) -> bool:
         """A site-to-site peer has networks behind it; a road warrior has none."""
         return bool(self.networks)
+
+    @property
+    def active(self) -> bool:
+        """On the live interface: enabled and not expired when the site was loaded."""
+        return self.enabled and not self.expired
+
+    @property
+    def dns_endpoint(self) -> bool:
+        """An endpoint given by name, which the appliance resolves again when stale."""
+        return self.endpoint is not None and is_dns_name(self.endpoint.host)
 
     @property
     def allowed_ips(self) -> tuple[IPNetwork, ...]:
@@ -183,6 +214,20 @@ class Site:
 
     def default_state_dir(self) -> Path:
         return self.path.parent / ".wg-appliance" / self.name
+
+    def warnings(self) -> list[str]:
+        """What is not an error but changes what is rendered, one line each."""
+        return [
+            f"{self.path}: peers[{i}].expires: {expiry_text(p.expires)} is past: "
+            f"peer {p.name!r} is rendered disabled"
+            for i, p in enumerate(self.peers)
+            if p.expired and p.enabled and p.expires is not None
+        ]
+
+
+def expiry_text(moment: datetime | None) -> str:
+    """An expiry as README and status show it: UTC, to the second."""
+    return "" if moment is None else moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # --- field parsers: each takes (value, ctx) and returns the typed value ---------------------
@@ -627,6 +672,59 @@ def _local_file(value: Any, ctx: _Ctx, key: str) -> Path:
     return path if path.is_absolute() else ctx.base / path
 
 
+def _expires(value: Any, ctx: _Ctx, key: str) -> datetime:
+    """A TOML date (00:00 UTC that day) or offset date-time; a local date-time is refused,
+    since the appliance and the workstation may be in different zones."""
+    example = "e.g. 2026-12-31 or 2026-12-31T18:00:00+01:00, unquoted"
+    if isinstance(value, datetime):
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ctx.fail(
+                key, f"{value.isoformat()} has no zone: add an offset (+01:00) or Z for UTC"
+            )
+        return value.astimezone(UTC)
+    if isinstance(value, date):
+        return datetime(value.year, value.month, value.day, tzinfo=UTC)
+    raise ctx.fail(
+        key, f"expected a TOML date or offset date-time ({example}), got " + _type_name(value)
+    )
+
+
+ALLOW_PORTS_RE = re.compile(r"(tcp|udp)/(\d{1,5})(?:-(\d{1,5}))?")
+
+
+def _allow(value: Any, ctx: _Ctx, key: str) -> Allow:
+    """`ADDRESS[/PREFIX] [tcp|udp/PORT[-PORT]]`: one destination of a restricted peer."""
+    value = _str(value, ctx, key)
+    parts = value.split(" ")
+    if len(parts) > 2 or "" in parts:
+        raise ctx.fail(
+            key,
+            f"{value!r} is not 'ADDRESS[/PREFIX]' with an optional ' tcp/PORT', "
+            "' udp/PORT' or ' tcp/PORT-PORT'",
+        )
+    text = _addr_text(parts[0], ctx, key, "address or network")
+    if "/" in text:
+        network = _network(text, ctx, key)
+    else:
+        try:
+            network = ipaddress.ip_network(text)
+        except ValueError:
+            raise ctx.fail(key, f"{text!r} is not a valid address or network") from None
+    if len(parts) == 1:
+        return Allow(network)
+    m = ALLOW_PORTS_RE.fullmatch(parts[1])
+    if not m:
+        raise ctx.fail(key, f"{parts[1]!r} is not tcp/PORT, udp/PORT or a range like tcp/8000-8080")
+    lo = int(m.group(2))
+    hi = int(m.group(3)) if m.group(3) else lo
+    for port in (lo, hi):
+        if not 1 <= port <= 65535:
+            raise ctx.fail(key, f"port {port} is out of range (1..65535)")
+    if lo > hi:
+        raise ctx.fail(key, f"port range {lo}-{hi} runs backwards (write {hi}-{lo})")
+    return Allow(network, m.group(1), (lo, hi))
+
+
 REQUIRED = object()
 
 
@@ -688,6 +786,9 @@ FIELDS: dict[str, tuple[Field, ...]] = {
         Field("endpoint", _endpoint, None, "where the appliance dials this peer"),
         Field("keepalive", _int_range(0, 65535), None, "PersistentKeepalive seconds"),
         Field("preshared_key", _typed(bool, "a boolean"), True, "add a preshared key"),
+        Field("enabled", _typed(bool, "a boolean"), True, "false: keys kept, not on wg0"),
+        Field("expires", _expires, None, "date or offset date-time the appliance removes it"),
+        Field("allow", _list_only(_allow), None, "destinations it may reach; absent: all"),
     ),
     "metrics": (
         Field("enabled", _typed(bool, "a boolean"), False, "serve Prometheus metrics"),
@@ -728,8 +829,9 @@ def default_mac(name: str) -> str:
     return ":".join(f"{b:02x}" for b in h)
 
 
-def load_site(path: str | Path) -> Site:
-    """Read and validate a site file. Raises InputError naming the file and key path."""
+def load_site(path: str | Path, now: datetime | None = None) -> Site:
+    """Read and validate a site file. Raises InputError naming the file and key path.
+    Peers whose `expires` is before `now` (default: this moment) are marked expired."""
     path = Path(path)
     file = str(path)
     if not path.exists() and not path.is_symlink():
@@ -748,10 +850,10 @@ def load_site(path: str | Path) -> Site:
     except ValueError as e:
         # tomllib lets int() refuse numbers of more than 4300 digits with a plain ValueError.
         raise InputError(file, "", f"a value cannot be read: {str(e)[:80]}") from None
-    return parse_site(data, path)
+    return parse_site(data, path, now)
 
 
-def parse_site(data: dict[str, Any], path: Path) -> Site:
+def parse_site(data: dict[str, Any], path: Path, now: datetime | None = None) -> Site:
     ctx = _Ctx(str(path), path.parent)
     sections = list(FIELDS)
     for key in data:
@@ -791,6 +893,11 @@ def parse_site(data: dict[str, Any], path: Path) -> Site:
     peers = tuple(_peer(p, i, ctx) for i, p in enumerate(raw_peers))
     _check_peers(peers, wg, lan, ctx)
     metrics = _metrics(_section(data.get("metrics", {}), "metrics", ctx, "metrics"), lan, ctx)
+    moment = now or datetime.now(UTC)
+    peers = tuple(
+        replace(p, expired=True) if p.expires is not None and p.expires <= moment else p
+        for p in peers
+    )
 
     return Site(
         path=path,
@@ -881,7 +988,20 @@ def _check_peers(peers: tuple[Peer, ...], wg: WireGuard, lan: Lan, ctx: _Ctx) ->
             if n.overlaps(lan.address.network):
                 raise ctx.fail(key, f"{n} overlaps the LAN subnet {lan.address.network}")
             nets.append((n, key))
+        _check_allow(p, i, ctx)
     _check_disjoint(nets, ctx)
+
+
+def _check_allow(p: Peer, i: int, ctx: _Ctx) -> None:
+    """An allowed destination of a family the peer has no address of would never match."""
+    families = {a.version for a in p.addresses}
+    for j, a in enumerate(p.allow or ()):
+        if a.network.version not in families:
+            raise ctx.fail(
+                f"peers[{i}].allow[{j}]",
+                f"{a.network} is IPv{a.network.version}, but {p.name!r} has no "
+                f"IPv{a.network.version} address",
+            )
 
 
 def _check_disjoint(nets: list[tuple[IPNetwork, str]], ctx: _Ctx) -> None:

@@ -10,8 +10,9 @@ from pathlib import Path
 import jinja2
 
 from builder.errors import RenderError
+from builder.guest import agent as guest_agent
 from builder.guest.agent import FILES as GUEST_FILES
-from builder.guest.agent import IMAGE_FILE, METRICS_UNIT
+from builder.guest.agent import IMAGE_FILE, METRICS_UNIT, peers_text
 from builder.model.keys import Keys
 from builder.model.site import CONTROL_RE, Peer, Site
 from builder.resources import data_dir
@@ -61,7 +62,57 @@ def render_wg_conf(site: Site, keys: Keys) -> str:
 
 
 def render_nftables(site: Site) -> str:
-    return _render("nftables.conf.j2", site=site)
+    return _render("nftables.conf.j2", site=site, peer_rules=peer_rules(site))
+
+
+def peer_rules(site: Site) -> list[str]:
+    """Forward rules of the peers with an `allow` list: what they may reach, then a drop for
+    the rest of what they send. A peer is known by its source address, which WireGuard
+    guarantees is one of its AllowedIPs; answers pass the chain's established rule."""
+    rules = []
+    for p in site.peers:
+        if not p.active or p.allow is None:
+            continue
+        rules.append(f"# {p.name}: only what its allow list names")
+        for version, family in ((4, "ip"), (6, "ip6")):
+            sources = [str(n) for n in p.allowed_ips if n.version == version]
+            if not sources:
+                continue
+            src = sources[0] if len(sources) == 1 else "{ " + ", ".join(sources) + " }"
+            match = f'iifname "wg0" {family} saddr {src}'
+            for a in p.allow:
+                if a.network.version != version:
+                    continue
+                rule = f"{match} {family} daddr {a.network}"
+                if a.proto is not None and a.ports is not None:
+                    lo, hi = a.ports
+                    rule += f" {a.proto} dport {lo}" + (f"-{hi}" if hi != lo else "")
+                rules.append(rule + " accept")
+            rules.append(f"{match} drop")
+    return rules
+
+
+def render_peers_json(site: Site, keys: Keys) -> str:
+    """What the appliance's timer acts on without a workstation: the expiry of each peer
+    that has one and the endpoint names to re-resolve, with the site's DNS servers."""
+    peers = []
+    for p in site.peers:
+        if not p.active:
+            continue
+        entry: dict[str, object] = {}
+        if p.expires is not None:
+            entry["expires"] = int(p.expires.timestamp())
+        if p.dns_endpoint:
+            entry["endpoint"] = str(p.endpoint)
+            entry["address"] = str(p.addresses[0].ip)  # poked after a new endpoint
+        if entry:
+            peers.append({"name": p.name, "public_key": keys.peers[p.name].public, **entry})
+    return peers_text({"dns": [str(d) for d in site.lan.dns], "peers": peers})
+
+
+@cache
+def agent_source() -> str:
+    return Path(guest_agent.__file__).read_text()
 
 
 def render_sysctl(site: Site) -> str:
@@ -74,7 +125,7 @@ def render_metrics_unit(site: Site) -> str:
         "metrics.service.j2",
         site=site,
         program=GUEST_FILES["metrics.py"][0],
-        names=GUEST_FILES["peers.json"][0],
+        names=GUEST_FILES["names.json"][0],
         image=IMAGE_FILE,
     )
 
@@ -100,7 +151,11 @@ def appliance_files(site: Site, keys: Keys) -> dict[str, str]:
         "sysctl": render_sysctl(site),
         "metrics.py": exporter_program(),
         "metrics.service": render_metrics_unit(site),
-        "peers.json": render_peer_names(site, keys),
+        "names.json": render_peer_names(site, keys),
+        "peers.json": render_peers_json(site, keys),
+        "agent": agent_source(),
+        "peers.service": _render("peers.service.j2", agent=GUEST_FILES["agent"][0]),
+        "peers.timer": _render("peers.timer.j2"),
     }
 
 
@@ -112,6 +167,7 @@ def render_seed(site: Site, keys: Keys) -> dict[str, str]:
         site=site,
         keys=keys,
         guest_files=GUEST_FILES,
+        guest_agent=guest_agent,
         files=appliance_files(site, keys),
         static_files={path: (src.read_text(), mode) for path, (src, mode) in STATIC_FILES.items()},
         metrics_unit=METRICS_UNIT,

@@ -110,25 +110,25 @@ def site_keys(site_dir):
     return site, State.for_site(site).keys_for(site)
 
 
+def live_peer(p, pk, handshake: int, endpoint: str | None = None) -> dict:
+    """One peer of `wg show wg0 dump` as the agent reports it, for site peer `p`."""
+    return {
+        "public_key": pk.public,
+        "psk_sha256": hashlib.sha256(pk.psk.encode()).hexdigest() if pk.psk else None,
+        "endpoint": endpoint,
+        "allowed_ips": sorted(str(n) for n in p.allowed_ips),
+        "latest_handshake": handshake,
+        "rx": 1,
+        "tx": 1,
+        "keepalive": p.keepalive or 0,
+    }
+
+
 @pytest.fixture
 def facts(site_keys):
     """What a healthy appliance reports."""
     site, keys = site_keys
-    peers = []
-    for p in site.peers:
-        pk = keys.peers[p.name]
-        peers.append(
-            {
-                "public_key": pk.public,
-                "psk_sha256": hashlib.sha256(pk.psk.encode()).hexdigest() if pk.psk else None,
-                "endpoint": None,
-                "allowed_ips": sorted(str(n) for n in p.allowed_ips),
-                "latest_handshake": int(NOW - 30),
-                "rx": 1,
-                "tx": 1,
-                "keepalive": p.keepalive or 0,
-            }
-        )
+    peers = [live_peer(p, keys.peers[p.name], int(NOW - 30)) for p in site.peers]
     # `nft list ruleset` prints rules as the conf file writes them, indented.
     return {
         "time": NOW,
@@ -156,4 +156,5 @@ def facts(site_keys):
             "enabled": site.metrics.enabled,
             "scrape": {"status": 200, "lines": 40, "peers": len(peers), "seconds": 0.1},
         },
+        "peers_timer": "active",
     }
