@@ -187,6 +187,8 @@ def guest(absent=(), exporter_on=False, **kwargs) -> FakeSystem:
         EXPORTER: entry("print('old exporter')\n"),
         UNIT: entry("[Service]\nExecStart=old\n"),
         NAMES: entry("{}\n"),
+        # The peer timer's units as NEW has them: a sync that leaves them reloads nothing.
+        **{ga.FILES[k][0]: entry(NEW[k]) for k in ga.UNITS},
     }
     for path in absent:
         del files[path]
