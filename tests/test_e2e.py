@@ -770,6 +770,11 @@ def test_synced_state_survives_reboot(net, appliance_image, site):
     assert seed_source(_xml())[1] is None, "it booted without the seed"
     deploy = cli(net, *_deploy_args(site, appliance_image))
     assert "up to date" in deploy.stdout, "sync must leave deploy nothing to do"
+    # Booted without its seed and with cloud-init off, the appliance still takes a sync.
+    site.write_text(site.read_text().replace(_peer_block("tablet", "10.77.0.6/32"), ""))
+    r = cli(net, "sync", "--site", str(site))
+    assert r.returncode == 0 and "1 change(s)" in r.stdout, r.stdout + r.stderr
+    assert cli(net, "verify", "--site", str(site)).returncode == 0
 
 
 def test_destroy_leaves_nothing(net, site):
