@@ -345,7 +345,7 @@ def test_host_key_is_checked_never_learned(lab, ipf, host, tmp_path):
     good = known.read_text()
     known.write_text("")
     r = cli(lab, host, site, *ssh_args())
-    assert r.returncode == 3 and "not in known_hosts" in r.stderr, r.stderr
+    assert r.returncode == 3 and "unknown host key" in r.stderr, r.stderr
     assert known.read_text() == "", "the key must not be learned"
     fp = ipf.host_fingerprint(host)
     r = cli(lab, host, site, *ssh_args("--host-key", fp, "--json"))
