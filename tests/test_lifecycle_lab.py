@@ -21,12 +21,15 @@ import pytest
 from tests import test_e2e as e2e
 from tests.lab import lab as L
 from tests.lab.clients import PeerAddressServer, WgClient, ping, tcp_source_seen
+from tests.lab.host_sshd import URI as HOST_URI
 from tests.lab.internet import BLAN_HOST, BRANCH_NS, RW_NS
 from tests.test_e2e import APPLIANCE, _client, _deploy_args, _ssh, cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.root, pytest.mark.vm]
 # The lab's RED side and the client bookkeeping, as test_e2e sets them up and tears them down.
 net, clients = e2e.net, e2e.clients
+# The host's sshd on GREEN: the tool reaches libvirtd only through it, as in test_e2e.
+host_sshd = e2e.host_sshd
 
 OFF_NS, TEMP_NS = "wgl-rw3", "wgl-rw4"
 BRANCH_NAME = "branch.lab.test"
@@ -107,11 +110,15 @@ MASQ = ["POSTROUTING", "-o", "red0", "-j", "MASQUERADE"]
 
 
 @pytest.fixture(scope="module")
-def life(net, tmp_path_factory):
+def life(net, host_sshd, tmp_path_factory):
     """The lab as this module needs it: GREEN leaves RED masqueraded (as IPFire does), so
     the appliance can dial the branch; dnsmasq names it; two more road-warrior hosts."""
     d = tmp_path_factory.mktemp("lifecycle")
-    (d / "site.toml").write_text(SITE)
+    host = (
+        f'\n[host]\nuri = "{HOST_URI}"\nhost_key = "{host_sshd.fingerprint()}"\n'
+        f'ssh_key = "{host_sshd.identity}"\n'
+    )
+    (d / "site.toml").write_text(SITE + host)
     net.exec(L.HOST_NS, ["iptables", "-t", "nat", "-A", *MASQ])
     dns = Dns(net)
     dns.serve(OLD_BRANCH)
