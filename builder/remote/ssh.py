@@ -15,6 +15,7 @@ import base64
 import hashlib
 import io
 import logging
+import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -138,11 +139,19 @@ def _open(
         raise ConnectError(f"{where}: authentication failed {words.auth}") from None
     except (paramiko.SSHException, OSError, EOFError) as e:
         client.close()
-        refused = isinstance(e, paramiko.ssh_exception.NoValidConnectionsError)
-        reason = "connection refused" if refused else f"{e or type(e).__name__}"
+        reason = _reason(e)
         if words.host:
             raise HostUnreachable(f"{where}: cannot connect: {reason}", words.unreachable) from None
         raise ConnectError(f"{where}: cannot connect: {reason} ({words.unreachable})") from None
+
+
+def _reason(e: BaseException) -> str:
+    """What went wrong, in the words of the socket errors behind it (paramiko wraps
+    "connection refused" and "no route to host" alike)."""
+    if isinstance(e, paramiko.ssh_exception.NoValidConnectionsError):
+        found = {os.strerror(x.errno).lower() for x in e.errors.values() if x.errno}
+        return "; ".join(sorted(found)) or "no connection"
+    return f"{e or type(e).__name__}"
 
 
 def connect(target: Target, timeout: float = 10.0) -> paramiko.SSHClient:
