@@ -22,7 +22,7 @@ from tests.lab.lab import (
     Lab,
 )
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.slow]  # it brings the machine-wide lab up and down
 
 
 def test_green_is_a_bridge_in_the_host(lab: Lab) -> None:
