@@ -328,15 +328,9 @@ def _deploy_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--replace",
         action="store_true",
-        help="recreate the VM when the site changed (keys are kept)",
+        help="hand over to a new VM when the site changed (keys kept, as `upgrade` does)",
     )
-    p.add_argument(
-        "--timeout",
-        type=float,
-        default=900.0,
-        metavar="S",
-        help="how long to wait for the appliance's SSH (default 900)",
-    )
+    _timeout_argument(p)
 
 
 @command(
@@ -385,6 +379,77 @@ def cmd_up(args: argparse.Namespace) -> int:
     )
     print(f"client config: wg-appliance peer-config --site {args.site} PEER --qr -")
     return 0 if report.ok else 1
+
+
+def _upgrade_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--image", metavar="FILE", help="a built qcow2 (default: build or reuse the cached one)"
+    )
+    p.add_argument("--prune", action="store_true", help="remove the previous appliance afterwards")
+    _timeout_argument(p)
+
+
+def _timeout_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=900.0,
+        metavar="S",
+        help="how long to wait for the new appliance's first boot (default 900)",
+    )
+
+
+def _print_handover(args: argparse.Namespace, done) -> None:
+    if args.json:
+        print(json.dumps(asdict(done)))
+        return
+    print(f"{done.name}: {done.outcome}; {done.domain} serves at {done.address}")
+    if done.outage_s is not None:
+        print(
+            f"outage as seen from here: {done.outage_s:.1f}s (old link down until the new "
+            f"appliance answered SSH); handshakes started for {done.kicked} peers"
+        )
+    if done.previous:
+        print(f"previous: {done.previous} (stopped; `wg-appliance rollback` returns to it)")
+    for line in done.removed:
+        print(f"removed: {line}")
+
+
+@command(
+    "upgrade",
+    "move the appliance to a new image, memory, vCPUs or disk without dropping tunnels",
+    "wg-appliance upgrade --site site.toml --image build/wg-appliance.qcow2",
+    _upgrade_arguments,
+    json=RESULT,
+    host=True,
+)
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    """A new appliance is booted and checked beside the old one, then takes over."""
+    from builder.handover import upgrade
+
+    site, state = _site_and_state(args)
+    progress = Progress(quiet=args.json)
+    image = _image_for(args, progress)
+    done = upgrade(site, state, image, progress, _access(args, site), args.prune, args.timeout)
+    _print_handover(args, done)
+    return 0
+
+
+@command(
+    "rollback",
+    "return to the appliance an upgrade replaced, by the same handover",
+    "wg-appliance rollback --site site.toml",
+    _timeout_argument,
+    json=RESULT,
+    host=True,
+)
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from builder.handover import rollback
+
+    site, state = _site_and_state(args)
+    done = rollback(site, state, Progress(quiet=args.json), _access(args, site), args.timeout)
+    _print_handover(args, done)
+    return 0
 
 
 def _destroy_arguments(p: argparse.ArgumentParser) -> None:

@@ -20,6 +20,7 @@ from builder.model.login import HostAccess
 from builder.model.site import Site
 from builder.remote import libvirtd as lh
 from builder.remote.appliance import sync_channel
+from builder.remote.slots import active_domain
 from builder.render.appliance import appliance_files, render_seed, seed_digest
 from builder.render.libvirt_xml import META_SEED_DIGEST
 from builder.text import printable
@@ -44,7 +45,7 @@ def _metadata(site: Site, access: HostAccess | None):
         raise
     except ApplianceError:
         return None, None
-    dom = lh.find_domain(conn, site.name)
+    dom = active_domain(conn, site.name)
     return conn, (lh.domain_metadata(dom) if dom is not None else None)
 
 
@@ -117,7 +118,7 @@ def failure(result: dict) -> str:
 
 def _record_seed(conn, site: Site, keys: Keys) -> None:
     """Record the synced seed digest, so `deploy` sees the appliance as up to date."""
-    dom = lh.find_domain(conn, site.name)
+    dom = active_domain(conn, site.name)
     if dom is None:
         return
     meta = lh.domain_metadata(dom) or {}

@@ -15,6 +15,7 @@ from builder.model.login import HostAccess
 from builder.model.site import Site
 from builder.remote import libvirtd as lh
 from builder.remote.appliance import gather
+from builder.remote.slots import active_domain
 from builder.remote.ssh import HostKeyMismatch
 
 
@@ -56,7 +57,8 @@ def serial_log(site: Site, access: HostAccess | None) -> str | None:
     except ApplianceError:
         return None
     try:
-        return lh.appliance_serial_tail(conn, site.name)
+        dom = active_domain(conn, site.name)
+        return lh.appliance_serial_tail(conn, dom.name()) if dom is not None else None
     except ApplianceError:
         return None
     finally:

@@ -142,7 +142,7 @@ def failing_lines(table: str) -> dict[str, str]:
 def test_serial_tail_is_escaped_and_crlf_read_as_lines(monkeypatch):
     from types import SimpleNamespace
 
-    from builder import deploy
+    from builder.remote import libvirtd
 
     log = b"Debian login: \r\n\x1b[2J\x1b[Hroot\rpwned\r\n"
     chunks = [log, b""]
@@ -153,6 +153,6 @@ def test_serial_tail_is_escaped_and_crlf_read_as_lines(monkeypatch):
         storageVolLookupByName=lambda name: vol,
         connect=lambda: SimpleNamespace(newStream=lambda flags: stream),
     )
-    monkeypatch.setattr(deploy.lh, "volume_file_size", lambda v: len(log))
-    tail = deploy.serial_tail(pool, "wg-gw-serial.log")
+    monkeypatch.setattr(libvirtd, "volume_file_size", lambda v: len(log))
+    tail = libvirtd.serial_tail(pool, "wg-gw-serial.log")
     assert tail == "Debian login: \n\\x1b[2J\\x1b[Hroot\\x0dpwned\n"

@@ -25,9 +25,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from builder.deploy import volume_names, wanted_metadata
 from builder.errors import InputError
 from builder.model.site import parse_site
+from builder.provision import volume_names, wanted_metadata
 from builder.remote.ipfire import probe_script
 from builder.render import ipfire
 from builder.render.appliance import (
@@ -217,7 +217,7 @@ def judge_all(site, tmp: Path) -> None:
     for script in (ipfire.host_files(site).firewall_local, probe_script(site)):
         r = subprocess.run(["sh", "-n"], input=script, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
-    names = volume_names(site, "0" * 64)
+    names = volume_names(site.name, "0" * 64)
     xml = tmp / "domain.xml"
     xml.write_text(
         domain_xml(

@@ -80,6 +80,12 @@ def violations(root: Path) -> list[str]:
                 why = "guest programs run in the VM with the standard library only"
             if me in COMMANDS and (other in COMMANDS - {me} or within(other, "builder.cli")):
                 why = "commands are peers: share through a layer below"
+            if (
+                other in COMMANDS
+                and me not in COMMANDS
+                and me not in ("builder.__main__", "builder.cli")
+            ):
+                why = "a layer below the commands imports one"
             if within(other, "builder.cli") and me not in ("builder.__main__", "builder.cli"):
                 why = "only __main__ imports the CLI"
             if why:

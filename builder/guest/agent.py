@@ -15,6 +15,10 @@ peers whose expiry in wg0.peers.json has come from wg0.conf, that file and the l
 and re-resolves the endpoint names of peers whose handshake is older than 135 s through the
 site's DNS servers. It needs no workstation; its one JSON line goes to the journal.
 
+`takeover ARG` (upgrade): run by the new appliance the moment its link comes up: sets each
+peer's endpoint as the old appliance saw it, starts every handshake at once, and announces
+the LAN address with gratuitous ARP; prints {"kicked", "garp", "error"?}.
+
 `sync` (sync): prints the light facts (peers, file digests, addresses, whether the metrics
 exporter is enabled) as one JSON line, then reads one line from stdin: empty means nothing to
 do; otherwise one text per FILES key, "mtu": int and "metrics": bool (the exporter enabled
@@ -748,6 +752,52 @@ def sync():
     print(json.dumps(outcome(line, System())), flush=True)
 
 
+# --- takeover: an upgrade's new appliance just got the LAN link ---------------------------
+
+
+def garp(ifname, address):
+    """A gratuitous ARP request for `address` from `ifname`: the bridge learns the port the
+    MAC is on now, and every neighbour refreshes its entry."""
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
+        s.bind((ifname, 0))
+        mac = s.getsockname()[4]
+        ip = socket.inet_aton(address)
+        arp = struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + mac + ip + b"\0" * 6 + ip
+        s.send(b"\xff" * 6 + mac + b"\x08\x06" + arp)
+
+
+def takeover(args):
+    """Tunnels back at once: every peer's endpoint as the old appliance last saw it, and a
+    handshake started now (a keepalive switched on sends one at once when none was set),
+    instead of waiting for each client's retry. Keepalives are then put back as configured.
+    ARG: {"lan": IFNAME, "address": IPV4, "peers": [[PUBLIC_KEY, ENDPOINT], ...]}."""
+    keepalive = {}
+    for line in sh("wg", "show", "wg0", "persistent-keepalive")["out"].splitlines():
+        key, _, value = line.partition("\t")
+        keepalive[key] = "0" if value.strip() in ("off", "") else value.strip()
+    peers = [(k, e) for k, e in args.get("peers", []) if k in keepalive and e]
+    out = {"garp": 0, "kicked": len(peers)}
+    steps = (
+        [w for k, _ in peers for w in ("peer", k, "persistent-keepalive", "0")],
+        [w for k, e in peers for w in ("peer", k, "endpoint", e, "persistent-keepalive", "25")],
+        [w for k, _ in peers for w in ("peer", k, "persistent-keepalive", keepalive[k])],
+    )
+    for i, argv in enumerate(steps):
+        if argv:
+            r = sh("wg", "set", "wg0", *argv)
+            if r["rc"] != 0:
+                out["error"] = r["err"].strip()[:300]
+        if i == 1:
+            for _ in range(3):
+                try:
+                    garp(args["lan"], args["address"])
+                    out["garp"] += 1
+                except OSError as e:
+                    out["error"] = f"gratuitous ARP: {e}"
+                time.sleep(0.05)
+    return out
+
+
 def main():
     mode = sys.argv[1] if len(sys.argv) > 1 else ""
     if mode == "probe":
@@ -758,8 +808,13 @@ def main():
         sync()
     elif mode == "peers":
         print(json.dumps(peers_tick(System())), flush=True)
+    elif mode == "takeover":
+        json.dump(takeover(json.loads(sys.argv[2])), sys.stdout)
     else:
-        sys.exit(f"usage: agent probe ARG | agent status | agent sync | agent peers (not {mode!r})")
+        sys.exit(
+            "usage: agent probe ARG | agent status | agent sync | agent peers | agent takeover"
+            f" ARG (not {mode!r})"
+        )
 
 
 if __name__ == "__main__":

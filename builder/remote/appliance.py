@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shlex
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ from typing import Any
 from builder.errors import GuestError
 from builder.model.keys import Keys
 from builder.model.site import Site
-from builder.remote.ssh import Target, connect, execute
+from builder.remote.ssh import Result, Target, connect, execute
 from builder.text import printable
 
 AGENT = Path(__file__).resolve().parent.parent / "guest" / "agent.py"
@@ -99,9 +99,15 @@ def _agent_document(site: Site, keys: Keys, timeout: float, what: str, *mode: st
     """One connection, one agent command, its one JSON document."""
     client = connect(target_for(site, keys), timeout=timeout)
     try:
-        result = execute(client, agent_command(*mode), timeout=timeout + 30)
+        return run_agent(lambda cmd: execute(client, cmd, timeout=timeout + 30), what, *mode)
     finally:
         client.close()
+
+
+def run_agent(run: Callable[[str], Result], what: str, *mode: str) -> dict:
+    """The agent in `mode` through `run` (SSH, or the guest agent while the link is down),
+    its one JSON document."""
+    result = run(agent_command(*mode))
     if result.rc != 0:
         raise GuestError(
             f"the {mode[0]} command failed on the appliance (exit {result.rc}): "
@@ -118,10 +124,16 @@ def metrics_url(site: Site) -> str | None:
     return f"http://{site.lan.address.ip}:{site.metrics.port}/metrics"
 
 
+def probe_arg(site: Site, gateway: bool = True) -> str:
+    """The probe's ARG; without `gateway` no ping (a staged appliance's link is down)."""
+    return json.dumps(
+        {"gateway": str(site.lan.gateway) if gateway else None, "metrics": metrics_url(site)}
+    )
+
+
 def gather(site: Site, keys: Keys, timeout: float = 20.0) -> dict[str, Any]:
     """Every fact verify judges: one connection, one command."""
-    arg = json.dumps({"gateway": str(site.lan.gateway), "metrics": metrics_url(site)})
-    return _agent_document(site, keys, timeout, "verify", "probe", arg)
+    return _agent_document(site, keys, timeout, "verify", "probe", probe_arg(site))
 
 
 def read_status(site: Site, keys: Keys, timeout: float = 20.0) -> dict[str, Any]:

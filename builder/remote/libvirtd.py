@@ -538,10 +538,11 @@ def start_domain(
     spec: DomainSpec,
     progress: Progress | None = None,
     kvm_watch_s: float = KVM_WATCH_S,
+    autostart: bool = True,
 ) -> libvirt.virDomain:
-    """Define, start and autostart the appliance; fall back from KVM to TCG when KVM fails
-    (unless WG_APPLIANCE_VIRT_TYPE=kvm insists). The domain keeps the type that worked.
-    `kvm_watch_s` 0 starts a KVM known to work without watching it."""
+    """Define, start and (unless staged by an upgrade) autostart the appliance; fall back
+    from KVM to TCG when KVM fails (unless WG_APPLIANCE_VIRT_TYPE=kvm insists). The domain
+    keeps the type that worked. `kvm_watch_s` 0 starts a KVM known to work without watching it."""
     dom = define_domain(conn, spec)
     if dom.isActive():
         dom.destroy()
@@ -562,7 +563,7 @@ def start_domain(
         spec = replace(spec, virt_type="qemu")
         dom = define_domain(conn, spec)
         _create(dom, spec)
-    dom.setAutostart(1)
+    dom.setAutostart(1 if autostart else 0)
     return dom
 
 

@@ -27,6 +27,11 @@ META_VCPUS = "vcpus"
 META_DISK_GIB = "disk-gib"
 META_BRIDGE = "bridge"
 META_MAC = "mac"
+META_ROLE = "role"  # ROLE_*: which of a site's two domains serves; absent means active
+
+ROLE_ACTIVE = "active"  # holds the LAN address, autostarts
+ROLE_STAGED = "staged"  # an upgrade's new appliance, link down until it takes over
+ROLE_PREVIOUS = "previous"  # stopped after an upgrade, kept for `rollback`
 
 VIRT_TYPES = ("kvm", "qemu")
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
@@ -51,6 +56,7 @@ class DomainSpec:
     serial_log_path: str
     metadata: dict[str, str]
     uuid: str | None = None  # set when redefining: libvirt keeps a domain's UUID for its name
+    link_up: bool = True  # an upgrade stages the new appliance with its link down
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -112,12 +118,16 @@ def domain_xml(spec: DomainSpec) -> str:
     _sub(nic, "mac", address=spec.mac)
     _sub(nic, "source", bridge=spec.bridge)
     _sub(nic, "model", type="virtio")
+    _sub(nic, "link", state="up" if spec.link_up else "down")
     # A pty keeps `virsh console` working; the log keeps the boot for later reading.
     serial = _sub(dev, "serial", type="pty")
     _sub(serial, "target", port="0")
     _sub(serial, "log", file=spec.serial_log_path, append="off")
     console = _sub(dev, "console", type="pty")
     _sub(console, "target", type="serial", port="0")
+    # The guest agent: how an upgrade checks a new appliance whose link is still down.
+    channel = _sub(dev, "channel", type="unix")
+    _sub(channel, "target", type="virtio", name=AGENT_CHANNEL)
     rng = _sub(dev, "rng", model="virtio")
     _sub(rng, "backend", "/dev/urandom", model="random")
     _sub(dev, "memballoon", model="none")
@@ -157,6 +167,7 @@ def owned_volumes(metadata: dict[str, str]) -> list[str]:
 
 
 SEED_TARGET = "hdc"
+AGENT_CHANNEL = "org.qemu.guest_agent.0"
 
 
 def seed_cdrom_xml(source: str | None = None) -> str:
@@ -178,6 +189,33 @@ def seed_source(xml: str) -> tuple[bool, str | None]:
             source = disk.find("source")
             return True, source.get("file") if source is not None else None
     return False, None
+
+
+def interface_xml(xml: str, link_up: bool) -> str | None:
+    """The domain's LAN NIC from its XML with the link state set, for updateDeviceFlags;
+    None when the domain has no such NIC."""
+    nic = ET.fromstring(xml).find("devices/interface")
+    if nic is None:
+        return None
+    link = nic.find("link")
+    if link is None:
+        link = ET.SubElement(nic, "link")
+    link.set("state", "up" if link_up else "down")
+    return ET.tostring(nic, encoding="unicode")
+
+
+def link_is_up(xml: str) -> bool:
+    """The LAN NIC's link state in a domain's XML (up when not said)."""
+    link = ET.fromstring(xml).find("devices/interface/link")
+    return link is None or link.get("state", "up") == "up"
+
+
+def has_agent_channel(xml: str) -> bool:
+    """Whether a domain's XML has the guest agent's channel (domains made before it do not)."""
+    return any(
+        t.get("name") == AGENT_CHANNEL
+        for t in ET.fromstring(xml).iterfind("devices/channel/target")
+    )
 
 
 def domain_type(xml: str) -> str:

@@ -1,0 +1,424 @@
+"""Upgrade and rollback without an outage: the next appliance boots and is checked while the
+old one serves, then takes over in a second, and the old one is back by itself when the new
+one fails at any point.
+
+The new appliance boots in the site's other domain slot with the same MAC, keys and seed as
+the site file says, but its NIC's link down: qemu passes no frame, so it cannot answer on the
+LAN address or send a handshake that would pull a branch away. The host reaches it through
+the qemu guest agent instead. At the takeover the old link goes down, the new one up, and the
+new appliance sets every peer's endpoint as the old one saw it and starts the handshakes
+itself. Only after SSH and every check pass there is the old one stopped; it stays defined,
+for `rollback`, until the next upgrade.
+
+A run killed between two steps is undone or finished by the next run (`converge`), and no
+step ever brings a link up before the other is down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import libvirt
+
+from builder.checks.appliance import Report, before_takeover, evaluate
+from builder.errors import ApplianceError, GuestError, HostError
+from builder.local.state import State
+from builder.model.keys import Keys
+from builder.model.login import HostAccess
+from builder.model.site import Site
+from builder.progress import Progress
+from builder.provision import (
+    BOOT_TIMEOUT_S,
+    create_domain,
+    differences,
+    pool_for,
+    preflight,
+    retire_seed,
+    volume_names,
+    wait_ready_agent,
+    wanted_metadata,
+)
+from builder.remote import guest_agent
+from builder.remote import libvirtd as lh
+from builder.remote.appliance import (
+    gather,
+    probe_arg,
+    read_status,
+    run_agent,
+    target_for,
+)
+from builder.remote.slots import link_up, other_slot, set_link, set_role, site_domains
+from builder.remote.ssh import wait_for_ssh
+from builder.render.libvirt_xml import (
+    META_ROLE,
+    META_SEED_DIGEST,
+    ROLE_ACTIVE,
+    ROLE_PREVIOUS,
+    ROLE_STAGED,
+)
+from builder.render.seed import make_seed
+
+SHUTDOWN_S = 60.0
+SSH_BACK_S = 120.0  # the new appliance answers SSH within this after its link comes up
+_ENDPOINT = re.compile(r"^(\d{1,3}(\.\d{1,3}){3}|\[[0-9a-fA-F:.]+\]):\d{1,5}$")
+
+
+@dataclass
+class Handover:
+    """What an upgrade or rollback did, for the terminal and --json."""
+
+    name: str
+    outcome: str  # "upgraded", "rolled back", "up to date"
+    domain: str  # the domain that serves now
+    previous: str | None
+    address: str
+    seconds: float
+    virt_type: str = ""
+    outage_s: float | None = None  # old link down until the new one answered SSH
+    kicked: int = 0  # peers whose handshake the new appliance started itself
+    phases: list[tuple[str, float]] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+
+
+class TakeoverFailed(HostError):
+    """The new appliance failed before or after taking over; the old one serves again."""
+
+
+def takeover_peers(status: dict) -> list[list[str]]:
+    """[public key, endpoint] of every peer the old appliance has an endpoint for, from its
+    status document; an endpoint that is not ADDRESS:PORT is dropped, never passed on."""
+    out = []
+    for p in (status.get("wg") or {}).get("peers", []):
+        endpoint = p.get("endpoint") or ""
+        if isinstance(p.get("public_key"), str) and _ENDPOINT.match(endpoint):
+            out.append([p["public_key"], endpoint])
+    return out
+
+
+class _Clock:
+    def __init__(self, progress: Progress):
+        self.t0 = time.monotonic()
+        self.progress = progress
+        self.phases: list[tuple[str, float]] = []
+
+    def mark(self, phase: str) -> None:
+        self.phases.append((phase, round(time.monotonic() - self.t0, 2)))
+
+
+def converge(conn: libvirt.virConnect, site: Site, keys: Keys, progress: Progress) -> dict:
+    """Put a host where a run was killed back into a state with one serving appliance: an
+    interrupted takeover undone, the active link up, a previous one stopped (after verifying
+    the active one, when the kill came between takeover and the old one's stop). Returns the
+    site's domains by role."""
+    doms = site_domains(conn, site.name)
+    twin = doms.pop(ROLE_ACTIVE + "_2", None)
+    if twin is not None:  # killed between the two role writes: the link says who serves
+        old, new = (doms[ROLE_ACTIVE], twin) if link_up(twin) else (twin, doms[ROLE_ACTIVE])
+        set_role(old, ROLE_PREVIOUS)
+        doms[ROLE_ACTIVE], doms[ROLE_PREVIOUS] = new, old
+    active, staged = doms.get(ROLE_ACTIVE), doms.get(ROLE_STAGED)
+    previous = doms.get(ROLE_PREVIOUS)
+    if staged is not None and link_up(staged):
+        progress.say(f"an earlier run stopped during a takeover: {staged.name()} steps back")
+        set_link(staged, False)
+    if active is not None:
+        if previous is not None and previous.isActive() and link_up(active):
+            progress.say(f"an earlier run stopped before {previous.name()} was stopped")
+            _after_takeover(site, keys, previous, active, progress, _Clock(progress))
+        elif not link_up(active):
+            set_link(active, True)
+            if not active.isActive():
+                active.create()
+            else:
+                progress.say(f"{active.name()}'s link was down after an earlier run: up again")
+        if previous is not None and previous.isActive():
+            _stop(previous)
+    return site_domains(conn, site.name)
+
+
+def _stop(dom: libvirt.virDomain, timeout: float = SHUTDOWN_S) -> None:
+    """A clean shutdown, so the kept disk boots without a journal replay; power off after
+    `timeout`."""
+    if not dom.isActive():
+        return
+    with contextlib.suppress(libvirt.libvirtError):  # it may have stopped meanwhile
+        dom.shutdown()
+    deadline = time.monotonic() + timeout
+    while dom.isActive() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if dom.isActive():
+        dom.destroy()
+
+
+def _check_staged(site: Site, keys: Keys, dom: libvirt.virDomain) -> Report:
+    facts = run_agent(
+        lambda cmd: guest_agent.run(dom, cmd), "check", "probe", probe_arg(site, gateway=False)
+    )
+    return evaluate(site, keys, facts, time.time())
+
+
+def _failed(report: Report) -> str:
+    return "; ".join(f"{c.name}: {c.detail}" for c in report.checks if not c.ok)
+
+
+def _kick(site: Site, dom: libvirt.virDomain, peers: list[list[str]]) -> dict:
+    arg = json.dumps({"lan": "lan0", "address": str(site.lan.address.ip), "peers": peers})
+    try:
+        return run_agent(lambda cmd: guest_agent.run(dom, cmd), "takeover", "takeover", arg)
+    except GuestError as e:
+        return {"error": str(e)}
+
+
+def _after_takeover(
+    site: Site,
+    keys: Keys,
+    old: libvirt.virDomain,
+    new: libvirt.virDomain,
+    progress: Progress,
+    clock: _Clock,
+    link_down_at: float | None = None,
+    keep_new: bool = False,
+) -> float | None:
+    """Verify the new appliance on the LAN address over SSH; on any failure the old one
+    takes the address back. Then the old one stops. Returns the outage when timed."""
+    outage = None
+    try:
+        with progress.stage(f"verifying {new.name()} on {site.lan.address.ip}"):
+            client = wait_for_ssh(target_for(site, keys), time.monotonic() + SSH_BACK_S)
+            if link_down_at is not None:
+                outage = time.monotonic() - link_down_at
+            client.close()
+            report = evaluate(site, keys, gather(site, keys), time.time())
+        if not report.ok:
+            raise TakeoverFailed(
+                f"{new.name()} failed verify after the takeover: {_failed(report)}"
+            )
+    except ApplianceError as e:
+        with progress.stage(f"{old.name()} takes the address back"):
+            set_link(new, False)
+            set_link(old, True)
+            set_role(old, ROLE_ACTIVE)
+            _put_aside(new, keep_new)
+        raise TakeoverFailed(
+            f"the new appliance failed, {old.name()} serves again: {e}",
+            "see `wg-appliance verify` and the new domain's serial log; fix, then upgrade again",
+        ) from None
+    clock.mark("verified")
+    with progress.stage(f"stopping {old.name()} (kept for rollback)"):
+        _stop(old)
+    clock.mark("old stopped")
+    return outage
+
+
+def _take_over(
+    conn: libvirt.virConnect,
+    site: Site,
+    keys: Keys,
+    old: libvirt.virDomain,
+    new: libvirt.virDomain,
+    progress: Progress,
+    clock: _Clock,
+    timeout: float,
+    keep_new: bool = False,
+) -> Handover:
+    """The staged `new` checked through its guest agent, then the switch, then the checks
+    over SSH; the old one serves again whenever a step fails."""
+    first_boot = wait_ready_agent(new, timeout, progress)
+    clock.mark("booted")
+    if not first_boot:
+        raise _abandon(new, "cloud-init reported errors on it", keep_new)
+    with progress.stage(f"checking {new.name()} before it takes over"):
+        report = _check_staged(site, keys, new)
+    failing = before_takeover(report)
+    if failing:
+        raise _abandon(new, "; ".join(f"{c.name}: {c.detail}" for c in failing), keep_new)
+    clock.mark("checked")
+    peers: list[list[str]] = []
+    if link_up(old):
+        try:
+            peers = takeover_peers(read_status(site, keys))
+        except ApplianceError as e:
+            progress.say(f"  note: could not read the old appliance's endpoints ({e})")
+    with progress.stage(f"takeover: {old.name()} -> {new.name()}"):
+        link_down_at = time.monotonic()
+        set_link(old, False)
+        set_link(new, True)
+        kicked = _kick(site, new, peers)
+        set_role(new, ROLE_ACTIVE)
+        set_role(old, ROLE_PREVIOUS)
+    if kicked.get("error"):
+        progress.say(f"  note: {kicked['error']}")
+    clock.mark("took over")
+    outage = _after_takeover(site, keys, old, new, progress, clock, link_down_at, keep_new)
+    pool = pool_for(conn, site, progress)
+    seed_digest = (lh.domain_metadata(new) or {}).get(META_SEED_DIGEST, "")
+    retire_seed(new, pool, volume_names(new.name(), seed_digest)["seed"], progress)
+    return Handover(
+        name=site.name,
+        outcome="",
+        domain=new.name(),
+        previous=old.name(),
+        address=str(site.lan.address.ip),
+        seconds=0.0,
+        virt_type=lh.domain_virt_type(new),
+        outage_s=None if outage is None else round(outage, 2),
+        kicked=int(kicked.get("kicked", 0)),
+        phases=clock.phases,
+    )
+
+
+def _put_aside(dom: libvirt.virDomain, keep: bool) -> None:
+    """A new appliance that failed: removed, or (a rollback's target) stopped and kept."""
+    if keep:
+        _stop(dom, timeout=0)
+        set_role(dom, ROLE_PREVIOUS)
+    else:
+        lh.destroy_domain(dom.connect(), dom.name())
+
+
+def _abandon(new: libvirt.virDomain, why: str, keep: bool) -> TakeoverFailed:
+    """The staged domain goes or is put back (its serial log's end quoted first); the old
+    one never left."""
+    tail = lh.appliance_serial_tail(new.connect(), new.name(), lines=15) or "(no serial log)"
+    _put_aside(new, keep)
+    return TakeoverFailed(
+        f"the new appliance {new.name()} failed before the takeover, the old one still "
+        f"serves: {why}\n--- last lines of its serial log ---\n{tail}",
+        "fix the cause (site file or image), then run the upgrade again",
+    )
+
+
+def upgrade(
+    site: Site,
+    state: State,
+    image: tuple[Path, str],
+    progress: Progress,
+    access: HostAccess | None = None,
+    prune: bool = False,
+    boot_timeout: float = BOOT_TIMEOUT_S,
+) -> Handover:
+    """Every change that needs a new VM (image, memory, vCPUs, disk, seed), by handover."""
+    conn = lh.connect_site(site, access, progress)
+    try:
+        return hand_over(conn, site, state, image, progress, prune, boot_timeout)
+    except libvirt.libvirtError as e:
+        raise HostError(f"libvirt: {e}", "run the same command again; it resumes") from e
+    finally:
+        conn.close()
+
+
+def hand_over(
+    conn: libvirt.virConnect,
+    site: Site,
+    state: State,
+    image: tuple[Path, str],
+    progress: Progress,
+    prune: bool = False,
+    boot_timeout: float = BOOT_TIMEOUT_S,
+) -> Handover:
+    """upgrade on an open connection (deploy --replace has one)."""
+    clock = _Clock(progress)
+    keys = state.keys_for(site)
+    seed = make_seed(site, keys)
+    doms = converge(conn, site, keys, progress)
+    active = doms.get(ROLE_ACTIVE)
+    if active is None:
+        raise HostError(
+            f"{site.name} is not on {site.host.uri}: there is nothing to upgrade",
+            f"run `wg-appliance deploy --site {site.path}` first",
+        )
+    slot = other_slot(site.name, active.name())
+    want = wanted_metadata(site, image[1], seed.digest, slot)
+    removed: list[str] = []
+    if not differences(lh.domain_metadata(active) or {}, want):
+        previous = doms.get(ROLE_PREVIOUS)
+        if prune and previous is not None:
+            removed = lh.destroy_domain(conn, previous.name())
+            previous = None
+        return Handover(
+            site.name,
+            "up to date",
+            active.name(),
+            _name(previous),
+            str(site.lan.address.ip),
+            round(time.monotonic() - clock.t0, 1),
+            virt_type=lh.domain_virt_type(active),
+            removed=removed,
+        )
+    staged = doms.get(ROLE_STAGED)
+    if staged is not None and differences(lh.domain_metadata(staged) or {}, want):
+        with progress.stage(f"removing {staged.name()}, staged for other input"):
+            removed += lh.destroy_domain(conn, staged.name())
+        staged = None
+    if ROLE_PREVIOUS in doms:
+        with progress.stage(f"removing the previous appliance {doms[ROLE_PREVIOUS].name()}"):
+            removed += lh.destroy_domain(conn, doms[ROLE_PREVIOUS].name())
+    with progress.stage("preflight"):
+        learned = state.learned_virt_type(lh.host_identity(conn))
+        virt_type, report = preflight(conn, site, staged is None, learned)
+        for line in report:
+            progress.say(f"  {line}")
+    clock.mark("preflight")
+    if staged is None:
+        meta = {**want, META_ROLE: ROLE_STAGED}
+        staged = create_domain(
+            conn, site, state, seed, image, slot, virt_type, meta, progress, staged=True
+        )
+    elif not staged.isActive():
+        staged.create()
+    clock.mark("staged")
+    done = _take_over(conn, site, keys, active, staged, progress, clock, boot_timeout)
+    done.outcome = "upgraded"
+    if prune:
+        removed += lh.destroy_domain(conn, active.name())
+        done.previous = None
+    done.removed = removed
+    done.seconds = round(time.monotonic() - clock.t0, 1)
+    return done
+
+
+def rollback(
+    site: Site,
+    state: State,
+    progress: Progress,
+    access: HostAccess | None = None,
+    boot_timeout: float = BOOT_TIMEOUT_S,
+) -> Handover:
+    """Back to the previous appliance, by the same handover; the current one becomes the
+    previous, so a second rollback returns to it."""
+    clock = _Clock(progress)
+    keys = state.look(site)
+    conn = lh.connect_site(site, access, progress)
+    try:
+        doms = converge(conn, site, keys, progress)
+        active, previous = doms.get(ROLE_ACTIVE), doms.get(ROLE_PREVIOUS)
+        if active is None or previous is None:
+            raise HostError(
+                f"{site.name} has no previous appliance on {site.host.uri} to return to",
+                "a previous appliance exists after an upgrade without --prune",
+            )
+        set_role(previous, ROLE_STAGED)
+        set_link(previous, False)
+        with progress.stage(f"starting {previous.name()} with its link down"):
+            if not previous.isActive():
+                previous.create()
+        clock.mark("staged")
+        done = _take_over(
+            conn, site, keys, active, previous, progress, clock, boot_timeout, keep_new=True
+        )
+        done.outcome = "rolled back"
+        done.seconds = round(time.monotonic() - clock.t0, 1)
+        return done
+    except libvirt.libvirtError as e:
+        raise HostError(f"libvirt: {e}", "run the same command again; it resumes") from e
+    finally:
+        conn.close()
+
+
+def _name(dom: libvirt.virDomain | None) -> str | None:
+    return dom.name() if dom is not None else None
