@@ -255,6 +255,9 @@ def _image_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--force", action="store_true", help="rebuild even when cached")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument(
+        "--recipe", metavar="DIR", help="an image recipe folder (default: the project's images/)"
+    )
 
 
 @command(
@@ -269,12 +272,15 @@ def cmd_image(args: argparse.Namespace) -> int:
     from builder.image.build import build_image, default_cache_dir
 
     progress = Progress(quiet=args.quiet)
+    if args.recipe and not (Path(args.recipe) / "packages.txt").is_file():
+        raise InputError(args.recipe, "--recipe", "not an image recipe (no packages.txt)")
     image = build_image(
         out=Path(args.out) if args.out else None,
         cache=Path(args.cache) if args.cache else default_cache_dir(),
         mirror=args.mirror,
         progress=progress,
         force=args.force,
+        **({"recipe": Path(args.recipe)} if args.recipe else {}),
     )
     info = {
         "path": str(image.path),

@@ -52,7 +52,7 @@ from builder.remote.appliance import (
     run_agent,
     target_for,
 )
-from builder.remote.slots import link_up, other_slot, set_link, set_role, site_domains
+from builder.remote.slots import free_slot, link_up, set_link, set_role, site_domains
 from builder.remote.ssh import wait_for_ssh
 from builder.render.libvirt_xml import (
     META_ROLE,
@@ -225,6 +225,7 @@ def _take_over(
     clock: _Clock,
     timeout: float,
     keep_new: bool = False,
+    retire: libvirt.virDomain | None = None,
 ) -> Handover:
     """The staged `new` checked through its guest agent, then the switch, then the checks
     over SSH; the old one serves again whenever a step fails."""
@@ -238,6 +239,10 @@ def _take_over(
     if failing:
         raise _abandon(new, "; ".join(f"{c.name}: {c.detail}" for c in failing), keep_new)
     clock.mark("checked")
+    removed = []
+    if retire is not None:  # only one previous is kept: the one before the old one goes now
+        with progress.stage(f"removing the appliance before the old one, {retire.name()}"):
+            removed = lh.destroy_domain(conn, retire.name())
     peers: list[list[str]] = []
     if link_up(old):
         try:
@@ -269,6 +274,7 @@ def _take_over(
         outage_s=None if outage is None else round(outage, 2),
         kicked=int(kicked.get("kicked", 0)),
         phases=clock.phases,
+        removed=removed,
     )
 
 
@@ -332,7 +338,9 @@ def hand_over(
             f"{site.name} is not on {site.host.uri}: there is nothing to upgrade",
             f"run `wg-appliance deploy --site {site.path}` first",
         )
-    slot = other_slot(site.name, active.name())
+    staged = doms.get(ROLE_STAGED)
+    in_use = {d.name() for r, d in doms.items() if r != ROLE_STAGED}
+    slot = staged.name() if staged is not None else free_slot(site.name, in_use)
     want = wanted_metadata(site, image[1], seed.digest, slot)
     removed: list[str] = []
     if not differences(lh.domain_metadata(active) or {}, want):
@@ -350,14 +358,10 @@ def hand_over(
             virt_type=lh.domain_virt_type(active),
             removed=removed,
         )
-    staged = doms.get(ROLE_STAGED)
     if staged is not None and differences(lh.domain_metadata(staged) or {}, want):
         with progress.stage(f"removing {staged.name()}, staged for other input"):
             removed += lh.destroy_domain(conn, staged.name())
         staged = None
-    if ROLE_PREVIOUS in doms:
-        with progress.stage(f"removing the previous appliance {doms[ROLE_PREVIOUS].name()}"):
-            removed += lh.destroy_domain(conn, doms[ROLE_PREVIOUS].name())
     with progress.stage("preflight"):
         learned = state.learned_virt_type(lh.host_identity(conn))
         virt_type, report = preflight(conn, site, staged is None, learned)
@@ -372,8 +376,19 @@ def hand_over(
     elif not staged.isActive():
         staged.create()
     clock.mark("staged")
-    done = _take_over(conn, site, keys, active, staged, progress, clock, boot_timeout)
+    done = _take_over(
+        conn,
+        site,
+        keys,
+        active,
+        staged,
+        progress,
+        clock,
+        boot_timeout,
+        retire=doms.get(ROLE_PREVIOUS),
+    )
     done.outcome = "upgraded"
+    removed += done.removed
     if prune:
         removed += lh.destroy_domain(conn, active.name())
         done.previous = None

@@ -12,6 +12,7 @@ routed mode, destroy. One appliance boot per mode keeps the file at a few minute
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -27,7 +28,7 @@ from builder.model.keys import ssh_genkey
 from builder.render.libvirt_xml import seed_source
 from tests.conftest import EXAMPLE
 from tests.lab import lab as L
-from tests.lab.clients import PeerAddressServer, WgClient, ping, tcp_source_seen
+from tests.lab.clients import PeerAddressServer, Pinger, TcpStream, WgClient, ping, tcp_source_seen
 from tests.lab.host_sshd import URI as HOST_URI
 from tests.lab.host_sshd import HostSshd, hidden_libvirt, host_flags, workstation
 from tests.lab.internet import (
@@ -777,18 +778,213 @@ def test_synced_state_survives_reboot(net, appliance_image, site):
     assert cli(net, "verify", "--site", str(site)).returncode == 0
 
 
+# --- upgrade and rollback by handover -------------------------------------------------------
+
+LAN_HOST = "192.168.77.10"
+OUTAGE_LIMIT_S = 10.0  # generous for TCG on a busy machine; `make bench` judges the 3 s goal
+
+
+def _domains() -> dict[str, tuple[bool, bool]]:
+    """Every lab domain: (running, NIC link up in the running guest)."""
+    import libvirt
+
+    conn = libvirt.open(L.URI)
+    try:
+        out = {}
+        for dom in conn.listAllDomains(0):
+            running = bool(dom.isActive())
+            xml = dom.XMLDesc(0)
+            out[dom.name()] = (running, running and "<link state='down'/>" not in xml)
+        return out
+    finally:
+        conn.close()
+
+
+class LinkWatch:
+    """Samples the lab's domains five times a second: at no moment may two have a link up."""
+
+    def __init__(self):
+        import threading
+
+        self.most, self.seen, self._stop = 0, set(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            doms = _domains()
+            self.seen |= set(doms)
+            self.most = max(self.most, sum(up for _, up in doms.values()))
+            time.sleep(0.2)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        return self.most
+
+
+@pytest.fixture(scope="module")
+def changed_image(tmp_path_factory):
+    """The image of a test copy of images/ with one file changed: another recipe digest."""
+    from tests.conftest import ROOT
+
+    recipe = tmp_path_factory.mktemp("recipe") / "images"
+    shutil.copytree(ROOT / "images", recipe)
+    (recipe / "rootfs" / "etc" / "wg-appliance-test-build").write_text("a changed recipe\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "builder", "image", "--recipe", str(recipe), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout)
+
+
+def _image_digest(net, site) -> str:
+    r = cli(net, "status", "--site", str(site), "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)["appliance"]["image"]
+
+
+def test_upgrade_to_a_new_image_keeps_the_tunnels(net, site, clients, changed_image):
+    """A road warrior pinging five times a second and a branch holding a TCP stream both
+    live through the upgrade; the new appliance serves with the new image."""
+    assert ping(net, RW_NS, LAN_HOST) and ping(net, BLAN_NS, LAN_HOST), diagnostics(net, site)
+    before = _image_digest(net, site)
+    pinger = Pinger(net, RW_NS, LAN_HOST, seconds=900)
+    stream = TcpStream(net, BLAN_NS, L.LAN_NS, LAN_HOST, seconds=900)
+    watch = LinkWatch()
+    try:
+        r = cli(net, "upgrade", "--site", str(site), "--image", changed_image["path"], "--json")
+    finally:
+        most = watch.stop()
+        outage, replies = pinger.stop()
+        stream.stop()
+        streamed = stream.result(timeout=30)
+    assert r.returncode == 0, r.stderr[-3000:]
+    done = json.loads(r.stdout)
+    assert (done["outcome"], done["previous"]) == ("upgraded", "wg-gw"), done
+    assert done["domain"] != "wg-gw" and done["kicked"] >= 2, done
+    assert most == 1, "two appliances had their link up at once"
+    assert replies > 0 and outage <= OUTAGE_LIMIT_S, (outage, replies)
+    assert isinstance(streamed, tuple), f"the TCP stream broke: {streamed}"
+    assert streamed[0] <= OUTAGE_LIMIT_S, streamed
+    after = _image_digest(net, site)
+    assert after == changed_image["digest"] and after != before
+    assert _domains()["wg-gw"] == (False, False), "the old appliance is stopped and kept"
+    v = cli(net, "verify", "--site", str(site), "--require-handshake", "laptop", "branch")
+    assert v.returncode == 0, v.stdout
+    again = cli(net, "upgrade", "--site", str(site), "--image", changed_image["path"])
+    assert again.returncode == 0 and "up to date" in again.stdout, again.stdout + again.stderr
+
+
+def test_rollback_returns_to_the_previous_image_locally(net, site, appliance_image):
+    """Over the host's libvirt socket this time (qemu:///system, as on the host itself)."""
+    pinger = Pinger(net, RW_NS, LAN_HOST, seconds=900)
+    try:
+        r = net.exec(
+            L.LAN_NS,
+            [
+                sys.executable,
+                "-m",
+                "builder",
+                "rollback",
+                "--site",
+                str(site),
+                "--json",
+                "--host-uri",
+                L.URI,
+            ],
+            check=False,
+            timeout=900,
+        )
+    finally:
+        outage, replies = pinger.stop()
+    assert r.returncode == 0, r.stderr[-3000:]
+    done = json.loads(r.stdout)
+    assert (done["outcome"], done["domain"]) == ("rolled back", "wg-gw"), done
+    assert replies > 0 and outage <= OUTAGE_LIMIT_S, (outage, replies)
+    assert _image_digest(net, site) == appliance_image.digest
+    assert cli(net, "verify", "--site", str(site)).returncode == 0
+
+
+def test_a_new_appliance_that_fails_rolls_back(net, site, appliance_image):
+    """Listen port 53 is taken in the guest (the resolver's stub), so wg0 cannot come up on
+    the new appliance: the upgrade stops before the takeover and nothing changes."""
+    broken = site.with_name("broken-site.toml")
+    broken.write_text(site.read_text().replace("listen_port = 51820", "listen_port = 53"))
+    before = _domains()
+    r = cli(net, "upgrade", "--site", str(broken), "--image", str(appliance_image.path))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "failed before the takeover, the old one still serves" in r.stderr, r.stderr
+    assert "wg0" in r.stderr, r.stderr
+    assert _domains() == before, "a failed upgrade leaves the domains as they were"
+    assert ping(net, RW_NS, LAN_HOST)
+    assert cli(net, "verify", "--site", str(site)).returncode == 0
+
+
+def test_a_killed_memory_upgrade_converges(net, site, appliance_image):
+    """Memory only; the first run is killed while the new appliance boots, the second
+    finishes the same handover with it."""
+    site.write_text(site.read_text().replace("memory_mib = 512", "memory_mib = 640"))
+    argv = [
+        sys.executable,
+        "-m",
+        "builder",
+        "upgrade",
+        "--site",
+        str(site),
+        "--image",
+        str(appliance_image.path),
+    ]
+    watch = LinkWatch()
+    first = subprocess.Popen(
+        ["ip", "netns", "exec", L.LAN_NS, *workstation(argv)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            running = [n for n, (on, _) in _domains().items() if on]
+            if len(running) == 2:
+                break
+            time.sleep(0.5)
+        assert len(running) == 2, "the new appliance never started"
+        time.sleep(5)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert ping(net, RW_NS, LAN_HOST), "the old appliance serves while nothing runs"
+    r = cli(net, "upgrade", "--site", str(site), "--image", str(appliance_image.path), "--json")
+    most = watch.stop()
+    assert r.returncode == 0, r.stderr[-3000:]
+    done = json.loads(r.stdout)
+    assert done["outcome"] == "upgraded" and most == 1, (done, most)
+    assert "<memory unit='KiB'>655360</memory>" in _xml_of(done["domain"])
+    assert cli(net, "verify", "--site", str(site)).returncode == 0
+
+
+def _xml_of(name: str) -> str:
+    return subprocess.run(
+        ["virsh", "-c", L.URI, "dumpxml", name], capture_output=True, text=True, check=True
+    ).stdout
+
+
 def test_destroy_leaves_nothing(net, site):
     r = cli(net, "destroy", "--site", str(site), "--all", "--json")
     assert r.returncode == 0, r.stderr
     removed = json.loads(r.stdout)["removed"]
-    assert "domain wg-gw" in removed
+    assert "domain wg-gw" in removed and len([r for r in removed if "domain" in r]) == 2, removed
     listed = subprocess.run(
         ["virsh", "-c", L.URI, "list", "--all", "--name"],
         capture_output=True,
         text=True,
         check=True,
     ).stdout.split()
-    assert "wg-gw" not in listed
+    assert not [n for n in listed if n.startswith("wg-gw")], listed
     pool_dir = L.Lab.host_path("/var/lib/libvirt/images/wg-appliance")
     assert sorted(p.name for p in pool_dir.iterdir()) == []
     again = cli(net, "destroy", "--site", str(site))

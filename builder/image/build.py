@@ -442,10 +442,12 @@ def build_image(
     mirror: str | None = None,
     progress: Progress,
     force: bool = False,
+    recipe: Path = RECIPE,
 ) -> Image:
-    """The image for the current recipe: from the cache when the digest matches, else built.
-    With `out`, the qcow2 is also copied there, its manifest beside it as `<stem>.json`."""
-    digest = recipe_digest(mirror)
+    """The image for the recipe (the project's images/ unless another folder is given): from
+    the cache when the digest matches, else built. With `out`, the qcow2 is also copied
+    there, its manifest beside it as `<stem>.json`."""
+    digest = recipe_digest(mirror, recipe)
     entry = cache / digest[:16]
     with locked(cache / ".lock"):
         image = None if force else load_cached(entry)
@@ -453,7 +455,7 @@ def build_image(
             progress.say(f"image cached: {image.path} (recipe {digest[:12]})")
         else:
             check_host()
-            image = _build(cache, entry, digest, mirror, progress)
+            image = _build(cache, entry, digest, mirror, progress, recipe)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         manifest_out = manifest_of(out)
@@ -472,12 +474,14 @@ def image_file(path: Path) -> tuple[Path, str]:
     return path, sha256_file(path)
 
 
-def _build(cache: Path, entry: Path, digest: str, mirror: str | None, progress: Progress) -> Image:
+def _build(
+    cache: Path, entry: Path, digest: str, mirror: str | None, progress: Progress, recipe: Path
+) -> Image:
     t0 = time.monotonic()
     cache.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f"build-{digest[:16]}-", dir=cache))
     try:
-        ctx = BuildContext(RECIPE, work, digest, mirror, progress)
+        ctx = BuildContext(recipe, work, digest, mirror, progress)
         result = work / "result"
         result.mkdir()
         qcow = result / f"{NAME}.qcow2"

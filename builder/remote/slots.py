@@ -20,16 +20,17 @@ from builder.render.libvirt_xml import (
     link_is_up,
 )
 
-SLOT_SUFFIX = "_2"  # host names have no '_', so no other site's domain is named like this
+SLOT_SUFFIXES = ("", "_2", "_3")  # host names have no '_': no other site's domain is named so
 
 
-def slot_names(site_name: str) -> tuple[str, str]:
-    return site_name, site_name + SLOT_SUFFIX
+def slot_names(site_name: str) -> tuple[str, ...]:
+    """Three names: the active one, the previous one, and one for an upgrade to stage in, so a
+    failed upgrade leaves the previous appliance where it was."""
+    return tuple(site_name + suffix for suffix in SLOT_SUFFIXES)
 
 
-def other_slot(site_name: str, name: str) -> str:
-    first, second = slot_names(site_name)
-    return second if name == first else first
+def free_slot(site_name: str, used: set[str]) -> str:
+    return next(n for n in slot_names(site_name) if n not in used)
 
 
 def role(meta: dict[str, str]) -> str:
@@ -52,7 +53,7 @@ def site_domains(conn: libvirt.virConnect, site_name: str) -> dict[str, libvirt.
             )
         r = role(meta)
         if r in found:  # two domains claim one role: a run died between two metadata writes
-            r = r + SLOT_SUFFIX
+            r = r + "_2"
         found[r] = dom
     return found
 

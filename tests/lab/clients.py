@@ -153,3 +153,104 @@ def ping(lab: Lab, ns: str, host: str, count: int = 3, within: float = 45) -> bo
         if time.monotonic() > deadline:
             return False
         time.sleep(1)
+
+
+class Pinger:
+    """`ping -i 0.2` from `ns` in the background, five echoes a second: the outage is the
+    longest run of unanswered echoes, in seconds, as a road warrior would feel it."""
+
+    INTERVAL = 0.2
+
+    def __init__(self, lab: Lab, ns: str, host: str, seconds: float):
+        count = str(int(seconds / self.INTERVAL))
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, "ping", "-n", "-i", "0.2", "-W", "1", "-c", count, host],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+
+    def stop(self) -> tuple[float, int]:
+        """(outage in seconds, replies): the ping is stopped and its output read."""
+        self.proc.send_signal(signal.SIGINT)
+        out = self.proc.communicate(timeout=30)[0]
+        seqs = sorted(
+            int(w.split("=")[1])
+            for line in out.splitlines()
+            if "bytes from" in line
+            for w in line.split()
+            if w.startswith("icmp_seq=")
+        )
+        gaps = [b - a - 1 for a, b in zip(seqs, seqs[1:], strict=False)]
+        return max(gaps, default=0) * self.INTERVAL, len(seqs)
+
+
+STREAM_SERVER = """
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.listen(1)
+c, _ = s.accept()
+while True:
+    data = c.recv(4096)
+    if not data:
+        break
+    c.sendall(data)
+"""
+
+STREAM_CLIENT = """
+import signal, socket, sys, time
+stop = []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=120)
+end = time.monotonic() + float(sys.argv[3])
+last, gap, sent = time.monotonic(), 0.0, 0
+while time.monotonic() < end and not stop:
+    c.sendall(b"x" * 100)
+    got = 0
+    while got < 100:
+        got += len(c.recv(100 - got) or b"") or sys.exit("closed")
+    now = time.monotonic()
+    gap, last, sent = max(gap, now - last), now, sent + 1
+    time.sleep(0.1)
+print(gap, sent)
+"""
+
+
+class TcpStream:
+    """One TCP connection from `ns` to an echo server in `server_ns`, a small write every
+    0.1 s for `seconds`: the outage is the longest wait for an echo; a reset fails it."""
+
+    def __init__(self, lab: Lab, ns: str, server_ns: str, host: str, seconds: float):
+        self.server = subprocess.Popen(
+            ["ip", "netns", "exec", server_ns, "python3", "-c", STREAM_SERVER, "7778"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(0.5)
+        self.client = subprocess.Popen(
+            ["ip", "netns", "exec", ns, "python3", "-c", STREAM_CLIENT, host, "7778", str(seconds)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def stop(self) -> None:
+        """The client ends after its current echo and prints what it measured."""
+        if self.client.poll() is None:
+            self.client.send_signal(signal.SIGTERM)
+
+    def result(self, timeout: float) -> tuple[float, int] | str:
+        """(longest gap in seconds, echoes) when the connection lived; else what ended it."""
+        try:
+            out, err = self.client.communicate(timeout=timeout)
+        finally:
+            for p in (self.client, self.server):
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        if self.client.returncode != 0:
+            return (err.strip() or out.strip() or "no output")[-300:]
+        gap, sent = out.split()
+        return float(gap), int(sent)
