@@ -335,4 +335,99 @@ def upload() -> dict[str, float]:
     }
 
 
-ALL = [render_1000, image, upload, lab]
+def changed_recipe(where: Path) -> Path:
+    """A copy of images/ with one file added: another recipe digest, so another image."""
+    import shutil
+
+    recipe = where / "images"
+    shutil.copytree(ROOT / "images", recipe)
+    (recipe / "rootfs" / "etc" / "wg-appliance-test-build").write_text("a changed recipe\n")
+    return recipe
+
+
+def _outage(lab, run, host: str) -> dict[str, float]:
+    """Run `run()` while a road warrior pings `host` five times a second and the branch LAN
+    keeps a TCP stream to it; both are read once pings answer again."""
+    from tests.lab import lab as L
+    from tests.lab.clients import Pinger, TcpStream, ping
+    from tests.lab.internet import BLAN_NS, RW_NS
+
+    pinger = Pinger(lab, RW_NS, host, seconds=1800)
+    stream = TcpStream(lab, BLAN_NS, L.LAN_NS, host, seconds=1800)
+    t0 = time.perf_counter()
+    try:
+        run()
+        seconds = time.perf_counter() - t0
+        ping(lab, RW_NS, host, count=1, within=300)
+        ping(lab, BLAN_NS, host, count=1, within=300)
+        time.sleep(2)
+    finally:
+        outage, _ = pinger.stop()
+        stream.stop()
+        streamed = stream.result(timeout=60)
+    tcp = streamed[0] if isinstance(streamed, tuple) else float("nan")
+    return {"ping_outage_s": round(outage, 1), "tcp_outage_s": round(tcp, 1), "run_s": seconds}
+
+
+def handover() -> dict[str, float]:
+    """The outage a road warrior (pinging 5/s) and a routed branch (a TCP stream) see while
+    `upgrade` moves the appliance to a new image, beside, in the same run, the stop-and-boot it
+    replaces (destroy, then deploy of the other image: what `deploy --replace` did before)."""
+    from tests.lab import lab as L
+    from tests.lab.clients import WgClient, ping
+    from tests.lab.internet import BRANCH_NS, RW_NS, plain_red
+
+    img = build_image(cache=default_cache_dir(), progress=Progress(quiet=True))
+    lab = L.Lab()
+    clients: list = []
+    with tempfile.TemporaryDirectory() as d:
+        new = build_image(
+            cache=default_cache_dir(), progress=Progress(quiet=True), recipe=changed_recipe(Path(d))
+        )
+        lab.up()
+        try:
+            plain_red(lab, "192.168.77.50")
+            site = Path(d) / "site.toml"
+            site.write_text(
+                (ROOT / "examples" / "site.toml")
+                .read_text()
+                .replace('"vpn.example.org:51820"', '"203.0.113.1:51820"')
+                .replace('mode = "masquerade"', 'mode = "routed"')
+            )
+            _cli(lab, "deploy", "--site", str(site), "--image", str(img.path))
+            for dest in ("10.77.0.0/24", "192.168.88.0/24"):
+                lab.exec(L.LAN_NS, ["ip", "route", "replace", dest, "via", "192.168.77.50"])
+            for peer, ns, ifname in (("laptop", RW_NS, "wgbh0"), ("branch", BRANCH_NS, "wgbh1")):
+                c = WgClient(lab, ns, ifname)
+                c.up(_cli(lab, "peer-config", "--site", str(site), peer).stdout)
+                clients.append(c)
+                ping(lab, ns, "192.168.77.10")
+            upgrade = _outage(
+                lab,
+                lambda: _cli(lab, "upgrade", "--site", str(site), "--image", str(new.path)),
+                "192.168.77.10",
+            )
+
+            def stop_and_boot():
+                _cli(lab, "destroy", "--site", str(site))
+                _cli(lab, "deploy", "--site", str(site), "--image", str(img.path))
+
+            boot = _outage(lab, stop_and_boot, "192.168.77.10")
+            _cli(lab, "destroy", "--site", str(site))
+        finally:
+            for c in clients:
+                c.down()
+            lab.down()
+    return {
+        "upgrade_road_warrior_outage_s": upgrade["ping_outage_s"],
+        "upgrade_branch_tcp_outage_s": upgrade["tcp_outage_s"],
+        "upgrade_to_verified_s": round(upgrade["run_s"], 1),
+        "stop_and_boot_road_warrior_outage_s": boot["ping_outage_s"],
+        "stop_and_boot_branch_tcp_outage_s": boot["tcp_outage_s"],
+        "upgrade_outage_ratio_to_stop_and_boot": round(
+            upgrade["ping_outage_s"] / max(boot["ping_outage_s"], 0.2), 3
+        ),
+    }
+
+
+ALL = [render_1000, image, upload, lab, handover]

@@ -1,0 +1,279 @@
+"""The handover's rules without a VM: slots and roles, link states, how a killed run is put
+back, what the new appliance is told at the takeover. The lab tests in test_e2e.py do it
+with real appliances and clients."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+
+import libvirt
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from builder.checks.appliance import Report, before_takeover
+from builder.checks.result import Check
+from builder.errors import HostError
+from builder.guest import agent
+from builder.handover import converge, takeover_peers
+from builder.model.site import load_site
+from builder.progress import Progress
+from builder.remote import slots
+from builder.render.libvirt_xml import (
+    META_ROLE,
+    META_SITE,
+    ROLE_ACTIVE,
+    ROLE_PREVIOUS,
+    ROLE_STAGED,
+    DomainSpec,
+    domain_xml,
+    has_agent_channel,
+    interface_xml,
+    link_is_up,
+)
+from tests.conftest import EXAMPLE
+
+MAC = "52:54:00:12:34:56"
+
+
+def _spec(name: str, meta: dict[str, str], link_up: bool = True) -> DomainSpec:
+    return DomainSpec(
+        name=name,
+        memory_mib=512,
+        vcpus=1,
+        virt_type="qemu",
+        disk_path=f"/pool/{name}-disk.qcow2",
+        seed_path=None,
+        bridge="green0",
+        mac=MAC,
+        serial_log_path=f"/pool/{name}-serial.log",
+        metadata=meta,
+        link_up=link_up,
+    )
+
+
+class FakeDomain:
+    """What the handover asks of a libvirt domain, kept in memory; XML from domain_xml."""
+
+    def __init__(self, name: str, role: str | None, active: bool, link: bool, site="wg-gw"):
+        self._name, self.active, self.autostart = name, active, role == ROLE_ACTIVE
+        self.meta = {META_SITE: site, **({META_ROLE: role} if role else {})}
+        self.link_live, self.link_saved = link, link
+        self.log: list[str] = []
+
+    def name(self) -> str:
+        return self._name
+
+    def isActive(self) -> int:
+        return int(self.active)
+
+    def XMLDesc(self, flags: int = 0) -> str:
+        saved = bool(flags & libvirt.VIR_DOMAIN_XML_INACTIVE) or not self.active
+        return domain_xml(
+            _spec(self._name, self.meta, self.link_saved if saved else self.link_live)
+        )
+
+    def updateDeviceFlags(self, xml: str, flags: int) -> None:
+        up = ET.fromstring(xml).find("link").get("state") == "up"
+        if flags & libvirt.VIR_DOMAIN_AFFECT_LIVE:
+            assert self.active, "a live update of a stopped domain"
+            self.link_live = up
+            self.log.append(f"live {'up' if up else 'down'}")
+        if flags & libvirt.VIR_DOMAIN_AFFECT_CONFIG:
+            self.link_saved = up
+
+    def setMetadata(self, _type, xml, _prefix, _uri, _flags) -> None:
+        self.meta = {child.tag: child.text or "" for child in ET.fromstring(xml)}
+
+    def setAutostart(self, on: int) -> None:
+        self.autostart = bool(on)
+
+    def create(self) -> None:
+        self.active, self.link_live = True, self.link_saved
+        self.log.append("start")
+
+    def shutdown(self) -> None:
+        self.destroy()
+
+    def destroy(self) -> None:
+        self.active = False
+        self.log.append("stop")
+
+
+class FakeConn:
+    def __init__(self, *doms: FakeDomain):
+        self.doms = {d.name(): d for d in doms}
+
+    def lookupByName(self, name: str) -> FakeDomain:
+        if name in self.doms:
+            return self.doms[name]
+        return libvirt.open("test:///default").lookupByName(name)  # raises "no domain"
+
+
+def _up(conn: FakeConn) -> list[str]:
+    return sorted(n for n, d in conn.doms.items() if d.active and d.link_live)
+
+
+def test_three_slots_and_the_first_free_one() -> None:
+    assert slots.slot_names("gw") == ("gw", "gw_2", "gw_3")
+    assert slots.free_slot("gw", {"gw"}) == "gw_2"
+    assert slots.free_slot("gw", {"gw_2", "gw"}) == "gw_3"
+    assert slots.free_slot("gw", {"gw_2"}) == "gw"
+
+
+def test_roles_come_from_metadata_and_a_stranger_is_refused() -> None:
+    conn = FakeConn(
+        FakeDomain("wg-gw", None, True, True), FakeDomain("wg-gw_2", ROLE_PREVIOUS, False, False)
+    )
+    found = slots.site_domains(conn, "wg-gw")
+    assert {r: d.name() for r, d in found.items()} == {"active": "wg-gw", "previous": "wg-gw_2"}
+    other = FakeConn(FakeDomain("wg-gw_3", ROLE_ACTIVE, True, True, site="elsewhere"))
+    with pytest.raises(HostError, match="not this site's appliance"):
+        slots.site_domains(other, "wg-gw")
+
+
+def test_set_link_changes_the_guest_and_the_saved_definition() -> None:
+    dom = FakeDomain("wg-gw", ROLE_ACTIVE, True, True)
+    slots.set_link(dom, False)
+    assert (dom.link_live, dom.link_saved) == (False, False)
+    assert not slots.link_up(dom)
+    stopped = FakeDomain("wg-gw_2", ROLE_PREVIOUS, False, False)
+    slots.set_link(stopped, True)  # no live update of a stopped domain
+    assert stopped.link_saved and not slots.link_up(stopped)
+
+
+def test_set_role_autostarts_only_the_active_one() -> None:
+    dom = FakeDomain("wg-gw_2", ROLE_STAGED, True, False)
+    slots.set_role(dom, ROLE_ACTIVE)
+    assert dom.autostart and dom.meta[META_ROLE] == ROLE_ACTIVE
+    slots.set_role(dom, ROLE_PREVIOUS)
+    assert not dom.autostart
+
+
+def test_a_run_killed_in_the_takeover_is_undone_old_link_first() -> None:
+    """Killed after the switch of links, before the roles: the new one steps back (its link
+    down before the old one's comes up), so the next run can do the takeover again."""
+    old = FakeDomain("wg-gw", ROLE_ACTIVE, True, False)
+    new = FakeDomain("wg-gw_2", ROLE_STAGED, True, True)
+    conn = FakeConn(old, new)
+    doms = converge(conn, _site(), None, Progress(quiet=True))
+    assert _up(conn) == ["wg-gw"]
+    assert new.log == ["live down"] and old.log == ["live up"]
+    assert doms[ROLE_STAGED] is new and new.active, "the staged one is kept for the retry"
+
+
+def test_both_links_down_brings_the_active_one_back() -> None:
+    conn = FakeConn(
+        FakeDomain("wg-gw", ROLE_ACTIVE, True, False),
+        FakeDomain("wg-gw_3", ROLE_STAGED, True, False),
+    )
+    converge(conn, _site(), None, Progress(quiet=True))
+    assert _up(conn) == ["wg-gw"]
+
+
+def test_a_stopped_active_one_is_started_with_its_link_up() -> None:
+    conn = FakeConn(FakeDomain("wg-gw", ROLE_ACTIVE, False, False))
+    converge(conn, _site(), None, Progress(quiet=True))
+    assert _up(conn) == ["wg-gw"]
+
+
+def test_killed_between_the_role_writes_the_link_says_who_serves() -> None:
+    old = FakeDomain("wg-gw", ROLE_ACTIVE, False, False)
+    new = FakeDomain("wg-gw_2", ROLE_ACTIVE, True, True)
+    conn = FakeConn(old, new)
+    doms = converge(conn, _site(), None, Progress(quiet=True))
+    assert doms[ROLE_ACTIVE] is new and doms[ROLE_PREVIOUS] is old
+    assert old.meta[META_ROLE] == ROLE_PREVIOUS and not old.autostart
+    assert _up(conn) == ["wg-gw_2"]
+
+
+def test_no_step_of_converge_ever_has_two_links_up() -> None:
+    for old_link in (True, False):
+        for new_link in (True, False):
+            old = FakeDomain("wg-gw", ROLE_ACTIVE, True, old_link)
+            new = FakeDomain("wg-gw_2", ROLE_STAGED, True, new_link)
+            conn = FakeConn(old, new)
+            if old_link and new_link:
+                continue  # never made by the tool
+            converge(conn, _site(), None, Progress(quiet=True))
+            assert _up(conn) == ["wg-gw"], (old_link, new_link)
+
+
+def _site():
+    return load_site(EXAMPLE)
+
+
+def test_the_domain_has_the_agent_channel_and_a_link_state() -> None:
+    xml = domain_xml(_spec("wg-gw", {META_SITE: "wg-gw"}, link_up=False))
+    assert has_agent_channel(xml) and not link_is_up(xml)
+    nic = interface_xml(xml, True)
+    assert '<mac address="52:54:00:12:34:56" />' in nic and 'state="up"' in nic
+    assert link_is_up(domain_xml(_spec("wg-gw", {META_SITE: "wg-gw"})))
+
+
+def test_endpoints_for_the_takeover_are_address_and_port_only() -> None:
+    status = {
+        "wg": {
+            "peers": [
+                {"public_key": "A=", "endpoint": "198.51.100.10:40000"},
+                {"public_key": "B=", "endpoint": "[2001:db8::1]:51820"},
+                {"public_key": "C=", "endpoint": None},
+                {"public_key": "D=", "endpoint": "host; reboot:1"},
+            ]
+        }
+    }
+    assert takeover_peers(status) == [["A=", "198.51.100.10:40000"], ["B=", "[2001:db8::1]:51820"]]
+
+
+@given(st.text(max_size=60))
+def test_no_other_endpoint_text_is_passed_on(text: str) -> None:
+    got = takeover_peers({"wg": {"peers": [{"public_key": "K=", "endpoint": text}]}})
+    if got:
+        host, _, port = text.rpartition(":")
+        assert port.isdigit() and (host.count(".") == 3 or host.startswith("["))
+        assert not any(c in text for c in " ;$`'\"\n\\")
+
+
+def test_before_takeover_ignores_only_what_needs_the_link() -> None:
+    report = Report(
+        "wg-gw",
+        (
+            Check("ssh", True, ""),
+            Check("gateway", False, "not probed"),
+            Check("handshake laptop", False, "never"),
+            Check("wg0", False, "wg0 is not up"),
+            Check("peers", True, ""),
+        ),
+    )
+    assert [c.name for c in before_takeover(report)] == ["wg0"]
+
+
+def test_the_agent_kicks_each_known_peer_and_puts_keepalives_back(monkeypatch) -> None:
+    calls: list[tuple[str, ...]] = []
+
+    def sh(*argv):
+        calls.append(argv)
+        if argv[:4] == ("wg", "show", "wg0", "persistent-keepalive"):
+            return {"rc": 0, "out": "A=\toff\nB=\t25\n", "err": ""}
+        return {"rc": 0, "out": "", "err": ""}
+
+    sent = []
+    monkeypatch.setattr(agent, "sh", sh)
+    monkeypatch.setattr(agent, "garp", lambda ifname, address: sent.append((ifname, address)))
+    monkeypatch.setattr(agent.time, "sleep", lambda s: None)
+    out = agent.takeover(
+        {
+            "lan": "lan0",
+            "address": "192.168.77.50",
+            "peers": [["A=", "1.2.3.4:5"], ["X=", "6.7.8.9:1"]],
+        }
+    )
+    sets = [c[3:] for c in calls if c[:3] == ("wg", "set", "wg0")]
+    assert sets == [
+        ("peer", "A=", "persistent-keepalive", "0"),
+        ("peer", "A=", "endpoint", "1.2.3.4:5", "persistent-keepalive", "25"),
+        ("peer", "A=", "persistent-keepalive", "0"),
+    ]
+    assert out == {"garp": 3, "kicked": 1} and sent[0] == ("lan0", "192.168.77.50")
+    json.dumps(out)
