@@ -121,11 +121,11 @@ def converge(conn: libvirt.virConnect, site: Site, keys: Keys, progress: Progres
         old, new = (doms[ROLE_ACTIVE], twin) if link_up(twin) else (twin, doms[ROLE_ACTIVE])
         set_role(old, ROLE_PREVIOUS)
         doms[ROLE_ACTIVE], doms[ROLE_PREVIOUS] = new, old
-    active, staged = doms.get(ROLE_ACTIVE), doms.get(ROLE_STAGED)
-    previous = doms.get(ROLE_PREVIOUS)
-    if staged is not None and link_up(staged):
-        progress.say(f"an earlier run stopped during a takeover: {staged.name()} steps back")
-        set_link(staged, False)
+    active, previous = doms.get(ROLE_ACTIVE), doms.get(ROLE_PREVIOUS)
+    for dom in doms.values():  # first of all: no other domain on the LAN
+        if dom is not active and link_up(dom):
+            progress.say(f"an earlier run stopped during a takeover: {dom.name()} steps back")
+            set_link(dom, False)
     if active is not None:
         if previous is not None and previous.isActive() and link_up(active):
             progress.say(f"an earlier run stopped before {previous.name()} was stopped")
@@ -417,7 +417,6 @@ def rollback(
                 f"{site.name} has no previous appliance on {site.host.uri} to return to",
                 "a previous appliance exists after an upgrade without --prune",
             )
-        set_role(previous, ROLE_STAGED)
         set_link(previous, False)
         with progress.stage(f"starting {previous.name()} with its link down"):
             if not previous.isActive():

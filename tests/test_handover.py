@@ -163,6 +163,15 @@ def test_a_run_killed_in_the_takeover_is_undone_old_link_first() -> None:
     assert doms[ROLE_STAGED] is new and new.active, "the staged one is kept for the retry"
 
 
+def test_a_rollback_killed_in_the_takeover_puts_the_previous_one_back_first() -> None:
+    old = FakeDomain("wg-gw_2", ROLE_ACTIVE, True, False)
+    back = FakeDomain("wg-gw", ROLE_PREVIOUS, True, True)
+    conn = FakeConn(old, back)
+    converge(conn, _site(), None, Progress(quiet=True))
+    assert _up(conn) == ["wg-gw_2"] and not back.active
+    assert back.log[0] == "live down" and old.log == ["live up"]
+
+
 def test_both_links_down_brings_the_active_one_back() -> None:
     conn = FakeConn(
         FakeDomain("wg-gw", ROLE_ACTIVE, True, False),
