@@ -25,7 +25,7 @@ from pathlib import Path
 
 import libvirt
 
-from builder.checks.appliance import Report, before_takeover, evaluate
+from builder.checks.appliance import Report, before_takeover, evaluate, fresh_site_peers
 from builder.errors import ApplianceError, GuestError, HostError
 from builder.local.state import State
 from builder.model.keys import Keys
@@ -65,6 +65,7 @@ from builder.render.seed import make_seed
 
 SHUTDOWN_S = 60.0
 SSH_BACK_S = 120.0  # the new appliance answers SSH within this after its link comes up
+BRANCH_BACK_S = 30.0  # and a branch that was up before has its tunnel back within this
 _ENDPOINT = re.compile(r"^(\d{1,3}(\.\d{1,3}){3}|\[[0-9a-fA-F:.]+\]):\d{1,5}$")
 
 
@@ -183,9 +184,11 @@ def _after_takeover(
     clock: _Clock,
     link_down_at: float | None = None,
     keep_new: bool = False,
+    branches: set[str] = frozenset(),
 ) -> float | None:
-    """Verify the new appliance on the LAN address over SSH; on any failure the old one
-    takes the address back. Then the old one stops. Returns the outage when timed."""
+    """Verify the new appliance on the LAN address over SSH, with the handshakes of the
+    `branches` that were up before (given a little while to come back); on any failure the
+    old one takes the address back. Then the old one stops. Returns the outage when timed."""
     outage = None
     try:
         with progress.stage(f"verifying {new.name()} on {site.lan.address.ip}"):
@@ -193,7 +196,17 @@ def _after_takeover(
             if link_down_at is not None:
                 outage = time.monotonic() - link_down_at
             client.close()
-            report = evaluate(site, keys, gather(site, keys), time.time())
+            deadline = time.monotonic() + BRANCH_BACK_S
+            while True:
+                report = evaluate(
+                    site, keys, gather(site, keys), time.time(), branches, only_required=True
+                )
+                waiting = [c for c in report.checks if not c.ok]
+                if not waiting or time.monotonic() > deadline:
+                    break
+                if not all(c.name.startswith("handshake ") for c in waiting):
+                    break
+                time.sleep(2)
         if not report.ok:
             raise TakeoverFailed(
                 f"{new.name()} failed verify after the takeover: {_failed(report)}"
@@ -244,9 +257,11 @@ def _take_over(
         with progress.stage(f"removing the appliance before the old one, {retire.name()}"):
             removed = lh.destroy_domain(conn, retire.name())
     peers: list[list[str]] = []
+    branches: set[str] = set()
     if link_up(old):
         try:
-            peers = takeover_peers(read_status(site, keys))
+            status = read_status(site, keys)
+            peers, branches = takeover_peers(status), fresh_site_peers(site, keys, status)
         except ApplianceError as e:
             progress.say(f"  note: could not read the old appliance's endpoints ({e})")
     with progress.stage(f"takeover: {old.name()} -> {new.name()}"):
@@ -259,7 +274,9 @@ def _take_over(
     if kicked.get("error"):
         progress.say(f"  note: {kicked['error']}")
     clock.mark("took over")
-    outage = _after_takeover(site, keys, old, new, progress, clock, link_down_at, keep_new)
+    outage = _after_takeover(
+        site, keys, old, new, progress, clock, link_down_at, keep_new, branches
+    )
     pool = pool_for(conn, site, progress)
     seed_digest = (lh.domain_metadata(new) or {}).get(META_SEED_DIGEST, "")
     retire_seed(new, pool, volume_names(new.name(), seed_digest)["seed"], progress)

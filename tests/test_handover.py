@@ -286,3 +286,21 @@ def test_the_agent_kicks_each_known_peer_and_puts_keepalives_back(monkeypatch) -
     ]
     assert out == {"garp": 3, "kicked": 1} and sent[0] == ("lan0", "192.168.77.50")
     json.dumps(out)
+
+
+def test_branches_up_before_the_takeover_must_be_up_after(site_keys, facts) -> None:
+    from builder.checks.appliance import evaluate, fresh_site_peers
+    from tests.plugins.samples import NOW
+
+    site, keys = site_keys
+    branch = next(p for p in site.peers if p.is_site).name
+    before = {"time": NOW, "wg": facts["wg"]}
+    assert fresh_site_peers(site, keys, before) == {branch}, "road warriors never count"
+    stale = json.loads(json.dumps(facts))
+    for p in stale["wg"]["peers"]:
+        p["latest_handshake"] = 0
+    assert fresh_site_peers(site, keys, {"time": NOW, "wg": stale["wg"]}) == set()
+    after = evaluate(site, keys, stale, NOW, {branch}, only_required=True)
+    failing = [c.name for c in after.checks if not c.ok]
+    assert failing == [f"handshake {branch}"]
+    assert evaluate(site, keys, stale, NOW, set(), only_required=True).ok

@@ -171,7 +171,9 @@ def _routes(site: Site, facts: dict[str, Any]) -> Check:
     )
 
 
-def _handshakes(site: Site, keys: Keys, facts: dict[str, Any], required: set[str]) -> list[Check]:
+def _handshakes(
+    site: Site, keys: Keys, facts: dict[str, Any], required: set[str], only_required: bool
+) -> list[Check]:
     now = facts["time"]
     live = {p["public_key"]: p for p in facts["wg"].get("peers", [])}
     checks = []
@@ -182,7 +184,7 @@ def _handshakes(site: Site, keys: Keys, facts: dict[str, Any], required: set[str
         last = h["latest_handshake"] if h else 0
         age = now - last if last else None
         fresh = age is not None and age <= HANDSHAKE_FRESH_S
-        must = p.name in required or (p.is_site and p.endpoint is not None)
+        must = p.name in required or (not only_required and p.is_site and p.endpoint is not None)
         if age is None:
             detail = "no handshake yet"
         else:
@@ -234,8 +236,11 @@ def evaluate(
     facts: dict[str, Any],
     local_time: float,
     required: set[str] = frozenset(),
+    only_required: bool = False,
 ) -> Report:
-    """Pure: the site, its keys and the guest's facts in, the checks out."""
+    """Pure: the site, its keys and the guest's facts in, the checks out. `only_required`:
+    handshakes count for the `required` peers only (after a takeover: the branches that were
+    up before it), not for every site peer with an endpoint."""
     drift = peer_drift(site, keys, facts["wg"].get("peers", []))
     v4 = facts["ip_forward"] == "1"
     v6 = facts["ip6_forward"] == "1" or not any(a.version == 6 for a in site.wireguard.addresses)
@@ -261,7 +266,7 @@ def evaluate(
         _routes(site, facts),
         _metrics(site, facts),
         Check("gateway", gw["ok"], f"{site.lan.gateway}: {gw['detail']}"),
-        *_handshakes(site, keys, facts, set(required)),
+        *_handshakes(site, keys, facts, set(required), only_required),
         _resources(facts, local_time),
     ]
     return Report(site.name, tuple(checks))
@@ -280,3 +285,17 @@ def before_takeover(report: Report) -> list[Check]:
         for c in report.checks
         if not c.ok and c.name not in LINK_CHECKS and not c.name.startswith("handshake ")
     ]
+
+
+def fresh_site_peers(site: Site, keys: Keys, status: dict[str, Any]) -> set[str]:
+    """Site peers (those with networks) whose handshake on the serving appliance is fresh:
+    the branches whose tunnels must be up again after a takeover. Road warriors are left
+    out: a sleeping phone must not stop an upgrade."""
+    now = status.get("time", 0)
+    live = {p.get("public_key"): p for p in (status.get("wg") or {}).get("peers", [])}
+    out = set()
+    for p in site.peers:
+        h = live.get(keys.peers[p.name].public) if p.active and p.is_site else None
+        if h and h.get("latest_handshake") and now - h["latest_handshake"] <= HANDSHAKE_FRESH_S:
+            out.add(p.name)
+    return out
