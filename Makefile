@@ -42,7 +42,7 @@ else
 endif
 
 test: setup
-	$(BIN)/pytest -v --timeout=1800 tests
+	$(BIN)/pytest -v --timeout=1800 --durations=25 tests
 
 test-fast: setup
 	$(BIN)/pytest -q -m 'not slow' tests
