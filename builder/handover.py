@@ -60,6 +60,7 @@ from builder.render.libvirt_xml import (
     ROLE_ACTIVE,
     ROLE_PREVIOUS,
     ROLE_STAGED,
+    has_agent_channel,
 )
 from builder.render.seed import make_seed
 
@@ -433,6 +434,12 @@ def rollback(
             raise HostError(
                 f"{site.name} has no previous appliance on {site.host.uri} to return to",
                 "a previous appliance exists after an upgrade without --prune",
+            )
+        if not has_agent_channel(previous.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)):
+            raise HostError(
+                f"{previous.name()} was made before appliances had a guest agent channel, so "
+                "it cannot be checked with its link down",
+                "upgrade with its image instead (`wg-appliance upgrade --image FILE`)",
             )
         set_link(previous, False)
         with progress.stage(f"starting {previous.name()} with its link down"):
