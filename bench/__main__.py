@@ -5,12 +5,16 @@ cache hit < 1 s; first boot (cloud-init done and SSH answering) within 6x the ba
 kernel-to-init time, for 1 and 2 vCPUs; deploy of the 3-peer example to verified within its
 first boot + 15 s, and of 1000 peers within 1.2x that; verify < 2 s; sync < 2 s; status < 2 s
 at 3 peers and < 3 s at 1000 (verify's 3-peer figure beside it).
+
+`python -m bench NAME...` runs only the named figures (e.g. `speed`: verify, status and sync
+in one 1000-peer appliance, with where their time goes) and updates those in results.json.
 """
 
 from __future__ import annotations
 
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -35,9 +39,13 @@ GOALS = {
 }
 
 
-def main() -> int:
+def main(names: list[str]) -> int:
+    unknown = [n for n in names if n not in figures.BY_NAME]
+    if unknown:
+        print(f"unknown figures {unknown}; known: {sorted(figures.BY_NAME)}", file=sys.stderr)
+        return 2
     results: dict = {}
-    for fn in figures.ALL:
+    for fn in [figures.BY_NAME[n] for n in names] or figures.ALL:
         t0 = time.monotonic()
         print(f"== {fn.__name__} ...", flush=True)
         results.update(fn())
@@ -57,12 +65,19 @@ def main() -> int:
             "accel": "tcg",
         },
         "goals": GOALS,
-        "results": results,
+        "results": {**_earlier(names), **results},
     }
     RESULTS.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"\nwritten to {RESULTS}")
     return 0
 
 
+def _earlier(names: list[str]) -> dict:
+    """With figures named, the other results already written are kept."""
+    if not names or not RESULTS.exists():
+        return {}
+    return json.loads(RESULTS.read_text()).get("results", {})
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(sys.argv[1:]))

@@ -335,4 +335,100 @@ def upload() -> dict[str, float]:
     }
 
 
+# Where the time of verify, status and sync goes, measured from the workstation over one
+# pinned SSH connection to the appliance: the tool's imports, loading the site and keys, the
+# SSH connect, then each guest step on its own (best of three).
+PHASES = """
+import json, sys, time
+t0 = time.perf_counter()
+from pathlib import Path
+from builder.local.state import State
+from builder.model.site import load_site
+from builder.remote import appliance as A
+from builder.remote.ssh import connect, execute
+out = {"imports": time.perf_counter() - t0}
+t0 = time.perf_counter()
+site = load_site(Path(sys.argv[1]))
+keys = State.for_site(site).look(site)
+out["load_site_and_keys"] = time.perf_counter() - t0
+t0 = time.perf_counter()
+client = connect(A.target_for(site, keys))
+out["ssh_connect"] = time.perf_counter() - t0
+probe = json.dumps({"gateway": str(site.lan.gateway), "metrics": A.metrics_url(site)})
+steps = {
+    "exec_true": ("true", ""),
+    "exec_sudo_true": ("sudo -n true", ""),
+    "exec_sudo_python_pass": ("sudo -n python3 -S -c pass", ""),
+    "agent_status": (A.agent_command("status"), ""),
+    "agent_probe": (A.agent_command("probe", probe), ""),
+    "agent_sync_no_change": (A.agent_command("sync"), "\\n"),
+}
+for name, (command, stdin) in steps.items():
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        r = execute(client, command, input=stdin)
+        times.append(time.perf_counter() - t0)
+        assert r.rc == 0, (name, r.stderr[-300:])
+    out[name] = min(times)
+    out[name + "_answer_kb"] = len(r.stdout) / 1e3
+out["agent_command_kb"] = len(A.agent_command("status")) / 1e3
+client.close()
+print(json.dumps(out))
+"""
+
+
+def _phases(lab, site: Path, tag: str) -> dict[str, float]:
+    from tests.lab.lab import LAN_NS
+
+    out = lab.exec(LAN_NS, [sys.executable, "-c", PHASES, str(site)], timeout=600).stdout
+    return {f"phase_{tag}_{k}_s" if not k.endswith("kb") else f"phase_{tag}_{k}": round(v, 3)
+            for k, v in json.loads(out).items()}  # fmt: skip
+
+
+def _add_peer(site: Path, i: int) -> None:
+    site.write_text(
+        site.read_text() + f'\n[[peers]]\nname = "extra{i}"\naddress = "10.100.9.{i + 1}/32"\n'
+    )
+
+
+def speed() -> dict[str, float]:
+    """The whole-process times of verify, status and sync in one 1000-peer appliance (and
+    synced down to 3 peers), each the best of three, with where their time goes."""
+    from tests.lab import lab as L
+
+    img = build_image(cache=default_cache_dir(), progress=Progress(quiet=True))
+    lab = L.Lab()
+    lab.up()
+    figures: dict[str, float] = {}
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            site = big_site(Path(d) / "site.toml", 1000, endpoint="203.0.113.1:51820")
+            r = _cli(lab, "deploy", "--site", str(site), "--image", str(img.path))
+            assert r.returncode == 0, r.stderr[-2000:]
+            _cli(lab, "verify", "--site", str(site))
+            figures["verify_s"] = _best(lab, "verify", site)
+            figures["status_1000_peers_s"] = _best(lab, "status", site)
+            figures["sync_no_change_1000_s"] = _best(lab, "sync", site)
+            times = []
+            for i in range(3):
+                _add_peer(site, i)
+                t, r = _timed_cli(lab, "sync", "--site", str(site))
+                assert r.returncode == 0, r.stderr[-2000:]
+                times.append(t)
+            figures["sync_one_peer_into_1000_s"] = min(times)
+            figures.update(_phases(lab, site, "1000"))
+            big_site(site, 3, endpoint="203.0.113.1:51820")
+            _cli(lab, "sync", "--site", str(site))
+            figures["verify_3_peers_s"] = _best(lab, "verify", site)
+            figures["status_3_peers_s"] = _best(lab, "status", site)
+            figures.update(_phases(lab, site, "3"))
+            _cli(lab, "destroy", "--site", str(site))
+    finally:
+        lab.down()
+    return {k: round(v, 2) if k.endswith("_s") and not k.startswith("phase") else v
+            for k, v in figures.items()}  # fmt: skip
+
+
 ALL = [render_1000, image, upload, lab]
+BY_NAME = {fn.__name__: fn for fn in [*ALL, speed]}
