@@ -3,8 +3,8 @@
 Goals (from the issues): render 1000 peers < 1 s; image <= 64 MB, cold build < 120 s,
 cache hit < 1 s; first boot (cloud-init done and SSH answering) within 6x the bare
 kernel-to-init time, for 1 and 2 vCPUs; deploy of the 3-peer example to verified within its
-first boot + 15 s, and of 1000 peers within 1.2x that; verify < 2 s; sync < 2 s; status < 2 s
-at 3 peers and < 3 s at 1000 (verify's 3-peer figure beside it).
+first boot + 15 s, and of 1000 peers within 1.2x that; sync < 2 s; verify and status < 2 s
+at 3 peers and < 3 s at 1000.
 
 `python -m bench NAME...` runs only the named figures (e.g. `speed`: verify, status and sync
 in one 1000-peer appliance, with where their time goes) and updates those in results.json.
@@ -31,11 +31,15 @@ GOALS = {
     "boot_ratio_to_kernel_to_init_2cpu": 6.0,
     "deploy_3_peers_to_verified_beyond_first_boot_s": 15.0,
     "deploy_1000_to_3_peers_ratio": 1.2,
-    "verify_s": 2.0,
+    "verify_s": 3.0,  # at 1000 peers (issue 17: under 3 s at 1000, under 2 s at 3)
     "verify_3_peers_s": 2.0,
     "status_3_peers_s": 2.0,
     "status_1000_peers_s": 3.0,
     "sync_one_peer_into_1000_s": 2.0,
+    "verify_1000_s": 3.0,
+    "status_1000_s": 3.0,
+    "verify_3_s": 2.0,
+    "status_3_s": 2.0,
 }
 
 
