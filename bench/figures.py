@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -98,21 +99,27 @@ def first_boot(img, vcpus: int) -> dict:
     }
 
 
-def _cli(lab, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+def _cli(
+    lab, *args: str, timeout: float = 900, tree: Path | None = None
+) -> subprocess.CompletedProcess:
+    """The tool on the lab's LAN host; with `tree`, the tool of that source tree instead."""
     from tests.lab.lab import LAN_NS
 
-    return lab.exec(LAN_NS, [sys.executable, "-m", "builder", *args], timeout=timeout)
+    argv = [sys.executable, "-m", "builder", *args]
+    return lab.exec(LAN_NS, ["env", "-C", str(tree), *argv] if tree else argv, timeout=timeout)
 
 
-def _timed_cli(lab, *args: str) -> tuple[float, subprocess.CompletedProcess]:
+def _timed_cli(
+    lab, *args: str, tree: Path | None = None
+) -> tuple[float, subprocess.CompletedProcess]:
     t0 = time.perf_counter()
-    r = _cli(lab, *args)
+    r = _cli(lab, *args, tree=tree)
     return time.perf_counter() - t0, r
 
 
-def _best(lab, command: str, site: Path) -> float:
+def _best(lab, command: str, site: Path, tree: Path | None = None) -> float:
     """Whole-process seconds of a command that only looks: the best of three."""
-    return min(_timed_cli(lab, command, "--site", str(site))[0] for _ in range(3))
+    return min(_timed_cli(lab, command, "--site", str(site), tree=tree)[0] for _ in range(3))
 
 
 def _iperf(lab, ns: str, server_ns: str, host: str) -> float:
@@ -430,4 +437,135 @@ def handover() -> dict[str, float]:
     }
 
 
+# Where the time of verify, status and sync goes, measured from the workstation over one
+# pinned SSH connection to the appliance: the tool's imports, loading the site and keys, the
+# SSH connect, then each guest step on its own (best of three).
+PHASES = """
+import json, sys, time
+t0 = time.perf_counter()
+from pathlib import Path
+from builder.local.state import State
+from builder.model.site import load_site
+from builder.remote import appliance as A
+from builder.remote.ssh import connect, execute
+out = {"imports": time.perf_counter() - t0}
+t0 = time.perf_counter()
+site = load_site(Path(sys.argv[1]))
+keys = State.for_site(site).look(site)
+out["load_site_and_keys"] = time.perf_counter() - t0
+t0 = time.perf_counter()
+client = connect(A.target_for(site, keys))
+out["ssh_connect"] = time.perf_counter() - t0
+probe = json.dumps({"gateway": str(site.lan.gateway), "metrics": A.metrics_url(site)})
+steps = {
+    "exec_true": ("true", ""),
+    "exec_sudo_true": ("sudo -n true", ""),
+    "exec_sudo_python_pass": ("sudo -n python3 -S -c pass", ""),
+    "agent_status": (A.agent_command("status"), ""),
+    "agent_probe": (A.agent_command("probe", probe), ""),
+    "agent_sync_no_change": (A.agent_command("sync"), "\\n"),
+}
+for name, (command, stdin) in steps.items():
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        r = execute(client, command, input=stdin)
+        times.append(time.perf_counter() - t0)
+        assert r.rc == 0, (name, r.stderr[-300:])
+    out[name] = min(times)
+    out[name + "_answer_kb"] = len(r.stdout) / 1e3
+out["agent_command_kb"] = len(A.agent_command("status")) / 1e3
+client.close()
+print(json.dumps(out))
+"""
+
+
+def _phases(lab, site: Path, tag: str) -> dict[str, float]:
+    from tests.lab.lab import LAN_NS
+
+    out = lab.exec(LAN_NS, [sys.executable, "-c", PHASES, str(site)], timeout=600).stdout
+    return {f"phase_{tag}_{k}_s" if not k.endswith("kb") else f"phase_{tag}_{k}": round(v, 3)
+            for k, v in json.loads(out).items()}  # fmt: skip
+
+
+def _add_peer(site: Path, i: int) -> None:
+    site.write_text(
+        site.read_text() + f'\n[[peers]]\nname = "extra{i}"\naddress = "10.100.9.{i + 1}/32"\n'
+    )
+
+
+@contextmanager
+def _baseline() -> Iterator[Path | None]:
+    """The source tree of WG_BENCH_BASELINE (a git revision), to time the same commands of an
+    earlier version in the same appliance; None when it is not set."""
+    rev = os.environ.get("WG_BENCH_BASELINE")
+    if not rev:
+        yield None
+        return
+    with tempfile.TemporaryDirectory() as d:
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], capture_output=True)
+        assert archive.returncode == 0, archive.stderr.decode()
+        subprocess.run(["tar", "-x", "-C", d], input=archive.stdout, check=True)
+        yield Path(d)
+
+
+def _looking(lab, site: Path, tag: str, trees: dict[str, Path | None]) -> dict[str, float]:
+    """verify and status of each tree, the best of three."""
+    out = {}
+    for suffix, tree in trees.items():
+        out[f"verify_{tag}_s{suffix}"] = _best(lab, "verify", site, tree)
+        out[f"status_{tag}_s{suffix}"] = _best(lab, "status", site, tree)
+    return out
+
+
+def speed() -> dict[str, float]:
+    """The whole-process times of verify, status and sync in one 1000-peer appliance (and
+    synced down to 3 peers), each the best of three, with where their time goes. With
+    WG_BENCH_BASELINE=REV, the same commands of that revision beside them (`_before`, and
+    the ratio now/before), each tree's calls in a row so each finds its own agent kept."""
+    from tests.lab import lab as L
+
+    img = build_image(cache=default_cache_dir(), progress=Progress(quiet=True))
+    lab = L.Lab()
+    lab.up()
+    figures: dict[str, float] = {}
+    added = iter(range(100))
+    try:
+        with tempfile.TemporaryDirectory() as d, _baseline() as before:
+            trees = {"": None} if before is None else {"_before": before, "": None}
+            site = big_site(Path(d) / "site.toml", 1000, endpoint="203.0.113.1:51820")
+            r = _cli(lab, "deploy", "--site", str(site), "--image", str(img.path))
+            assert r.returncode == 0, r.stderr[-2000:]
+            _cli(lab, "verify", "--site", str(site))
+            for suffix, tree in trees.items():
+                figures.update(_looking(lab, site, "1000", {suffix: tree}))
+                figures[f"sync_no_change_1000_s{suffix}"] = _best(lab, "sync", site, tree)
+                times = []
+                for _ in range(3):
+                    _add_peer(site, next(added))
+                    t, r = _timed_cli(lab, "sync", "--site", str(site), tree=tree)
+                    assert r.returncode == 0, r.stderr[-2000:]
+                    times.append(t)
+                figures[f"sync_one_peer_into_1000_s{suffix}"] = min(times)
+            figures.update(_phases(lab, site, "1000"))
+            big_site(site, 3, endpoint="203.0.113.1:51820")
+            _cli(lab, "sync", "--site", str(site))
+            figures.update(_looking(lab, site, "3", trees))
+            figures.update(_phases(lab, site, "3"))
+            _cli(lab, "destroy", "--site", str(site))
+    finally:
+        lab.down()
+    out = {k: round(v, 2) if not k.startswith("phase") else v for k, v in figures.items()}
+    for key in [k for k in out if k.endswith("_before")]:
+        now = out[key.removesuffix("_before")]
+        out[key.removesuffix("_s_before") + "_ratio_to_before"] = round(now / out[key], 2)
+    # The names the goals are set on.
+    out["verify_s"] = out["verify_1000_s"]
+    out["status_1000_peers_s"] = out["status_1000_s"]
+    out["verify_3_peers_s"] = out["verify_3_s"]
+    out["status_3_peers_s"] = out["status_3_s"]
+    return out
+
+
 ALL = [render_1000, image, upload, lab, handover]
+BY_NAME = {fn.__name__: fn for fn in [*ALL, speed]}

@@ -27,7 +27,6 @@ from builder.model.login import HostAccess, access_of, host_access, login_of_uri
 from builder.model.site import Site, expiry_text, host_uri_problem, load_site
 from builder.progress import Progress
 from builder.render import ipfire
-from builder.render.seed import SECRET, make_seed
 from builder.text import printable
 
 if TYPE_CHECKING:
@@ -164,6 +163,8 @@ def _render_arguments(p: argparse.ArgumentParser) -> None:
     json=RESULT,
 )
 def cmd_render(args: argparse.Namespace) -> int:
+    from builder.render.seed import SECRET, make_seed
+
     site, state = _site_and_state(args)
     if args.out:
         out = OutDir(Path(args.out), option="--out")

@@ -13,7 +13,6 @@ from builder.errors import ApplianceError, ConnectError, InputError
 from builder.local.state import State
 from builder.model.login import HostAccess
 from builder.model.site import Site
-from builder.remote import libvirtd as lh
 from builder.remote.appliance import gather
 from builder.remote.slots import active_domain
 from builder.remote.ssh import HostKeyMismatch
@@ -52,6 +51,8 @@ def verify(
 
 def serial_log(site: Site, access: HostAccess | None) -> str | None:
     """The appliance's serial log end from its host, or None when the host cannot say."""
+    from builder.remote import libvirtd as lh  # libvirt: only when the appliance is silent
+
     try:
         conn = lh.connect_site(site, access)
     except ApplianceError:

@@ -252,6 +252,13 @@ def test_an_unchanged_exporter_is_started_not_restarted():
     assert system.exporter["enabled"] and system.exporter["running"]
 
 
+def test_an_unchanged_mtu_is_not_set_again():
+    system = guest()
+    assert run(system, {**NEW, "mtu": 1420})["ok"]
+    assert not [op for op in system.ops if op[:2] == ("ip", "link")]
+    assert system.files[ga.MTU_PATH]["data"] == b"1420\n"
+
+
 def apply_ops(absent=(), exporter_on=False, request=NEW) -> int:
     system = guest(absent, exporter_on)
     assert run(system, request)["ok"]

@@ -8,7 +8,6 @@ from typing import Any
 
 from builder.model.keys import Keys
 from builder.model.site import Peer, Site, expiry_text
-from builder.render.appliance import appliance_files
 from builder.render.libvirt_xml import META_DISK_GIB, META_MEMORY_MIB, META_VCPUS
 from builder.text import printable
 
@@ -100,6 +99,8 @@ def vm_changes(site: Site, facts: dict, metadata: dict[str, str] | None) -> list
 def changes(site: Site, keys: Keys, facts: dict) -> list[str]:
     """What sync would change, one line each (peers by name, then files); the lines quote
     the guest (endpoints, AllowedIPs) and go to the terminal, so they are escaped here."""
+    from builder.render.appliance import appliance_files  # jinja2: not for status or verify
+
     changes = [_shown(d) for d in peer_drift(site, keys, facts["wg"].get("peers", []))]
     files = appliance_files(site, keys)
     have = facts.get("files", {})

@@ -1,6 +1,7 @@
-"""The program the tool runs inside the appliance, sent whole over SSH as
-`sudo -n python3 -S -c PROGRAM MODE [ARG]`. Standard library only; secrets never leave the
-guest (preshared keys are sent as hashes, private keys not at all).
+"""The program the tool runs inside the appliance over SSH, as `sudo -n python3 -S -c
+PROGRAM MODE [ARG]` (PROGRAM imports the copy kept by its digest; builder/remote/appliance.py
+sends it whole only when there is none). Standard library only; secrets never leave the guest
+(preshared keys are sent as hashes, private keys not at all).
 
 `probe ARG` (verify): gathers every fact in one round trip and prints one JSON document.
 ARG is JSON: {"gateway": "192.168.1.1", "metrics": "http://192.168.1.50:9586/metrics"}
@@ -36,16 +37,21 @@ puts all of it back, step by step, and names each step that could not be undone.
 """
 
 import contextlib
-import hashlib
-import ipaddress
 import json
 import os
-import socket
 import stat
 import struct
 import subprocess
 import sys
 import time
+
+# Under TCG every module a start imports costs: hashlib would load OpenSSL's libcrypto for
+# one digest (the interpreter's own sha256 does), and socket and ipaddress are imported by
+# the few functions that need them.
+try:
+    from _sha2 import sha256
+except ImportError:
+    from hashlib import sha256
 
 # The appliance's own files: written by cloud-init at first boot (user-data), compared by
 # the probe, replaced by sync. name: (path, owner, mode).
@@ -77,11 +83,36 @@ STALE_HANDSHAKE_S = 135
 
 
 def sh(*argv):
-    try:
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=20)
-        return {"rc": p.returncode, "out": p.stdout, "err": p.stderr[-2000:]}
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return {"rc": 127, "out": "", "err": str(e)}
+    return sh_all(argv)[0]
+
+
+def sh_all(*argvs, meanwhile=None):
+    """Each command's {"rc", "out", "err"}, the commands run side by side (each one's start
+    costs more than its work under TCG); `meanwhile()` runs while they do, and its result
+    comes last."""
+    procs = []
+    for argv in argvs:
+        try:
+            procs.append(
+                subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            )
+        except OSError as e:
+            procs.append(e)
+    extra = meanwhile() if meanwhile else None
+    out = []
+    for p in procs:
+        if isinstance(p, OSError):
+            out.append({"rc": 127, "out": "", "err": str(p)})
+            continue
+        try:
+            stdout, stderr = p.communicate(timeout=20)
+        except subprocess.TimeoutExpired as e:
+            p.kill()
+            p.communicate()
+            out.append({"rc": 127, "out": "", "err": str(e)})
+            continue
+        out.append({"rc": p.returncode, "out": stdout, "err": stderr[-2000:]})
+    return out + [extra] if meanwhile else out
 
 
 def read(path, default=""):
@@ -92,8 +123,13 @@ def read(path, default=""):
         return default
 
 
-def wg_dump():
-    r = sh("wg", "show", "wg0", "dump")
+WG_DUMP = ("wg", "show", "wg0", "dump")
+IP_ADDR = ("ip", "-j", "addr", "show")
+
+
+def wg_dump(r=None):
+    """wg0's interface and peers, from `wg show wg0 dump` (run here unless `r` is its result)."""
+    r = sh(*WG_DUMP) if r is None else r
     if r["rc"] != 0:
         return {"error": r["err"].strip() or "wg show failed"}
     lines = [ln.split("\t") for ln in r["out"].splitlines() if ln]
@@ -104,7 +140,7 @@ def wg_dump():
         peers.append(
             {
                 "public_key": f[0],
-                "psk_sha256": None if psk == "(none)" else hashlib.sha256(psk.encode()).hexdigest(),
+                "psk_sha256": None if psk == "(none)" else sha256(psk.encode()).hexdigest(),
                 "endpoint": None if f[2] == "(none)" else f[2],
                 "allowed_ips": sorted(x for x in f[3].split(",") if x and x != "(none)"),
                 "latest_handshake": int(f[4]),
@@ -118,6 +154,8 @@ def wg_dump():
 
 def ping(host, timeout=1.0, tries=3):
     """ICMP echo through a raw socket (root): no ping binary needed in the image."""
+    import socket
+
     try:
         s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
     except OSError as e:
@@ -148,15 +186,16 @@ def ping(host, timeout=1.0, tries=3):
 
 def file_sha256(path):
     text = read(path, None)
-    return None if text is None else hashlib.sha256(text.encode()).hexdigest()
+    return None if text is None else sha256(text.encode()).hexdigest()
 
 
 def files():
     return {key: file_sha256(path) for key, (path, _, _) in FILES.items()}
 
 
-def addresses():
-    r = sh("ip", "-j", "addr", "show")
+def addresses(r=None):
+    """Global addresses by interface, from `ip -j addr show` (run here unless `r` is its result)."""
+    r = sh(*IP_ADDR) if r is None else r
     if r["rc"] != 0:
         return {}
     return {
@@ -174,10 +213,21 @@ FIRST_BOOT = "/var/lib/wg-appliance"
 
 
 def facts(args):
-    """Everything verify judges, in one document."""
-    link = sh("ip", "-j", "link", "show", "wg0")
-    routes = sh("ip", "-j", "route", "show", "table", "main")
-    routes6 = sh("ip", "-j", "-6", "route", "show", "table", "main")
+    """Everything verify judges, in one document. The commands run side by side, and the ping
+    and the scrape while they do."""
+    link, routes, routes6, nft, dump, addrs, timer, (gateway, metrics) = sh_all(
+        ("ip", "-j", "link", "show", "wg0"),
+        ("ip", "-j", "route", "show", "table", "main"),
+        ("ip", "-j", "-6", "route", "show", "table", "main"),
+        ("nft", "list", "ruleset"),
+        WG_DUMP,
+        IP_ADDR,
+        ("systemctl", "is-active", TIMER),
+        meanwhile=lambda: (
+            ping(args["gateway"]) if args.get("gateway") else None,
+            metrics_facts(args.get("metrics")),
+        ),
+    )
     st = os.statvfs("/")
     meminfo = dict(
         (ln.split(":")[0], int(ln.split()[1]) * 1024)
@@ -194,23 +244,23 @@ def facts(args):
         or read(FIRST_BOOT + "/cloud-init-result.json", ""),
         "cloud_init_off": os.path.exists("/etc/cloud/cloud-init.disabled"),
         "cloud_init_log_tail": read("/var/log/cloud-init.log")[-3000:],
-        "wg": wg_dump(),
+        "wg": wg_dump(dump),
         "wg_link": json.loads(link["out"] or "[]") if link["rc"] == 0 else [],
         "ip_forward": read("/proc/sys/net/ipv4/ip_forward").strip(),
         "ip6_forward": read("/proc/sys/net/ipv6/conf/all/forwarding").strip(),
-        "nft": sh("nft", "list", "ruleset"),
+        "nft": nft,
         "routes": json.loads(routes["out"] or "[]") + json.loads(routes6["out"] or "[]"),
-        "gateway": ping(args["gateway"]) if args.get("gateway") else None,
+        "gateway": gateway,
         "files": files(),
-        "addresses": addresses(),
-        "peers_timer": sh("systemctl", "is-active", TIMER)["out"].strip(),
+        "addresses": addresses(addrs),
+        "peers_timer": timer["out"].strip(),
         "disk_free": st.f_bavail * st.f_frsize,
         "disk_total": st.f_blocks * st.f_frsize,
         "mem_available": meminfo.get("MemAvailable", 0),
         "mem_total": meminfo.get("MemTotal", 0),
         "uptime": float(read("/proc/uptime", "0 0").split()[0]),
         "image": read(IMAGE_FILE).strip(),
-        "metrics": metrics_facts(args.get("metrics")),
+        "metrics": metrics,
     }
 
 
@@ -219,13 +269,11 @@ def metrics_facts(url):
     inside the guest: the ruleset admits loopback, so this judges the exporter, not `allow`)."""
     out = {"enabled": os.path.lexists(METRICS_WANTS)}
     if url:
-        import urllib.request
-
         t0 = time.monotonic()
         try:
-            with urllib.request.urlopen(url, timeout=10) as r:
-                body = r.read(16 * 1024 * 1024).decode("utf-8", "replace")
-                out["scrape"] = {"status": r.status, "lines": body.count("\n")}
+            status, body = http_get(url)
+            body = body.decode("utf-8", "replace")
+            out["scrape"] = {"status": status, "lines": body.count("\n")}
         except Exception as e:
             out["scrape"] = {"status": None, "error": f"{type(e).__name__}: {e}"[:300]}
         out["scrape"]["seconds"] = time.monotonic() - t0
@@ -235,6 +283,30 @@ def metrics_facts(url):
             else 0
         )
     return out
+
+
+def http_get(url, timeout=10, limit=16 * 1024 * 1024):
+    """(status, body) of one HTTP/1.0 GET of an `http://HOST:PORT/PATH` URL. urllib would do,
+    but importing it costs a third of a second under TCG."""
+    import socket
+
+    where, _, path = url.split("://", 1)[1].partition("/")
+    host, colon, port = where.rpartition(":")
+    if not colon or host.endswith(":") or "]" in port:
+        host, port = where, "80"
+    with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as s:
+        s.sendall(f"GET /{path} HTTP/1.0\r\nHost: {where}\r\n\r\n".encode())
+        data = bytearray()
+        while len(data) < limit:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    head, sep, body = bytes(data).partition(b"\r\n\r\n")
+    words = head.split(None, 2)
+    if not sep or len(words) < 2 or not words[0].startswith(b"HTTP/") or not words[1].isdigit():
+        raise OSError(f"not an HTTP answer: {head[:60]!r}")
+    return int(words[1]), body[:limit]
 
 
 def os_name():
@@ -287,6 +359,8 @@ def _skip_name(data, pos):
 def dns_query(host, server, qtype, timeout=2.0, port=53):
     """One A (1) or AAAA (28) query over UDP to `server`: the site's own DNS servers, not a
     resolver cache that may still hold the old address. The first answer, or None."""
+    import socket
+
     ident = struct.unpack("!H", os.urandom(2))[0]
     qname = b"".join(bytes([len(x)]) + x.encode() for x in host.rstrip(".").split("."))
     query = struct.pack("!HHHHHH", ident, 0x0100, 1, 0, 0, 0) + qname + b"\0"
@@ -322,6 +396,8 @@ def dns_query(host, server, qtype, timeout=2.0, port=53):
 def resolve(host, servers):
     """An address for `host` from the site's DNS servers (A first, then AAAA), or from the
     system resolver when the site names none."""
+    import socket
+
     for server in servers:
         for qtype in (1, 28):
             addr = dns_query(host, server, qtype)
@@ -471,6 +547,8 @@ class System:
     def poke(self, address):
         """One empty UDP datagram into the tunnel to `address` (the discard port): wg0 then
         starts a handshake at once instead of at the next keepalive or retry."""
+        import socket
+
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
         with socket.socket(family, socket.SOCK_DGRAM) as s, contextlib.suppress(OSError):
             s.sendto(b"", (address, 9))
@@ -519,6 +597,8 @@ def sysctl_path(key):
 
 def wanted_routes(system):
     """AllowedIPs outside wg0's own subnets need routes via wg0 (what wg-quick adds at up)."""
+    import ipaddress
+
     own = system.run("ip", "-j", "addr", "show", "dev", "wg0")
     own = [f"{a['local']}/{a['prefixlen']}" for i in json.loads(own) for a in i["addr_info"]]
     nets = set()
@@ -527,15 +607,12 @@ def wanted_routes(system):
             if net != "(none)":
                 nets.add(net)
     own_nets = [ipaddress.ip_interface(a).network for a in own]
-    return {
-        n
-        for n in nets
-        if not any(
-            ipaddress.ip_network(n).subnet_of(o)
-            for o in own_nets
-            if o.version == ipaddress.ip_network(n).version
-        )
-    }
+    out = set()
+    for n in nets:  # a thousand peers: each network parsed once
+        net = ipaddress.ip_network(n)
+        if not any(net.version == o.version and net.subnet_of(o) for o in own_nets):
+            out.add(n)
+    return out
 
 
 def current_routes(system):
@@ -620,9 +697,10 @@ def apply(new, system, old):
     system.run("sysctl", "--load", FILES["sysctl"][0])
     system.run("nft", "--file", FILES["nftables.conf"][0])
     system.run("wg", "syncconf", "wg0", "/dev/stdin", input=strip(new["wg0.conf"]))
-    if new.get("mtu"):
+    if new.get("mtu") and new["mtu"] != old["mtu"]:  # capture read it
         system.run("ip", "link", "set", "wg0", "mtu", str(new["mtu"]))
-    want, have = wanted_routes(system), current_routes(system)
+    # Nothing above touches routes (wg0.conf says Table = off): capture's reading holds.
+    want, have = wanted_routes(system), set(old["routes"])
     added, removed = sorted(want - have), sorted(have - want)
     for net in added:
         add_route(system, net)
@@ -739,10 +817,11 @@ def outcome(line, system):
 
 
 def sync():
+    dump, addrs, names = sh_all(WG_DUMP, IP_ADDR, meanwhile=files)
     light = {
-        "wg": wg_dump(),
-        "files": files(),
-        "addresses": addresses(),
+        "wg": wg_dump(dump),
+        "files": names,
+        "addresses": addresses(addrs),
         "metrics": metrics_facts(None),
     }
     print(json.dumps(light), flush=True)

@@ -172,8 +172,10 @@ def derive(site: Site, stored: dict | None) -> dict:
             priv = None
             pub = p.public_key
         elif prev.get("private"):
+            # keys_problem has checked that the stored public key is this private key's:
+            # deriving it again would cost a curve multiplication per peer on every command.
             priv = prev["private"]
-            pub = wg_pubkey(priv)
+            pub = prev.get("public") or wg_pubkey(priv)
         else:
             priv = wg_genkey()
             pub = wg_pubkey(priv)

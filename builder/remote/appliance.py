@@ -1,9 +1,10 @@
 """How the tool reaches a running appliance: its pinned SSH login, and the agent
-(builder/guest/agent.py) it runs there. The image needs nothing of the tool's own: each call
-sends the agent whole, inside a small loader that keeps a copy under /var/lib/wg-appliance
-named by its digest. From the second call on, the loader imports that copy, whose compiled
-bytecode Python caches, instead of compiling 18 KB of source again (under TCG, a good part of
-a sync); a new tool version brings a new digest, so a stale copy is never run."""
+(builder/guest/agent.py) it runs there. The image needs nothing of the tool's own: the agent
+is kept under /var/lib/wg-appliance named by its digest. Each call sends only a short runner
+that imports that copy, whose compiled bytecode Python caches; only when there is no copy of
+this digest (the first call of a tool version, exit MISSING) is the agent sent whole, inside
+a loader that keeps it and runs it. A new tool version brings a new digest, so a stale copy is
+never run."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import json
 import shlex
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -65,17 +67,48 @@ def target_for(site: Site, keys: Keys) -> Target:
     )
 
 
+# The runner: the kept copy of this digest, or exit MISSING (nothing ran) for the loader.
+RUNNER = """import sys
+sys.path.insert(0, {folder!r})
+sys.dont_write_bytecode = False
+try:
+    import {name} as agent
+except ImportError:
+    sys.exit({missing})
+agent.main()
+"""
+MISSING = 75  # EX_TEMPFAIL: no copy of this agent yet; the agent itself never exits so
+
+
+@cache
+def _agent() -> tuple[str, str]:
+    """The agent's source and its module name, which carries the digest."""
+    source = AGENT.read_text()
+    return source, "agent_" + hashlib.sha256(source.encode()).hexdigest()[:16]
+
+
 def agent_program(folder: str = AGENT_DIR) -> str:
     """The agent inside its loader: one Python program for `python3 -S -c`."""
-    source = AGENT.read_text()
-    name = "agent_" + hashlib.sha256(source.encode()).hexdigest()[:16]
+    source, name = _agent()
     return LOADER.format(folder=folder, name=name, source=source)
 
 
-def agent_command(mode: str, *args: str) -> str:
-    """The agent as one `python3 -S -c` command, run as root."""
-    words = [shlex.quote(agent_program()), mode, *map(shlex.quote, args)]
+def agent_runner(folder: str = AGENT_DIR) -> str:
+    """The short program that runs the kept copy, or exits MISSING when there is none."""
+    return RUNNER.format(folder=folder, name=_agent()[1], missing=MISSING)
+
+
+def agent_command(mode: str, *args: str, whole: bool = False) -> str:
+    """The agent as one `python3 -S -c` command, run as root: the runner, or with `whole`
+    the loader with the agent's source."""
+    program = agent_program() if whole else agent_runner()
+    words = [shlex.quote(program), mode, *map(shlex.quote, args)]
     return "sudo -n python3 -S -c " + " ".join(words)
+
+
+def _missing(rc: int, stdout: str) -> bool:
+    """The runner found no kept copy: it exited MISSING before the agent said anything."""
+    return rc == MISSING and not stdout
 
 
 def _shown(text: str) -> str:
@@ -106,8 +139,10 @@ def _agent_document(site: Site, keys: Keys, timeout: float, what: str, *mode: st
 
 def run_agent(run: Callable[[str], Result], what: str, *mode: str) -> dict:
     """The agent in `mode` through `run` (SSH, or the guest agent while the link is down),
-    its one JSON document."""
+    its one JSON document: the runner first, the agent whole when the runner finds no copy."""
     result = run(agent_command(*mode))
+    if _missing(result.rc, result.stdout):
+        result = run(agent_command(*mode, whole=True))
     if result.rc != 0:
         raise GuestError(
             f"the {mode[0]} command failed on the appliance (exit {result.rc}): "
@@ -142,13 +177,18 @@ def read_status(site: Site, keys: Keys, timeout: float = 20.0) -> dict[str, Any]
 
 
 class SyncChannel:
-    """The agent in sync mode: it sends the light facts, takes one request, sends the outcome."""
+    """The agent in sync mode: it sends the light facts, takes one request, sends the outcome.
+    `first`: the facts line when it was read already (to tell a missing agent apart)."""
 
-    def __init__(self, stdin, stdout, stderr):
+    def __init__(self, stdin, stdout, stderr, first: str | None = None):
         self._stdin, self._stdout, self._stderr = stdin, stdout, stderr
+        self._first = first
 
     def answer(self) -> dict[str, Any]:
-        return _document(self._stdout.readline(), "sync", self._stderr_text)
+        line, self._first = (self._first, None) if self._first is not None else (None, None)
+        if line is None:
+            line = self._stdout.readline()
+        return _document(line, "sync", self._stderr_text)
 
     def _stderr_text(self) -> str:
         return self._stderr.channel.recv_stderr(4096).decode(errors="replace")
@@ -162,9 +202,17 @@ class SyncChannel:
 def sync_channel(site: Site, keys: Keys) -> Iterator[SyncChannel]:
     """One SSH channel, one agent process for the whole sync: probe, then apply."""
     client = connect(target_for(site, keys))
-    stdin, stdout, stderr = client.exec_command(agent_command("sync"), timeout=120)
     try:
-        yield SyncChannel(stdin, stdout, stderr)
+        stdin, stdout, stderr = client.exec_command(agent_command("sync"), timeout=120)
+        first = stdout.readline()
+        if not first and _missing(stdout.channel.recv_exit_status(), first):
+            stdin, stdout, stderr = client.exec_command(
+                agent_command("sync", whole=True), timeout=120
+            )
+            first = stdout.readline()
+        try:
+            yield SyncChannel(stdin, stdout, stderr, first)
+        finally:
+            stdin.channel.shutdown_write()
     finally:
-        stdin.channel.shutdown_write()
         client.close()

@@ -16,14 +16,19 @@ import hashlib
 import io
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import paramiko
-
 from builder.errors import ConnectError, HostError, InputError
 from builder.model.login import USER_KNOWN_HOSTS, HostAccess
+
+# paramiko imports invoke (and with it unittest.mock and asyncio), a third of its import
+# time, only for ssh_config's `Match exec`, which no login here reads. A process that has
+# loaded invoke itself keeps it.
+sys.modules.setdefault("invoke", None)  # type: ignore[arg-type]
+import paramiko  # noqa: E402
 
 # paramiko logs transport-thread failures with tracebacks; ConnectError says it in one line.
 logging.getLogger("paramiko").addHandler(logging.NullHandler())
