@@ -837,6 +837,8 @@ def sync():
 def garp(ifname, address):
     """A gratuitous ARP request for `address` from `ifname`: the bridge learns the port the
     MAC is on now, and every neighbour refreshes its entry."""
+    import socket
+
     with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
         s.bind((ifname, 0))
         mac = s.getsockname()[4]
