@@ -115,12 +115,20 @@ def metrics_url(site: Site) -> str | None:
     """Where the exporter answers, when the site turns it on."""
     if not site.metrics.enabled:
         return None
-    return f"http://{site.lan.address.ip}:{site.metrics.port}/metrics"
+    ip = site.lan.address.ip
+    return f"http://{f'[{ip}]' if ip.version == 6 else ip}:{site.metrics.port}/metrics"
 
 
 def gather(site: Site, keys: Keys, timeout: float = 20.0) -> dict[str, Any]:
     """Every fact verify judges: one connection, one command."""
-    arg = json.dumps({"gateway": str(site.lan.gateway), "metrics": metrics_url(site)})
+    gateway6 = site.lan.gateway_for(6)
+    arg = json.dumps(
+        {
+            "gateway": str(site.lan.gateway),
+            "gateway6": None if gateway6 is None else str(gateway6),
+            "metrics": metrics_url(site),
+        }
+    )
     return _agent_document(site, keys, timeout, "verify", "probe", arg)
 
 
