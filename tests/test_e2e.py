@@ -7,7 +7,8 @@ cannot be seen, reaching libvirtd only through the host's sshd on port 222 with 
 Order matters and is kept by pytest's file order: deploy (interrupted, then converging),
 re-deploy, verify, road warrior and site-to-site in masquerade mode, the failure cases, a
 road warrior dialling over IPv6 (also with a full tunnel), routed mode (with IPv6 between the
-LANs), destroy. The lab is dual-stack, and so is the example site. One appliance boot per mode keeps the file at a few minutes under TCG.
+LANs), destroy. The lab is dual-stack, and so is the example site. One appliance boot per
+mode keeps the file at a few minutes under TCG.
 """
 
 from __future__ import annotations
