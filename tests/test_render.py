@@ -12,6 +12,7 @@ from builder.local.state import State
 from builder.model.keys import Keys, PeerKeys, wg_pubkey
 from builder.model.site import load_site
 from builder.render.appliance import (
+    render_metrics_unit,
     render_nftables,
     render_peer_config,
     render_seed,
@@ -145,6 +146,8 @@ def test_ipv6_only_lan_renders_ipv6_everywhere(tmp_path, keys):
     assert "ip6 saddr fd77:77::/64 tcp dport 22 accept" in nft
     assert "ip6 saddr { fd77:77::/64 } ip6 daddr fd77:77::50 tcp dport 9586 accept" in nft
     assert "ip saddr" not in nft
+    unit = render_metrics_unit(site)
+    assert "--listen fd77:77::50 " in unit and "RestrictAddressFamilies=AF_INET6 " in unit
     laptop = render_peer_config(site, keys, site.peer("laptop"))
     assert "Endpoint = [2001:db8::1]:51820" in laptop
     assert "fd77:77::/64" in laptop.split("AllowedIPs = ")[1].splitlines()[0]
