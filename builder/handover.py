@@ -169,7 +169,8 @@ def _failed(report: Report) -> str:
 
 
 def _kick(site: Site, dom: libvirt.virDomain, peers: list[list[str]]) -> dict:
-    arg = json.dumps({"lan": "lan0", "address": str(site.lan.address.ip), "peers": peers})
+    v4 = site.lan.ipv4  # gratuitous ARP is IPv4's; an IPv6-only LAN learns from the handshakes
+    arg = json.dumps({"lan": "lan0", "address": v4 and str(v4.ip), "peers": peers})
     try:
         return run_agent(lambda cmd: guest_agent.run(dom, cmd), "takeover", "takeover", arg)
     except GuestError as e:

@@ -53,6 +53,8 @@ def run_ipfire(
         raise InputError(
             "--apply", "", "needs --ssh root@HOST[:222] or a remote host.uri to reach the host"
         )
+    if not remove:
+        ipfire.require_ipv4(site)
     run = IpfireRun(site.name, site.wireguard.mode)
     if access is None:
         files = ipfire.host_files(site, remove=remove)

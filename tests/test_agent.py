@@ -465,3 +465,32 @@ def test_the_loader_keeps_one_copy_and_runs_it_from_bytecode(tmp_path):
         text=True,
     )
     assert (r.returncode, r.stderr) == (direct.returncode, direct.stderr)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a raw ICMP socket needs root")
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_ping_answers_over_loopback_in_both_families(host):
+    """verify pings the LAN's IPv4 and IPv6 gateways with the same raw-socket code."""
+    assert ga.ping(host)["ok"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a network namespace needs root")
+def test_ping_of_an_unreachable_ipv6_gateway_fails(tmp_path):
+    """In a namespace of its own with only loopback, nothing answers and nothing leaves."""
+    import subprocess
+
+    ns = f"wgt-ping-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        code = "import json, sys; sys.path[:0] = sys.argv[1:2]; import agent; "
+        code += "print(json.dumps(agent.ping('fd00::1', timeout=0.2, tries=2)))"
+        r = subprocess.run(
+            ["ip", "netns", "exec", ns, "python3", "-c", code, os.path.dirname(ga.__file__)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=True)
+    assert json.loads(r.stdout)["ok"] is False, r.stdout

@@ -31,7 +31,9 @@ def test_healthy_appliance_passes(site_keys, facts):
         "forwarding",
         "nftables",
         "routes",
+        "LAN",
         "gateway",
+        "gateway IPv6",
         "handshake laptop",
         "resources",
     } <= {c["name"] for c in doc["checks"]}
@@ -82,6 +84,23 @@ def test_healthy_appliance_passes(site_keys, facts):
         ),
         ("nftables", lambda f: f["nft"].update(out=""), "table"),
         ("routes", lambda f: f.update(routes=[]), "192.168.88.0/24"),
+        ("forwarding", lambda f: f.update(ip6_forward="0"), "ipv6 forwarding=0"),
+        (
+            "nftables",
+            lambda f: f["nft"].update(out=f["nft"]["out"].replace("ip6 saddr fd77:77::/64", "")),
+            "SSH from LAN fd77:77::/64",
+        ),
+        ("LAN", lambda f: f["addresses"].update(lan0=["192.168.77.50/24"]), "fd77:77::50/64"),
+        (
+            "LAN",
+            lambda f: f.update(routes=[r for r in f["routes"] if r.get("gateway") != "fd77:77::1"]),
+            "IPv6 default route via fd77:77::1",
+        ),
+        (
+            "gateway IPv6",
+            lambda f: f.update(gateway6={"ok": False, "detail": "no echo reply"}),
+            "fd77:77::1: no echo reply",
+        ),
         (
             "gateway",
             lambda f: f.update(gateway={"ok": False, "detail": "no echo reply"}),

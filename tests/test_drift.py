@@ -26,7 +26,8 @@ def facts(facts, site_keys):
     f["files"] = {
         k: hashlib.sha256(v.encode()).hexdigest() for k, v in appliance_files(site, keys).items()
     }
-    f["addresses"] = {"lan0": ["192.168.77.50/24"], "wg0": ["10.77.0.1/24", "fd77::1/64"]}
+    lan = [str(a) for a in site.lan.addresses]
+    f["addresses"] = {"lan0": lan, "wg0": ["10.77.0.1/24", "fd77::1/64"]}
     return f
 
 

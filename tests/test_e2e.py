@@ -5,8 +5,10 @@ The tool runs as on an admin's workstation: on the LAN host, where the host's li
 cannot be seen, reaching libvirtd only through the host's sshd on port 222 with its key pinned.
 
 Order matters and is kept by pytest's file order: deploy (interrupted, then converging),
-re-deploy, verify, road warrior and site-to-site in masquerade mode, the failure cases,
-routed mode, destroy. One appliance boot per mode keeps the file at a few minutes under TCG.
+re-deploy, verify, road warrior and site-to-site in masquerade mode, the failure cases, a
+road warrior dialling over IPv6 (also with a full tunnel), routed mode (with IPv6 between the
+LANs), destroy. The lab is dual-stack, and so is the example site. One appliance boot per
+mode keeps the file at a few minutes under TCG.
 """
 
 from __future__ import annotations
@@ -32,11 +34,17 @@ from tests.lab.clients import PeerAddressServer, Pinger, TcpStream, WgClient, pi
 from tests.lab.host_sshd import URI as HOST_URI
 from tests.lab.host_sshd import HostSshd, hidden_libvirt, host_flags, workstation
 from tests.lab.internet import (
+    APPLIANCE6,
     BLAN_HOST,
+    BLAN_HOST6,
+    BLAN_NET6,
     BLAN_NS,
     BRANCH_NS,
+    HOST_RED6,
+    INET_RED6,
     PLAIN_RED_UP,
     RW_NS,
+    add_internet_host,
     plain_red,
     remove_far_side,
 )
@@ -44,6 +52,7 @@ from tests.lab.internet import (
 pytestmark = [pytest.mark.slow, pytest.mark.root, pytest.mark.vm]
 
 APPLIANCE = "192.168.77.50"
+LAN_HOST6 = str(L.LAN_GREEN6.ip)
 
 
 def cli(lab: L.Lab, *args: str, ns: str = L.LAN_NS, check: bool = False, timeout: float = 900):
@@ -53,9 +62,9 @@ def cli(lab: L.Lab, *args: str, ns: str = L.LAN_NS, check: bool = False, timeout
 
 
 def _if(text: str):
-    from ipaddress import IPv4Interface
+    from ipaddress import ip_interface
 
-    return IPv4Interface(text)
+    return ip_interface(text)
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +103,7 @@ def net(lab):
     lab.remove_namespace(RW2_NS)
     remove_far_side(lab)
     lab.exec(L.HOST_NS, ["iptables", "-t", "nat", "-F", "PREROUTING"], check=False)
+    lab.exec(L.HOST_NS, ["ip6tables", "-t", "nat", "-F", "PREROUTING"], check=False)
     lab.remove_namespace(L.INET_NS)
     PLAIN_RED_UP.unlink(missing_ok=True)
 
@@ -288,6 +298,7 @@ def test_verify_all_green(net, site):
     assert doc["appliance"] == "wg-gw"
     names = {c["name"] for c in doc["checks"]}
     assert {"cloud-init", "wg0", "peers", "nftables", "forwarding", "gateway"} <= names
+    assert {"LAN", "gateway IPv6"} <= names, names
     assert elapsed < 30
 
 
@@ -307,6 +318,9 @@ def test_road_warrior_masquerade(net, site, clients):
     assert ping(net, RW_NS, "192.168.77.10", count=3), "road warrior cannot ping the LAN host"
     assert rw.latest_handshake() > 0
     assert tcp_source_seen(net, RW_NS, "192.168.77.10") == APPLIANCE
+    # IPv6 inside the tunnel to the LAN host, which sees the appliance's LAN IPv6 (NAT66).
+    assert ping(net, RW_NS, LAN_HOST6), "road warrior cannot ping the LAN host over IPv6"
+    assert tcp_source_seen(net, RW_NS, LAN_HOST6) == APPLIANCE6
     r = cli(net, "verify", "--site", str(site), "--require-handshake", "laptop", "--json")
     doc = json.loads(r.stdout)
     check = next(c for c in doc["checks"] if c["name"] == "handshake laptop")
@@ -576,10 +590,67 @@ def test_verify_of_a_silent_appliance_shows_its_serial_log(net, site):
     assert cli(net, "verify", "--site", str(site), "--timeout", "60").returncode == 0
 
 
+RW6_NS = "wgl-rw6"
+RW6_PEER = '\n[[peers]]\nname = "rw6"\naddress = ["10.77.0.7/32", "fd77::7/128"]\n'
+RW6_ADDR6 = "2001:db8:100::12"
+
+
+def _rw6_config(net, site, *flags: str) -> str:
+    """rw6's config, dialling RED's IPv6 address (the host forwards it to the appliance)."""
+    conf = cli(net, "peer-config", "--site", str(site), "rw6", *flags, check=True).stdout
+    return conf.replace("Endpoint = 203.0.113.1:51820", f"Endpoint = [{HOST_RED6}]:51820")
+
+
+def test_road_warrior_over_ipv6_and_full_tunnel(net, site, clients):
+    """A road warrior dialling RED over IPv6 reaches the LAN host over IPv4 and IPv6 inside
+    the tunnel (masqueraded to the appliance's addresses); with --full-tunnel its IPv6 to an
+    internet host goes through the appliance instead of around it."""
+    original = site.read_text()
+    site.write_text(original + RW6_PEER)
+    rw6 = None
+    try:
+        assert cli(net, "sync", "--site", str(site)).returncode == 0
+        add_internet_host(net, RW6_NS, _if("198.51.100.12/24"), _if(f"{RW6_ADDR6}/64"))
+        inet_server = PeerAddressServer(net, L.INET_NS)
+        inet_server.start()
+        clients[1].append(inet_server)
+        assert tcp_source_seen(net, RW6_NS, INET_RED6) == RW6_ADDR6, "no direct path to see"
+        rw6 = WgClient(net, RW6_NS, "wgrw6")
+        rw6.up(_rw6_config(net, site))
+        assert ping(net, RW6_NS, LAN_HOST6), diagnostics(net, site)
+        assert ping(net, RW6_NS, "192.168.77.10"), diagnostics(net, site)
+        assert tcp_source_seen(net, RW6_NS, LAN_HOST6) == APPLIANCE6
+        assert tcp_source_seen(net, RW6_NS, "192.168.77.10") == APPLIANCE
+        endpoints = _ssh(net, site, "sudo wg show wg0 endpoints").stdout
+        assert f"[{RW6_ADDR6}]:" in endpoints, endpoints
+        assert tcp_source_seen(net, RW6_NS, INET_RED6) == RW6_ADDR6, "split tunnel: direct"
+        rw6.down()
+        rw6 = WgClient(net, RW6_NS, "wgrw6")
+        rw6.up(_rw6_config(net, site, "--full-tunnel"))
+        assert ping(net, RW6_NS, INET_RED6), diagnostics(net, site)
+        assert tcp_source_seen(net, RW6_NS, INET_RED6) == APPLIANCE6, "IPv6 went around"
+    finally:
+        if rw6 is not None:
+            rw6.down()
+        net.remove_namespace(RW6_NS)
+        site.write_text(original)
+    r = cli(net, "sync", "--site", str(site))
+    assert r.returncode == 0 and "unknown peer" in r.stdout, r.stdout + r.stderr
+
+
+BRANCH_NETS = 'networks = ["192.168.88.0/24"]'
+BRANCH_NETS6 = f'networks = ["192.168.88.0/24", "{BLAN_NET6}"]'
+
+
 def test_routed_mode(net, appliance_image, site, clients):
     """Routed: the LAN host sees tunnel addresses (it routes the tunnel and branch nets to the
-    appliance), and the branch and main LANs reach each other both ways."""
-    site.write_text(site.read_text().replace('mode = "masquerade"', 'mode = "routed"'))
+    appliance), and the branch and main LANs reach each other both ways, in both families
+    (the branch has an IPv6 network for this test)."""
+    site.write_text(
+        site.read_text()
+        .replace('mode = "masquerade"', 'mode = "routed"')
+        .replace(BRANCH_NETS, BRANCH_NETS6)
+    )
     r = cli(net, *_deploy_args(site, appliance_image), "--replace")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "replaced" in r.stdout
@@ -596,8 +667,20 @@ def test_routed_mode(net, appliance_image, site, clients):
     clients[1].append(server)
     assert ping(net, L.LAN_NS, BLAN_HOST), "main LAN cannot reach the branch LAN"
     assert tcp_source_seen(net, L.LAN_NS, BLAN_HOST) == "192.168.77.10"
+    for dest in ("fd77::/64", BLAN_NET6):
+        net.exec(L.LAN_NS, ["ip", "-6", "route", "replace", dest, "via", APPLIANCE6])
+    assert ping(net, RW_NS, LAN_HOST6), diagnostics(net, site)
+    assert tcp_source_seen(net, RW_NS, LAN_HOST6) == "fd77::2"
+    assert BLAN_NET6 in _ssh(net, site, "ip -6 route show dev wg0").stdout
+    assert ping(net, BLAN_NS, LAN_HOST6), diagnostics(net, site)
+    assert tcp_source_seen(net, BLAN_NS, LAN_HOST6) == BLAN_HOST6
+    assert tcp_source_seen(net, L.LAN_NS, BLAN_HOST6) == LAN_HOST6
     r = cli(net, "verify", "--site", str(site), "--require-handshake", "laptop", "branch")
     assert r.returncode == 0, r.stdout
+    site.write_text(site.read_text().replace(BRANCH_NETS6, BRANCH_NETS))
+    r = cli(net, "sync", "--site", str(site))
+    assert r.returncode == 0 and f"-{BLAN_NET6}" in r.stdout, r.stdout + r.stderr
+    assert BLAN_NET6 not in _ssh(net, site, "ip -6 route show dev wg0").stdout
 
 
 RW2_NS = "wgl-rw2"

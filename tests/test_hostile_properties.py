@@ -86,9 +86,12 @@ KEYS = {
     "host.bridge": ("host", "bridge"),
     "host.pool": ("host", "pool"),
     "host.pool_path": ("host", "pool_path"),
-    "lan.address": ("lan", "address"),
-    "lan.gateway": ("lan", "gateway"),
+    "lan.address[0]": ("lan", "address", 0),
+    "lan.address[1]": ("lan", "address", 1),
+    "lan.gateway[0]": ("lan", "gateway", 0),
+    "lan.gateway[1]": ("lan", "gateway", 1),
     "lan.dns[0]": ("lan", "dns", 0),
+    "lan.dns[1]": ("lan", "dns", 1),
     "lan.mac": ("lan", "mac"),
     "ssh.user": ("ssh", "user"),
     "ssh.authorized_keys[0]": ("ssh", "authorized_keys", 0),
@@ -122,6 +125,11 @@ VALID = {
 def base_data() -> dict:
     data = tomllib.loads(BASE)
     data["host"] = {}
+    data["lan"].update(
+        address=["192.168.1.50/24", "fd01:1::50/64"],
+        gateway=["192.168.1.1", "fd01:1::1"],
+        dns=["192.168.1.1", "fd01:1::1"],
+    )
     data["wireguard"]["client_dns"] = ["192.168.1.1"]
     data["peers"][1]["endpoint"] = "branch.example.org:51820"
     data["peers"][0]["allow"] = ["192.168.1.20/32 tcp/443"]

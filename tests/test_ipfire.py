@@ -328,6 +328,35 @@ def test_plan_uses_stock_files_without_a_host(tmp_path):
     assert gone.routing == ""
 
 
+def test_ipv6_stays_out_of_the_host_files_and_is_said_once(tmp_path):
+    """IPFire 2.x has no IPv6 on RED: the dual-stack example's IPv6 LAN, tunnel and peer
+    networks are nowhere in its files, and one note says so."""
+    site = routed(
+        tmp_path,
+        changes={'networks = ["192.168.88.0/24"]': 'networks = ["192.168.88.0/24", "fd88::/64"]'},
+    )
+    files = ipfire.host_files(site)
+    assert files.notes.count(ipfire.IPV6_NOTE) == 1
+    for text in (files.firewall_local, files.routing):
+        assert "fd77" not in text and "fd88" not in text
+    assert "192.168.88.0/24" in files.routing
+
+
+def test_an_ipv6_only_lan_is_refused_for_ipfire(tmp_path):
+    site = make_site(
+        tmp_path,
+        "site.toml",
+        {
+            '["192.168.77.50/24", "fd77:77::50/64"]': '"fd77:77::50/64"',
+            '["192.168.77.1", "fd77:77::1"]': '"fd77:77::1"',
+            'allow = ["192.168.77.0/24"]': "",
+        },
+    )
+    with pytest.raises(InputError) as e:
+        ipfire.host_files(site)
+    assert e.value.key == "lan.address" and "IPv4 only" in str(e.value)
+
+
 # --- preflight judgement and the host scripts (no SSH) ------------------------------------
 
 
@@ -911,7 +940,7 @@ def test_a_failed_step_restores_the_files_and_rules(box, routed_site, tmp_path, 
     changed = dataclasses.replace(
         routed_site,
         wireguard=dataclasses.replace(routed_site.wireguard, listen_port=51999),
-        lan=dataclasses.replace(routed_site.lan, address=IPv4Interface("192.168.77.60/24")),
+        lan=dataclasses.replace(routed_site.lan, addresses=(IPv4Interface("192.168.77.60/24"),)),
     )
     if failure == "routes":
         (box.stub / "routes-fail").write_text("192.168.77.60")

@@ -15,6 +15,7 @@ from tests.lab.host_sshd import host_flags, start_lab_sshd
 from tests.lab.lab import (
     BRIDGE,
     HOST_GREEN,
+    HOST_GREEN6,
     HOST_NS,
     LAN_NS,
     LIBVIRT_SOCK,
@@ -34,8 +35,16 @@ def test_lan_host_reaches_the_host_over_green(lab: Lab) -> None:
     lab.exec(LAN_NS, ["ping", "-c", "1", "-W", "2", str(HOST_GREEN.ip)], timeout=10)
 
 
+def test_lan_host_reaches_the_host_over_green_ipv6(lab: Lab) -> None:
+    """GREEN is dual-stack: the LAN host's IPv6 default route goes to the host."""
+    lab.exec(LAN_NS, ["ping", "-c", "1", "-W", "2", str(HOST_GREEN6.ip)], timeout=10)
+    route = lab.exec(LAN_NS, ["ip", "-6", "route", "show", "default"]).stdout
+    assert f"via {HOST_GREEN6.ip}" in route, route
+
+
 def test_host_forwards(lab: Lab) -> None:
     assert lab.exec(HOST_NS, ["sysctl", "-n", "net.ipv4.ip_forward"]).stdout.strip() == "1"
+    assert lab.exec(HOST_NS, ["sysctl", "-n", "net.ipv6.conf.all.forwarding"]).stdout == "1\n"
 
 
 def test_libvirtd_runs_in_the_host_namespace_without_default_network(lab: Lab) -> None:

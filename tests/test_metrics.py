@@ -214,17 +214,20 @@ def test_names_are_read_again_when_the_file_changes(tmp_path):
     assert names.get() == {}
 
 
-def test_the_server_answers_metrics_and_nothing_else(tmp_path, monkeypatch):
-    """A real HTTP round trip on loopback, `wg` stood in for by the fake dump."""
+@pytest.mark.parametrize("listen,host", [("127.0.0.1", "127.0.0.1"), ("::1", "[::1]")])
+def test_the_server_answers_metrics_and_nothing_else(tmp_path, monkeypatch, listen, host):
+    """A real HTTP round trip on loopback in both families (an IPv6-only LAN listens on
+    IPv6), `wg` stood in for by the fake dump."""
     monkeypatch.setattr(
         gm, "scrape", lambda names, image: gm.render(gm.parse_dump(DUMP), names.get(), image)
     )
     (tmp_path / "peers.json").write_text(json.dumps({KEY_A: "laptop"}))
-    server = gm.Server(("127.0.0.1", 0), gm.handler(gm.Names(str(tmp_path / "peers.json")), "d1"))
+    handle = gm.handler(gm.Names(str(tmp_path / "peers.json")), "d1")
+    server = gm.server_for(listen, 0, handle)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        base = f"http://127.0.0.1:{server.server_address[1]}"
+        base = f"http://{host}:{server.server_address[1]}"
         with urllib.request.urlopen(base + "/metrics", timeout=5) as r:
             assert r.headers["Content-Type"] == gm.CONTENT_TYPE
             body = r.read().decode()

@@ -12,6 +12,7 @@ from builder.local.state import State
 from builder.model.keys import Keys, PeerKeys, wg_pubkey
 from builder.model.site import load_site
 from builder.render.appliance import (
+    render_metrics_unit,
     render_nftables,
     render_peer_config,
     render_seed,
@@ -102,9 +103,54 @@ def test_network_config(site, keys):
     eth = net["ethernets"]["lan0"]
     assert net["version"] == 2
     assert eth["match"]["macaddress"] == site.lan.mac
-    assert eth["addresses"] == ["192.168.77.50/24"]
-    assert eth["routes"] == [{"to": "0.0.0.0/0", "via": "192.168.77.1"}]
+    assert eth["addresses"] == ["192.168.77.50/24", "fd77:77::50/64"]
+    assert eth["routes"] == [
+        {"to": "0.0.0.0/0", "via": "192.168.77.1"},
+        {"to": "::/0", "via": "fd77:77::1"},
+    ]
+    assert eth["accept-ra"] is False and eth["dhcp6"] is False
     assert eth["nameservers"]["addresses"] == ["192.168.77.1"]
+
+
+def _lan(tmp_path, lan: str, endpoint: str = '"vpn.example.org:51820"'):
+    """The example site with another [lan] table (and endpoint)."""
+    text = EXAMPLE.read_text()
+    start, end = text.index("[lan]"), text.index("[ssh]")
+    text = text[:start] + "[lan]\n" + lan + "\n\n" + text[end:]
+    text = text.replace('"vpn.example.org:51820"', endpoint)
+    text = text.replace('allow = ["192.168.77.0/24"]', "")
+    (tmp_path / "site.toml").write_text(text)
+    return load_site(tmp_path / "site.toml")
+
+
+def test_ipv4_only_lan_renders_no_ipv6_on_it(tmp_path, keys):
+    site = _lan(tmp_path, 'address = "192.168.77.50/24"\ngateway = "192.168.77.1"')
+    eth = yaml.safe_load(render_seed(site, keys)["network-config"])["ethernets"]["lan0"]
+    assert eth["routes"] == [{"to": "0.0.0.0/0", "via": "192.168.77.1"}]
+    assert "accept-ra" not in eth
+    nft = render_nftables(site)
+    assert "ip6 saddr" not in nft and "ip saddr 192.168.77.0/24 tcp dport 22 accept" in nft
+
+
+def test_ipv6_only_lan_renders_ipv6_everywhere(tmp_path, keys):
+    site = _lan(
+        tmp_path,
+        'address = "fd77:77::50/64"\ngateway = "fd77:77::1"\ndns = ["fd77:77::1"]',
+        '"[2001:db8::1]:51820"',
+    )
+    eth = yaml.safe_load(render_seed(site, keys)["network-config"])["ethernets"]["lan0"]
+    assert eth["addresses"] == ["fd77:77::50/64"]
+    assert eth["routes"] == [{"to": "::/0", "via": "fd77:77::1"}]
+    assert eth["nameservers"]["addresses"] == ["fd77:77::1"]
+    nft = render_nftables(site)
+    assert "ip6 saddr fd77:77::/64 tcp dport 22 accept" in nft
+    assert "ip6 saddr { fd77:77::/64 } ip6 daddr fd77:77::50 tcp dport 9586 accept" in nft
+    assert "ip saddr" not in nft
+    unit = render_metrics_unit(site)
+    assert "--listen fd77:77::50 " in unit and "RestrictAddressFamilies=AF_INET6 " in unit
+    laptop = render_peer_config(site, keys, site.peer("laptop"))
+    assert "Endpoint = [2001:db8::1]:51820" in laptop
+    assert "fd77:77::/64" in laptop.split("AllowedIPs = ")[1].splitlines()[0]
 
 
 def test_instance_id_follows_content(site, keys, tmp_path):
@@ -133,6 +179,8 @@ def test_nftables_modes(site, tmp_path):
     masq = render_nftables(site)
     assert "masquerade" in masq and "maxseg size set rt mtu" in masq
     assert "ip saddr 192.168.77.0/24 tcp dport 22 accept" in masq
+    assert "ip6 saddr fd77:77::/64 tcp dport 22 accept" in masq
+    assert 'oifname "wg0" ip6 saddr fd77:77::/64 accept' in masq
     assert "udp dport 51820 accept" in masq
     routed_site = tmp_path / "site.toml"
     routed_site.write_text(EXAMPLE.read_text().replace('mode = "masquerade"', 'mode = "routed"'))
@@ -161,7 +209,10 @@ def test_peer_configs(site, keys):
     laptop = render_peer_config(site, keys, site.peer("laptop"))
     assert f"PrivateKey = {LAPTOP_PRIVATE}" in laptop
     assert f"PublicKey = {keys.wg_public}" in laptop
-    assert "AllowedIPs = 10.77.0.0/24, fd77::/64, 192.168.77.0/24, 192.168.88.0/24" in laptop
+    assert (
+        "AllowedIPs = 10.77.0.0/24, fd77::/64, 192.168.77.0/24, fd77:77::/64, 192.168.88.0/24"
+        in laptop
+    )
     assert "Endpoint = vpn.example.org:51820" in laptop and "PersistentKeepalive = 25" in laptop
     phone = render_peer_config(site, keys, site.peer("phone"))
     assert "PrivateKey =" not in phone.replace("# PrivateKey", "")

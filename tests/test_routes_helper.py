@@ -51,11 +51,12 @@ def test_one_run_adds_the_routes_wg_quick_would_and_a_second_changes_nothing(
     peers = "".join(
         f"[Peer]\nPublicKey = {run('wg', 'pubkey', input=run('wg', 'genkey').stdout).stdout}"
         f"AllowedIPs = 10.99.{i // 250}.{1 + i % 250}/32{extra}\n"
-        for i, extra in enumerate([", 192.168.88.0/24", ", 172.16.0.0/16", "", ""])
+        for i, extra in enumerate([", 192.168.88.0/24", ", 172.16.0.0/16", ", fd88::/64", ""])
     )
     conf = tmp_path / f"{dev}.conf"
     conf.write_text(
-        f"[Interface]\nAddress = 10.99.0.254/16\nPrivateKey = {key}\nTable = off\n{peers}"
+        f"[Interface]\nAddress = 10.99.0.254/16, fd99::fe/64\nPrivateKey = {key}\n"
+        f"Table = off\n{peers}"
     )
     conf.chmod(0o600)
     ns = ["ip", "netns", "exec", netns]
@@ -67,7 +68,10 @@ def test_one_run_adds_the_routes_wg_quick_would_and_a_second_changes_nothing(
         first = run(*ns, "ip", "route", "show", "dev", dev).stdout
         assert "192.168.88.0/24 scope link" in first and "172.16.0.0/16 scope link" in first
         assert "10.99.0.1" not in first, "peers inside the tunnel subnet need no route"
+        first6 = run(*ns, "ip", "-6", "route", "show", "dev", dev).stdout
+        assert "fd88::/64" in first6, first6
         run(*helper)
         assert run(*ns, "ip", "route", "show", "dev", dev).stdout == first
+        assert run(*ns, "ip", "-6", "route", "show", "dev", dev).stdout == first6
     finally:
         subprocess.run([*ns, "wg-quick", "down", str(conf)], capture_output=True, check=False)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import ipaddress
+import tomllib
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from builder.errors import InputError
-from builder.model.site import default_mac, load_site
+from builder.model.site import default_mac, load_site, parse_site
 from tests.plugins.samples import BASE, GOOD_KEY, write
 
 
@@ -120,7 +124,7 @@ CASES = [
         'dns = ["192.168.1.1"]',
         'dns = ["dns.example"]',
         "lan.dns[0]",
-        "not a valid IPv4 address",
+        "not a valid IP address",
     ),
     (
         "bad mac",
@@ -348,6 +352,55 @@ CASES = [
         "expected a list",
     ),
     (
+        "two IPv4 LAN addresses",
+        'address = "192.168.1.50/24"',
+        'address = ["192.168.1.50/24", "192.168.3.50/24"]',
+        "lan.address[1]",
+        "more than one IPv4 address",
+    ),
+    (
+        "link-local LAN address",
+        'address = "192.168.1.50/24"',
+        'address = ["192.168.1.50/24", "fe80::50/64"]',
+        "lan.address[1]",
+        "not a global or unique-local",
+    ),
+    (
+        "LAN IPv6 gateway without LAN IPv6",
+        'gateway = "192.168.1.1"',
+        'gateway = ["192.168.1.1", "fd01:1::1"]',
+        "lan.gateway[1]",
+        "lan.address has no IPv6",
+    ),
+    (
+        "LAN IPv6 gateway outside its subnet",
+        'address = "192.168.1.50/24"\ngateway = "192.168.1.1"',
+        'address = ["192.168.1.50/24", "fd01:1::50/64"]\ngateway = ["192.168.1.1", "fd01:2::1"]',
+        "lan.gateway[1]",
+        "outside the LAN subnet fd01:1::/64",
+    ),
+    (
+        "LAN IPv6 overlaps the tunnel",
+        'address = "192.168.1.50/24"',
+        'address = ["192.168.1.50/24", "fd09::50/48"]',
+        "wireguard.address[1]",
+        "overlaps the LAN subnet fd09::/48",
+    ),
+    (
+        "peer IPv6 address without a tunnel IPv6 subnet",
+        '"10.9.0.1/24", "fd09::1/64"',
+        '"10.9.0.1/24"',
+        "peers[0].address[1]",
+        "the tunnel has no IPv6 subnet",
+    ),
+    (
+        "LAN list too long",
+        'address = "192.168.1.50/24"',
+        'address = ["192.168.1.50/24", "fd01:1::50/64", "fd01:2::50/64"]',
+        "lan.address",
+        "needs 1 to 2 items",
+    ),
+    (
         "second v4 tunnel address",
         '"10.9.0.1/24", "fd09::1/64"',
         '"10.9.0.1/24", "10.10.0.1/24"',
@@ -369,6 +422,47 @@ def test_validation_rule(tmp_path, what, old, new, key, fragment):
     assert fragment in message, message
 
 
+def test_validation_peer_ipv6_network(tmp_path):
+    """The case above needs an IPv6 network behind the branch to overlap the LAN."""
+    text = BASE.replace(
+        'address = "192.168.1.50/24"', 'address = ["192.168.1.50/24", "fd01::5/32"]'
+    )
+    text = text.replace(
+        'networks = ["192.168.2.0/24"]', 'networks = ["192.168.2.0/24", "fd01:0:7::/64"]'
+    )
+    message = error_of(tmp_path, text)
+    assert ": peers[1].networks[1]: fd01:0:7::/64 overlaps the LAN subnet fd01::/32" in message
+
+
+def test_dual_stack_lan_accessors(tmp_path):
+    text = BASE.replace(
+        'address = "192.168.1.50/24"\ngateway = "192.168.1.1"\ndns = ["192.168.1.1"]',
+        'address = ["fd01:1::50/64", "192.168.1.50/24"]\n'
+        'gateway = ["fd01:1::1", "192.168.1.1"]\ndns = ["fd01:1::1"]',
+    )
+    site = load_site(write(tmp_path, text))
+    assert str(site.lan.address) == "192.168.1.50/24" and str(site.lan.gateway) == "192.168.1.1"
+    assert str(site.lan.ipv6) == "fd01:1::50/64" and str(site.lan.gateway_for(6)) == "fd01:1::1"
+    assert [str(n) for n in site.lan.networks] == ["fd01:1::/64", "192.168.1.0/24"]
+    assert site.uses_ipv6
+
+
+def test_ipv6_only_lan(tmp_path):
+    text = BASE.replace(
+        'address = "192.168.1.50/24"\ngateway = "192.168.1.1"\ndns = ["192.168.1.1"]',
+        'address = "fd01:1::50/64"\ngateway = "fd01:1::1"',
+    ).replace('"vpn.example.org:51820"', '"[2001:db8::7]:51820"')
+    site = load_site(write(tmp_path, text))
+    assert site.lan.ipv4 is None and str(site.lan.address.ip) == "fd01:1::50"
+    assert (
+        str(site.lan.gateway) == "fd01:1::1"
+        and str(site.wireguard.endpoint) == "[2001:db8::7]:51820"
+    )
+    assert [str(n) for n in site.metrics.allow] == ["fd01:1::/64"]
+    text = text.replace("[ssh]", '[metrics]\nallow = ["192.168.1.0/24"]\n\n[ssh]')
+    assert ": metrics.allow[0]: 192.168.1.0/24 is IPv4" in error_of(tmp_path, text)
+
+
 def test_syntax_error_names_line(tmp_path):
     message = error_of(tmp_path, BASE.replace('name = "gw"', 'name = "gw'))
     assert message.startswith(f"{tmp_path / 'site.toml'}:2: ")
@@ -377,3 +471,46 @@ def test_syntax_error_names_line(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(InputError, match="no such file"):
         load_site(tmp_path / "nope.toml")
+
+
+def _cidr(version: int, prefixes: tuple[int, int]) -> st.SearchStrategy[str]:
+    """An address with prefix of one family, near the sample site's nets so overlaps come up."""
+    bases = ("192.168.1.0", "10.9.0.0", "192.168.2.0") if version == 4 else ("fd01:1::", "fd09::")
+    make = ipaddress.IPv4Address if version == 4 else ipaddress.IPv6Address
+    return st.builds(
+        lambda base, offset, prefix: f"{make(int(make(base)) + offset)}/{prefix}",
+        st.sampled_from(bases),
+        st.integers(0, 2**20),
+        st.integers(*prefixes),
+    )
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(
+    data=st.data(),
+    addresses=st.lists(st.one_of(_cidr(4, (8, 30)), _cidr(6, (16, 126))), min_size=1, max_size=3),
+)
+def test_lan_addresses_are_refused_by_key_or_consistent(data, addresses):
+    """Any LAN address list with gateways inside or outside its subnets: either one error
+    under a lan/wireguard/peers/metrics key, or a LAN whose rules all hold."""
+    gateways = []
+    for text in addresses:
+        net = ipaddress.ip_interface(text).network
+        offset = data.draw(st.integers(-2, 5))
+        gateways.append(str(net.network_address + offset % net.num_addresses))
+    doc = tomllib.loads(BASE)
+    doc["lan"].update(address=addresses, gateway=gateways, dns=[])
+    try:
+        site = parse_site(doc, Path("/site/site.toml"))
+    except InputError as e:
+        assert e.key.split(".")[0].split("[")[0] in ("lan", "wireguard", "peers", "metrics"), e
+        assert "\n" not in str(e)
+        return
+    versions = [a.version for a in site.lan.addresses]
+    assert len(set(versions)) == len(versions)
+    for g in site.lan.gateways:
+        own = site.lan.ipv4 if g.version == 4 else site.lan.ipv6
+        assert own is not None and g in own.network and g != own.ip
+    others = list(site.wireguard.networks) + [n for p in site.peers for n in p.networks]
+    for ln in site.lan.networks:
+        assert not any(ln.version == o.version and ln.overlaps(o) for o in others)

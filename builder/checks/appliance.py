@@ -102,6 +102,10 @@ def _wg0(site: Site, keys: Keys, facts: dict[str, Any]) -> Check:
     )
 
 
+def _family(version: int) -> str:
+    return "ip" if version == 4 else "ip6"
+
+
 def _nftables(site: Site, facts: dict[str, Any]) -> Check:
     nft = facts["nft"]
     if nft["rc"] != 0:
@@ -110,7 +114,10 @@ def _nftables(site: Site, facts: dict[str, Any]) -> Check:
     want = {
         "appliance table": "table inet wg_appliance",
         "listen port open": f"udp dport {site.wireguard.listen_port} accept",
-        "SSH from LAN": f"ip saddr {site.lan.address.network} tcp dport 22 accept",
+        **{
+            f"SSH from LAN {n}": f"{_family(n.version)} saddr {n} tcp dport 22 accept"
+            for n in site.lan.networks
+        },
         "forward from wg0": 'iifname "wg0" accept',
         "MSS clamping": "tcp option maxseg size set rt mtu",
     }
@@ -158,6 +165,25 @@ def _metrics(site: Site, facts: dict[str, Any]) -> Check:
         f"http://{where}/metrics answers, {live} peers in {scrape.get('seconds', 0):.2f}s, "
         f"open to {allow}",
     )
+
+
+def _lan(site: Site, facts: dict[str, Any]) -> Check:
+    """lan0 holds the rendered addresses (static, so exactly those) and a default route per
+    gateway: with IPv6, the appliance is a gateway of both families."""
+    have = set((facts.get("addresses") or {}).get("lan0", []))
+    missing = [f"address {a}" for a in site.lan.addresses if str(a) not in have]
+    defaults = {
+        (r.get("gateway"), r.get("dev")) for r in facts["routes"] if r.get("dst") == "default"
+    }
+    missing += [
+        f"IPv{g.version} default route via {g}"
+        for g in site.lan.gateways
+        if (str(g), "lan0") not in defaults
+    ]
+    if missing:
+        return Check("LAN", False, "lan0 has no " + ", no ".join(missing) + "; run deploy")
+    via = ", ".join(str(g) for g in site.lan.gateways)
+    return Check("LAN", True, f"lan0 {', '.join(map(str, site.lan.addresses))}, default via {via}")
 
 
 def _routes(site: Site, facts: dict[str, Any]) -> Check:
@@ -243,8 +269,10 @@ def evaluate(
     up before it), not for every site peer with an endpoint."""
     drift = peer_drift(site, keys, facts["wg"].get("peers", []))
     v4 = facts["ip_forward"] == "1"
-    v6 = facts["ip6_forward"] == "1" or not any(a.version == 6 for a in site.wireguard.addresses)
+    v6 = facts["ip6_forward"] == "1" or not site.uses_ipv6
     gw = facts["gateway"] or {"ok": False, "detail": "not probed"}
+    gateway6 = site.lan.gateway_for(6)
+    gw6 = facts.get("gateway6") or {"ok": False, "detail": "not probed"}
     checks = [
         Check("ssh", True, f"{site.ssh.user}@{site.lan.address.ip}, host key pinned"),
         _cloud_init(facts),
@@ -263,9 +291,15 @@ def evaluate(
             else f"ip_forward={facts['ip_forward']} ipv6 forwarding={facts['ip6_forward']}",
         ),
         _nftables(site, facts),
+        _lan(site, facts),
         _routes(site, facts),
         _metrics(site, facts),
         Check("gateway", gw["ok"], f"{site.lan.gateway}: {gw['detail']}"),
+        *(
+            [Check("gateway IPv6", gw6["ok"], f"{gateway6}: {gw6['detail']}")]
+            if gateway6 is not None and gateway6 != site.lan.gateway
+            else []
+        ),
         *_handshakes(site, keys, facts, set(required), only_required),
         _resources(facts, local_time),
     ]
@@ -274,7 +308,7 @@ def evaluate(
 
 # What a staged appliance cannot pass with its link down, or what only SSH shows: judged
 # after the takeover instead.
-LINK_CHECKS = ("gateway", "ssh")
+LINK_CHECKS = ("gateway", "gateway IPv6", "ssh")
 
 
 def before_takeover(report: Report) -> list[Check]:

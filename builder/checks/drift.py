@@ -78,9 +78,10 @@ def vm_changes(site: Site, facts: dict, metadata: dict[str, str] | None) -> list
     """Differences only a new VM can bring, each with the site key that asks for it."""
     out = []
     lan = facts["addresses"].get("lan0", [])
-    if str(site.lan.address) not in lan:
+    want = [str(a) for a in site.lan.addresses]
+    if not set(want) <= set(lan):
         have = _shown(", ".join(lan)) or "none"
-        out.append(f"lan.address: appliance has {have}, site says {site.lan.address}")
+        out.append(f"lan.address: appliance has {have}, site says {', '.join(want)}")
     wg_have = set(facts["addresses"].get("wg0", []))
     wg_want = {str(a) for a in site.wireguard.addresses}
     if wg_have and wg_have != wg_want:

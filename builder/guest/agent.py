@@ -4,7 +4,8 @@ sends it whole only when there is none). Standard library only; secrets never le
 (preshared keys are sent as hashes, private keys not at all).
 
 `probe ARG` (verify): gathers every fact in one round trip and prints one JSON document.
-ARG is JSON: {"gateway": "192.168.1.1", "metrics": "http://192.168.1.50:9586/metrics"}
+ARG is JSON: {"gateway": "192.168.1.1", "gateway6": "fd01::1" or null,
+"metrics": "http://192.168.1.50:9586/metrics"}
 (metrics only when the site enables them: the probe then scrapes the exporter once).
 
 `status` (status): only what an admin looks at, one `wg show` and a few /proc reads, as one
@@ -153,31 +154,38 @@ def wg_dump(r=None):
 
 
 def ping(host, timeout=1.0, tries=3):
-    """ICMP echo through a raw socket (root): no ping binary needed in the image."""
+    """ICMP echo through a raw socket (root): no ping binary needed in the image. For IPv6
+    the kernel fills in the checksum and strips the IP header."""
     import socket
 
+    v6 = ":" in host
     try:
-        s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+        if v6:
+            s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+        else:
+            s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
     except OSError as e:
         return {"ok": False, "detail": str(e)}
     s.settimeout(timeout)
     ident = os.getpid() & 0xFFFF
+    request, answer = (128, 129) if v6 else (8, 0)
     for seq in range(tries):
-        header = struct.pack("!BBHHH", 8, 0, 0, ident, seq)
+        header = struct.pack("!BBHHH", request, 0, 0, ident, seq)
         payload = b"wg-appliance"
         data = header + payload
         total = sum(struct.unpack(f"!{len(data) // 2}H", data))
         total = (total >> 16) + (total & 0xFFFF)
-        checksum = ~(total + (total >> 16)) & 0xFFFF
-        packet = struct.pack("!BBHHH", 8, 0, checksum, ident, seq) + payload
+        checksum = 0 if v6 else ~(total + (total >> 16)) & 0xFFFF
+        packet = struct.pack("!BBHHH", request, 0, checksum, ident, seq) + payload
         t0 = time.monotonic()
         try:
             s.sendto(packet, (host, 0))
             while True:
                 reply, addr = s.recvfrom(1024)
-                ihl = (reply[0] & 0xF) * 4
+                ihl = 0 if v6 else (reply[0] & 0xF) * 4
                 rtype, _, _, rid, rseq = struct.unpack("!BBHHH", reply[ihl : ihl + 8])
-                if addr[0] == host and rtype == 0 and rid == ident and rseq == seq:
+                same = ipaddress.ip_address(addr[0]) == ipaddress.ip_address(host)
+                if same and rtype == answer and rid == ident and rseq == seq:
                     return {"ok": True, "detail": "%.1f ms" % ((time.monotonic() - t0) * 1000)}
         except OSError:
             continue
@@ -215,7 +223,7 @@ FIRST_BOOT = "/var/lib/wg-appliance"
 def facts(args):
     """Everything verify judges, in one document. The commands run side by side, and the ping
     and the scrape while they do."""
-    link, routes, routes6, nft, dump, addrs, timer, (gateway, metrics) = sh_all(
+    link, routes, routes6, nft, dump, addrs, timer, (gateway, gateway6, metrics) = sh_all(
         ("ip", "-j", "link", "show", "wg0"),
         ("ip", "-j", "route", "show", "table", "main"),
         ("ip", "-j", "-6", "route", "show", "table", "main"),
@@ -225,6 +233,7 @@ def facts(args):
         ("systemctl", "is-active", TIMER),
         meanwhile=lambda: (
             ping(args["gateway"]) if args.get("gateway") else None,
+            ping(args["gateway6"]) if args.get("gateway6") else None,
             metrics_facts(args.get("metrics")),
         ),
     )
@@ -251,6 +260,7 @@ def facts(args):
         "nft": nft,
         "routes": json.loads(routes["out"] or "[]") + json.loads(routes6["out"] or "[]"),
         "gateway": gateway,
+        "gateway6": gateway6,
         "files": files(),
         "addresses": addresses(addrs),
         "peers_timer": timer["out"].strip(),
@@ -868,7 +878,7 @@ def takeover(args):
             r = sh("wg", "set", "wg0", *argv)
             if r["rc"] != 0:
                 out["error"] = r["err"].strip()[:300]
-        if i == 1:
+        if i == 1 and args.get("address"):
             for _ in range(3):
                 try:
                     garp(args["lan"], args["address"])

@@ -172,6 +172,15 @@ class Server(http.server.ThreadingHTTPServer):
         self.server_name, self.server_port = self.server_address[:2]
 
 
+class Server6(Server):
+    address_family = socket.AF_INET6
+
+
+def server_for(listen, port, handle):
+    """A server on the LAN address of either family (an IPv6-only LAN listens on IPv6)."""
+    return (Server6 if ":" in listen else Server)((listen, port), handle)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="wg-appliance-metrics")
     ap.add_argument("--listen", required=True)
@@ -179,8 +188,9 @@ def main(argv=None):
     ap.add_argument("--names", required=True)
     ap.add_argument("--image", required=True)
     args = ap.parse_args(argv)
-    server = Server((args.listen, args.port), handler(Names(args.names), read_image(args.image)))
-    print(f"serving http://{args.listen}:{args.port}/metrics", file=sys.stderr, flush=True)
+    server = server_for(args.listen, args.port, handler(Names(args.names), read_image(args.image)))
+    host = f"[{args.listen}]" if ":" in args.listen else args.listen
+    print(f"serving http://{host}:{args.port}/metrics", file=sys.stderr, flush=True)
     server.serve_forever()
 
 

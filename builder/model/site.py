@@ -23,7 +23,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime
 from functools import cache
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
+from ipaddress import (
+    IPv4Address,
+    IPv4Interface,
+    IPv4Network,
+    IPv6Address,
+    IPv6Interface,
+    IPv6Network,
+)
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +40,7 @@ from builder.errors import InputError
 
 IPInterface = IPv4Interface | IPv6Interface
 IPNetwork = IPv4Network | IPv6Network
+IPAddress = IPv4Address | IPv6Address
 
 MODES = ("masquerade", "routed")
 # Patterns are applied with fullmatch: `$` alone would let a trailing newline through.
@@ -105,10 +113,39 @@ class Host:
 
 @dataclass(frozen=True)
 class Lan:
-    address: IPv4Interface
-    gateway: IPv4Address
-    dns: tuple[IPv4Address, ...]
+    """The appliance's LAN side: at most one address and one gateway per family, a gateway
+    only for a family it has an address of."""
+
+    addresses: tuple[IPInterface, ...]
+    gateways: tuple[IPAddress, ...]
+    dns: tuple[IPAddress, ...]
     mac: str
+
+    @property
+    def ipv4(self) -> IPv4Interface | None:
+        return next((a for a in self.addresses if isinstance(a, IPv4Interface)), None)
+
+    @property
+    def ipv6(self) -> IPv6Interface | None:
+        return next((a for a in self.addresses if isinstance(a, IPv6Interface)), None)
+
+    @property
+    def address(self) -> IPInterface:
+        """The address SSH, verify, metrics and the host's files use: the IPv4 one when there
+        is one (IPFire's GREEN is IPv4), else the IPv6 one."""
+        return self.ipv4 or self.addresses[0]
+
+    @property
+    def networks(self) -> tuple[IPNetwork, ...]:
+        return tuple(a.network for a in self.addresses)
+
+    def gateway_for(self, version: int) -> IPAddress | None:
+        return next((g for g in self.gateways if g.version == version), None)
+
+    @property
+    def gateway(self) -> IPAddress:
+        """The gateway verify pings: the one of `address`'s family when there is one."""
+        return self.gateway_for(self.address.version) or self.gateways[0]
 
 
 @dataclass(frozen=True)
@@ -187,7 +224,7 @@ class Metrics:
 
     enabled: bool
     port: int
-    allow: tuple[IPv4Network, ...]
+    allow: tuple[IPNetwork, ...]
 
 
 @dataclass(frozen=True)
@@ -204,6 +241,11 @@ class Site:
     @property
     def name(self) -> str:
         return self.appliance.name
+
+    @property
+    def uses_ipv6(self) -> bool:
+        """IPv6 in the tunnel or on the LAN: then the appliance forwards it."""
+        return any(a.version == 6 for a in self.wireguard.addresses + self.lan.addresses)
 
     def peer(self, name: str) -> Peer:
         for p in self.peers:
@@ -391,6 +433,20 @@ def _ipv4_interface(value: Any, ctx: _Ctx, key: str) -> IPv4Interface:
     return iface
 
 
+def _lan_interface(value: Any, ctx: _Ctx, key: str) -> IPInterface:
+    """A LAN address: IPv4 as before; IPv6 a global or unique-local host address in a subnet."""
+    iface = _interface(value, ctx, key)
+    if isinstance(iface, IPv4Interface):
+        return _ipv4_interface(value, ctx, key)
+    if iface.network.prefixlen > 126:
+        raise ctx.fail(key, f"{value!r}: give the LAN subnet's prefix (e.g. /64)")
+    if iface.ip.is_link_local or iface.ip.is_multicast or iface.ip.is_loopback:
+        raise ctx.fail(key, f"{value!r} is not a global or unique-local IPv6 address")
+    if iface.ip == iface.network.network_address:
+        raise ctx.fail(key, f"{value!r} is the subnet-router anycast address of its subnet")
+    return iface
+
+
 def _host_interface(value: Any, ctx: _Ctx, key: str) -> IPInterface:
     iface = _interface(value, ctx, key)
     if iface.network.prefixlen != iface.max_prefixlen:
@@ -436,22 +492,25 @@ def _peer_network(value: Any, ctx: _Ctx, key: str) -> IPNetwork:
     return net
 
 
-def _ipv4_network(value: Any, ctx: _Ctx, key: str) -> IPv4Network:
-    net = _network(value, ctx, key)
-    if not isinstance(net, IPv4Network):
-        raise ctx.fail(
-            key,
-            f"{net} is IPv6; the appliance's LAN address, the only one metrics listen on, is IPv4",
-        )
-    return net
-
-
-def _ipv4(value: Any, ctx: _Ctx, key: str) -> IPv4Address:
-    value = _addr_text(value, ctx, key, "IPv4 address")
+def _ip(value: Any, ctx: _Ctx, key: str) -> IPAddress:
+    value = _addr_text(value, ctx, key, "IP address")
     try:
-        return IPv4Address(value)
+        return ipaddress.ip_address(value)
     except ValueError:
-        raise ctx.fail(key, f"{value!r} is not a valid IPv4 address") from None
+        raise ctx.fail(key, f"{value!r} is not a valid IPv4 or IPv6 address") from None
+
+
+def _one_or_list(item: Parser, most: int) -> Parser:
+    """One value, or a list of 1..`most`: errors name `key` for one value, `key[i]` in a list."""
+
+    def parse(value: Any, ctx: _Ctx, key: str) -> tuple:
+        if not isinstance(value, list):
+            return (item(value, ctx, key),)
+        if not 1 <= len(value) <= most:
+            raise ctx.fail(key, f"needs 1 to {most} items (one per address family)")
+        return tuple(item(v, ctx, f"{key}[{i}]") for i, v in enumerate(value))
+
+    return parse
 
 
 def _ip_str(value: Any, ctx: _Ctx, key: str) -> str:
@@ -761,9 +820,19 @@ FIELDS: dict[str, tuple[Field, ...]] = {
         Field("known_hosts", _local_file, None, "or a known_hosts file that pins the host key"),
     ),
     "lan": (
-        Field("address", _ipv4_interface, REQUIRED, "appliance LAN address with prefix"),
-        Field("gateway", _ipv4, REQUIRED, "LAN default gateway (the IPFire GREEN address)"),
-        Field("dns", _list_of(_ipv4), (), "DNS servers for the appliance"),
+        Field(
+            "address",
+            _one_or_list(_lan_interface, 2),
+            REQUIRED,
+            "appliance LAN address with prefix, or a list: one IPv4 and/or one IPv6",
+        ),
+        Field(
+            "gateway",
+            _one_or_list(_ip, 2),
+            REQUIRED,
+            "LAN default gateway (IPFire GREEN), or one per family",
+        ),
+        Field("dns", _list_of(_ip), (), "DNS servers for the appliance (IPv4 or IPv6)"),
         Field("mac", _mac, None, "NIC MAC; default derived from the name"),
     ),
     "ssh": (
@@ -793,7 +862,7 @@ FIELDS: dict[str, tuple[Field, ...]] = {
     "metrics": (
         Field("enabled", _typed(bool, "a boolean"), False, "serve Prometheus metrics"),
         Field("port", _int_range(1, 65535), 9586, "TCP port on the LAN address"),
-        Field("allow", _list_only(_ipv4_network), None, "networks that may scrape; LAN subnet"),
+        Field("allow", _list_only(_network), None, "networks that may scrape; LAN subnet"),
     ),
 }
 
@@ -872,17 +941,12 @@ def parse_site(data: dict[str, Any], path: Path, now: datetime | None = None) ->
     wg_d = _section(data["wireguard"], "wireguard", ctx, "wireguard")
 
     lan = Lan(
-        address=lan_d["address"],
-        gateway=lan_d["gateway"],
+        addresses=lan_d["address"],
+        gateways=lan_d["gateway"],
         dns=lan_d["dns"],
         mac=lan_d["mac"] or default_mac(appliance.name),
     )
-    if lan.gateway not in lan.address.network:
-        raise ctx.fail(
-            "lan.gateway", f"{lan.gateway} is outside the LAN subnet {lan.address.network}"
-        )
-    if lan.gateway == lan.address.ip:
-        raise ctx.fail("lan.gateway", "is the appliance's own address")
+    _check_lan(lan, data["lan"], ctx)
 
     wg = WireGuard(**_as_fields(wg_d))
     _check_wireguard(wg, lan, ctx)
@@ -911,6 +975,33 @@ def parse_site(data: dict[str, Any], path: Path, now: datetime | None = None) ->
     )
 
 
+def _item_key(raw: dict[str, Any], name: str, i: int) -> str:
+    """`lan.address` when the file gave one value, `lan.address[1]` in a list."""
+    return f"lan.{name}" + (f"[{i}]" if isinstance(raw.get(name), list) else "")
+
+
+def _check_lan(lan: Lan, raw: dict[str, Any], ctx: _Ctx) -> None:
+    """One address per family; each gateway inside the subnet of its family's address."""
+    seen: set[int] = set()
+    for i, a in enumerate(lan.addresses):
+        if a.version in seen:
+            raise ctx.fail(_item_key(raw, "address", i), f"more than one IPv{a.version} address")
+        seen.add(a.version)
+    seen = set()
+    for i, g in enumerate(lan.gateways):
+        key = _item_key(raw, "gateway", i)
+        if g.version in seen:
+            raise ctx.fail(key, f"more than one IPv{g.version} gateway")
+        seen.add(g.version)
+        own = lan.ipv4 if g.version == 4 else lan.ipv6
+        if own is None:
+            raise ctx.fail(key, f"{g} is IPv{g.version}, but lan.address has no IPv{g.version}")
+        if g not in own.network:
+            raise ctx.fail(key, f"{g} is outside the LAN subnet {own.network}")
+        if g == own.ip:
+            raise ctx.fail(key, "is the appliance's own address")
+
+
 def _metrics(parsed: dict[str, Any], lan: Lan, ctx: _Ctx) -> Metrics:
     """`allow` defaults to the LAN subnet; an empty list would serve no one, so it is refused,
     and so is the port SSH answers on."""
@@ -921,6 +1012,12 @@ def _metrics(parsed: dict[str, Any], lan: Lan, ctx: _Ctx) -> Metrics:
         allow = (lan.address.network,)
     elif not allow:
         raise ctx.fail("metrics.allow", "is empty: no one could scrape; leave it out for the LAN")
+    for i, n in enumerate(allow):
+        if n.version != lan.address.version:
+            raise ctx.fail(
+                f"metrics.allow[{i}]",
+                f"{n} is IPv{n.version}; metrics listen on the LAN address {lan.address.ip} only",
+            )
     return Metrics(enabled=parsed["enabled"], port=parsed["port"], allow=allow)
 
 
@@ -935,8 +1032,9 @@ def _check_wireguard(wg: WireGuard, lan: Lan, ctx: _Ctx) -> None:
             raise ctx.fail(key, f"{addr} is a single address; give the tunnel subnet (e.g. /24)")
         if addr.ip == addr.network.network_address:
             raise ctx.fail(key, f"{addr} is the subnet's network address")
-        if addr.network.overlaps(lan.address.network):
-            raise ctx.fail(key, f"{addr.network} overlaps the LAN subnet {lan.address.network}")
+        for ln in lan.networks:
+            if addr.version == ln.version and addr.network.overlaps(ln):
+                raise ctx.fail(key, f"{addr.network} overlaps the LAN subnet {ln}")
 
 
 def _peer(raw: Any, i: int, ctx: _Ctx) -> Peer:
@@ -968,6 +1066,10 @@ def _check_peers(peers: tuple[Peer, ...], wg: WireGuard, lan: Lan, ctx: _Ctx) ->
             keys[p.public_key] = i
         for j, a in enumerate(p.addresses):
             key = f"peers[{i}].address" + (f"[{j}]" if len(p.addresses) > 1 else "")
+            if a.version not in families:
+                raise ctx.fail(
+                    key, f"{a.ip} is IPv{a.version}, but the tunnel has no IPv{a.version} subnet"
+                )
             if not any(a.ip in n for n in wg.networks):
                 subnets = ", ".join(str(n) for n in wg.networks)
                 raise ctx.fail(key, f"{a.ip} is outside the wireguard subnets ({subnets})")
@@ -985,8 +1087,9 @@ def _check_peers(peers: tuple[Peer, ...], wg: WireGuard, lan: Lan, ctx: _Ctx) ->
             for wn in wg.networks:
                 if n.overlaps(wn):
                     raise ctx.fail(key, f"{n} overlaps the wireguard subnet {wn}")
-            if n.overlaps(lan.address.network):
-                raise ctx.fail(key, f"{n} overlaps the LAN subnet {lan.address.network}")
+            for ln in lan.networks:
+                if n.version == ln.version and n.overlaps(ln):
+                    raise ctx.fail(key, f"{n} overlaps the LAN subnet {ln}")
             nets.append((n, key))
         _check_allow(p, i, ctx)
     _check_disjoint(nets, ctx)

@@ -156,13 +156,19 @@ def metrics_url(site: Site) -> str | None:
     """Where the exporter answers, when the site turns it on."""
     if not site.metrics.enabled:
         return None
-    return f"http://{site.lan.address.ip}:{site.metrics.port}/metrics"
+    ip = site.lan.address.ip
+    return f"http://{f'[{ip}]' if ip.version == 6 else ip}:{site.metrics.port}/metrics"
 
 
 def probe_arg(site: Site, gateway: bool = True) -> str:
     """The probe's ARG; without `gateway` no ping (a staged appliance's link is down)."""
+    gateway6 = site.lan.gateway_for(6) if gateway else None
     return json.dumps(
-        {"gateway": str(site.lan.gateway) if gateway else None, "metrics": metrics_url(site)}
+        {
+            "gateway": str(site.lan.gateway) if gateway else None,
+            "gateway6": None if gateway6 is None else str(gateway6),
+            "metrics": metrics_url(site),
+        }
     )
 
 

@@ -62,7 +62,18 @@ def render_wg_conf(site: Site, keys: Keys) -> str:
 
 
 def render_nftables(site: Site) -> str:
-    return _render("nftables.conf.j2", site=site, peer_rules=peer_rules(site))
+    return _render(
+        "nftables.conf.j2",
+        site=site,
+        peer_rules=peer_rules(site),
+        lan_nets=[(_family(n.version), n) for n in site.lan.networks],
+        metrics_family=_family(site.lan.address.version),
+    )
+
+
+def _family(version: int) -> str:
+    """The nftables address match of an IP version."""
+    return "ip" if version == 4 else "ip6"
 
 
 def peer_rules(site: Site) -> list[str]:
@@ -116,8 +127,7 @@ def agent_source() -> str:
 
 
 def render_sysctl(site: Site) -> str:
-    ipv6 = any(a.version == 6 for a in site.wireguard.addresses)
-    return _render("sysctl.conf.j2", ipv6=ipv6)
+    return _render("sysctl.conf.j2", ipv6=site.uses_ipv6)
 
 
 def render_metrics_unit(site: Site) -> str:
@@ -190,7 +200,7 @@ def client_allowed_ips(site: Site, peer: Peer, full_tunnel: bool = False) -> lis
     if full_tunnel:
         return ["0.0.0.0/0", "::/0"]
     nets = [str(n) for n in site.wireguard.networks]
-    nets.append(str(site.lan.address.network))
+    nets += [str(n) for n in site.lan.networks]
     nets += [str(n) for p in site.peers if p.name != peer.name for n in p.networks]
     return nets
 

@@ -442,5 +442,25 @@ def host_files(
     rt = stock_routing() if routing is None else routing
     if remove:
         return HostFiles(remove_firewall_block(fw, site.name), remove_routing(rt, site.name))
+    require_ipv4(site)
     new_rt, notes = merge_routing(rt, site)
+    if site.uses_ipv6:
+        notes += (IPV6_NOTE,)
     return HostFiles(merge_firewall_local(fw, site), new_rt, notes)
+
+
+def require_ipv4(site: Site) -> None:
+    """IPFire's files name the appliance by its IPv4 address: an IPv6-only LAN has none."""
+    if site.lan.ipv4 is None:
+        raise InputError(
+            str(site.path),
+            "lan.address",
+            "has no IPv4 address: IPFire 2.x forwards and routes IPv4 only (GREEN and RED)",
+        )
+
+
+# Said once per run: the site's IPv6 stays between the appliance and its LAN and tunnel.
+IPV6_NOTE = (
+    "IPFire 2.x has no IPv6 on RED: these files leave IPv6 out (no port forward or route "
+    "for it); clients reach the appliance through IPFire over IPv4"
+)

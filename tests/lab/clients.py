@@ -8,6 +8,7 @@ socket lives in /var/run/wireguard, shared by all namespaces: every interface na
 from __future__ import annotations
 
 import configparser
+import json
 import os
 import signal
 import subprocess
@@ -63,11 +64,21 @@ class WgClient:
         self.lab.exec(
             self.ns, ["ip", "link", "set", self.ifname, "mtu", iface.get("MTU", "1420"), "up"]
         )
-        allowed = config.split("[Peer]")[1].split("AllowedIPs =")[1].splitlines()[0]
-        for net in [n.strip() for n in allowed.split(",")] + list(extra_routes):
-            if ":" in net:
-                continue  # the lab is IPv4 only outside the tunnel
+        peer = config.split("[Peer]")[1]
+        allowed = peer.split("AllowedIPs =")[1].splitlines()[0]
+        nets = [n.strip() for n in allowed.split(",")] + list(extra_routes)
+        if {"0.0.0.0/0", "::/0"} & set(nets):
+            self._keep_endpoint_outside(peer.split("Endpoint =")[1].splitlines()[0].strip())
+        for net in nets:
             self.lab.exec(self.ns, ["ip", "route", "replace", net, "dev", self.ifname])
+
+    def _keep_endpoint_outside(self, endpoint: str) -> None:
+        """A full tunnel's default routes would carry the tunnel's own packets into it: the
+        endpoint keeps a host route the way it went before (wg-quick uses a rule instead)."""
+        host = endpoint.rsplit(":", 1)[0].strip("[]")
+        got = json.loads(self.lab.exec(self.ns, ["ip", "-j", "route", "get", host]).stdout)[0]
+        via = ["via", got["gateway"]] if got.get("gateway") else []
+        self.lab.exec(self.ns, ["ip", "route", "replace", host, *via, "dev", got["dev"]])
 
     def down(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -86,13 +97,14 @@ class WgClient:
 
 PEER_ADDRESS_SERVER = """
 import socket, sys
-s = socket.socket()
+s = socket.socket(socket.AF_INET6)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", int(sys.argv[1])))
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+s.bind(("::", int(sys.argv[1])))
 s.listen(8)
 while True:
     c, addr = s.accept()
-    c.sendall(addr[0].encode() + b"\\n")
+    c.sendall(addr[0].removeprefix("::ffff:").encode() + b"\\n")
     c.close()
 """
 
@@ -100,7 +112,8 @@ while True:
 @dataclass
 class PeerAddressServer:
     """A TCP server in `ns` that answers each connection with the address it came from, so a
-    test sees which source address reached the LAN host (masqueraded or the tunnel's)."""
+    test sees which source address reached the LAN host (masqueraded or the tunnel's); it
+    listens on both families and shows an IPv4 peer as plain IPv4."""
 
     lab: Lab
     ns: str

@@ -23,7 +23,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Sequence
-from ipaddress import IPv4Interface, IPv4Network
+from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
 from pathlib import Path
 
 from builder.errors import HostError
@@ -38,6 +38,10 @@ BRIDGE = "green0"
 GREEN_NET = IPv4Network("192.168.77.0/24")
 HOST_GREEN = IPv4Interface("192.168.77.1/24")
 LAN_GREEN = IPv4Interface("192.168.77.10/24")
+# GREEN is dual-stack: a unique-local prefix beside the IPv4 one (the example site's).
+GREEN_NET6 = IPv6Network("fd77:77::/64")
+HOST_GREEN6 = IPv6Interface("fd77:77::1/64")
+LAN_GREEN6 = IPv6Interface("fd77:77::10/64")
 RED_NET = IPv4Network("203.0.113.0/24")
 
 URI = "qemu:///system"
@@ -124,10 +128,14 @@ class Lab:
         try:
             self.add_namespace(HOST_NS)
             self.sysctl(HOST_NS, "net.ipv4.ip_forward", "1")
+            self.sysctl(HOST_NS, "net.ipv6.conf.all.forwarding", "1")
             self.add_bridge(HOST_NS, BRIDGE, HOST_GREEN)
+            self.add_address(HOST_NS, BRIDGE, HOST_GREEN6)
             self.add_namespace(LAN_NS)
             self.add_veth(LAN_NS, "eth0", HOST_NS, "green-lan", address=LAN_GREEN, bridge=BRIDGE)
+            self.add_address(LAN_NS, "eth0", LAN_GREEN6)
             self.add_route(LAN_NS, "default", HOST_GREEN.ip)
+            self.add_route(LAN_NS, "default", HOST_GREEN6.ip)
             self.start_libvirt()
         except BaseException:
             self.down()
@@ -255,8 +263,16 @@ class Lab:
         ip(ns, "link", "set", ifname, "up")
         ip(peer_ns, "link", "set", peer_ifname, "up")
 
+    def add_address(self, ns: str, dev: str, address: IPv4Interface | IPv6Interface) -> None:
+        """One more address on `dev`; IPv6 without duplicate address detection, so it is
+        usable at once rather than after a second or two of "tentative"."""
+        extra = ("nodad",) if address.version == 6 else ()
+        ip(ns, "addr", "add", str(address), "dev", dev, *extra)
+
     def add_route(self, ns: str, dest: str, via: object) -> None:
-        ip(ns, "route", "replace", dest, "via", str(via))
+        """A route; `default` means the default of `via`'s family."""
+        family = "-6" if ":" in str(via) else "-4"
+        ip(ns, family, "route", "replace", dest, "via", str(via))
 
     # --- libvirt ---------------------------------------------------------------------------
 

@@ -144,8 +144,12 @@ def facts(site_keys):
         "ip_forward": "1",
         "ip6_forward": "1",
         "nft": {"rc": 0, "out": render_nftables(site), "err": ""},
-        "routes": [{"dst": "192.168.88.0/24", "dev": "wg0"}],
+        "routes": [{"dst": "192.168.88.0/24", "dev": "wg0"}]
+        + [{"dst": "default", "gateway": str(g), "dev": "lan0"} for g in site.lan.gateways]
+        + [{"dst": str(n), "dev": "wg0"} for p in site.peers for n in p.networks if n.version == 6],
+        "addresses": {"lan0": [str(a) for a in site.lan.addresses], "wg0": []},
         "gateway": {"ok": True, "detail": "0.3 ms"},
+        "gateway6": {"ok": True, "detail": "0.4 ms"} if site.lan.gateway_for(6) else None,
         "disk_free": 1.5e9,
         "disk_total": 2e9,
         "mem_available": 300e6,
