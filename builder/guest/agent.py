@@ -156,6 +156,7 @@ def wg_dump(r=None):
 def ping(host, timeout=1.0, tries=3):
     """ICMP echo through a raw socket (root): no ping binary needed in the image. For IPv6
     the kernel fills in the checksum and strips the IP header."""
+    import ipaddress
     import socket
 
     v6 = ":" in host
