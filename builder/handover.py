@@ -382,7 +382,8 @@ def hand_over(
             removed += lh.destroy_domain(conn, staged.name())
         staged = None
     with progress.stage("preflight"):
-        learned = state.learned_virt_type(lh.host_identity(conn))
+        # What the serving appliance runs under is known to work here: no KVM probe again.
+        learned = state.learned_virt_type(lh.host_identity(conn)) or lh.domain_virt_type(active)
         virt_type, report = preflight(conn, site, staged is None, learned)
         for line in report:
             progress.say(f"  {line}")
