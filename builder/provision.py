@@ -242,7 +242,10 @@ def wait_ready_agent(dom: libvirt.virDomain, timeout: float, progress: Progress)
         guest_agent.wait(dom, deadline)
     with progress.stage(f"waiting for cloud-init on {dom.name()} to finish"):
         left = max(1, int(deadline - time.monotonic()))
-        r = guest_agent.run(dom, f"timeout {left} sh -c '{WAIT_RESULT}'", timeout=left + 10)
+        # Then the boot's end: on a later boot (a rollback's) cloud-init's result is there at
+        # once, while wg0's routes and the exporter still start.
+        wait = f"{WAIT_RESULT} && {{ systemctl is-system-running --wait >/dev/null; true; }}"
+        r = guest_agent.run(dom, f"timeout {left} sh -c '{wait}'", timeout=left + 10)
         if r.rc != 0:
             raise HostError(
                 f"cloud-init on {dom.name()} did not finish within {timeout:.0f}s",
