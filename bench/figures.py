@@ -540,6 +540,8 @@ def speed() -> dict[str, float]:
             for suffix, tree in trees.items():
                 figures.update(_looking(lab, site, "1000", {suffix: tree}))
                 figures[f"sync_no_change_1000_s{suffix}"] = _best(lab, "sync", site, tree)
+                said = _cli(lab, "sync", "--dry-run", "--site", str(site), tree=tree).stdout
+                print(f"   sync --dry-run after the no-change syncs{suffix}: {said.strip()}")
                 times = []
                 for _ in range(3):
                     _add_peer(site, next(added))
