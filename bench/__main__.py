@@ -63,7 +63,7 @@ def main(names: list[str]) -> int:
             print(f"{key}:" + "".join(f"\n    {line}" for line in value))
             continue
         goal = GOALS.get(key)
-        mark = "" if goal is None else ("ok" if value <= goal else "MISSED")
+        mark = "" if goal is None else ("ok" if value is not None and value <= goal else "MISSED")
         print(f"{key:<52} {value:>12} {goal if goal is not None else '':>8} {mark}")
     doc = {
         "machine": {

@@ -372,8 +372,9 @@ def _outage(lab, run, host: str) -> dict[str, float]:
         outage, _ = pinger.stop()
         stream.stop()
         streamed = stream.result(timeout=60)
-    tcp = streamed[0] if isinstance(streamed, tuple) else float("nan")
-    return {"ping_outage_s": round(outage, 1), "tcp_outage_s": round(tcp, 1), "run_s": seconds}
+    # None: the connection did not live through it (reset or timed out).
+    tcp = round(streamed[0], 1) if isinstance(streamed, tuple) else None
+    return {"ping_outage_s": round(outage, 1), "tcp_outage_s": tcp, "run_s": seconds}
 
 
 def handover() -> dict[str, float]:
