@@ -103,6 +103,20 @@ def test_peer_config_and_qr(site_dir):
     assert r.returncode == 2 and "no peer named 'nobody'" in r.stderr
 
 
+def test_upgrade_with_missing_image_is_bad_input_before_any_connection(site_dir):
+    r = wg_cli("upgrade", "--site", str(site_dir / "site.toml"), "--image", "/nonexistent.qcow2")
+    assert r.returncode == 2
+    assert r.stderr == "error: /nonexistent.qcow2: --image: no such file\n"
+    assert not (site_dir / ".wg-appliance").exists()
+
+
+def test_image_from_a_folder_that_is_no_recipe_is_bad_input(tmp_path):
+    r = wg_cli("image", "--recipe", str(tmp_path), "--cache", str(tmp_path / "cache"))
+    assert r.returncode == 2
+    assert r.stderr == f"error: {tmp_path}: --recipe: not an image recipe (no packages.txt)\n"
+    assert not (tmp_path / "cache").exists()
+
+
 def test_deploy_with_missing_image_is_bad_input(site_dir):
     r = wg_cli("deploy", "--site", str(site_dir / "site.toml"), "--image", "/nonexistent.qcow2")
     assert r.returncode == 2
