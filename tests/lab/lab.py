@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import time
 from collections.abc import Sequence
@@ -54,9 +55,35 @@ POOL_PATH = DATA_DIR / "images"
 # libvirtd sees this as /var/lib/libvirt/images, so a site's default pool_path lives in the lab.
 IMAGES_DIR = DATA_DIR / "libvirt-images"
 LOCK_FILE = Path("/run/wgl-lab.lock")
+KVM_DEVICE = Path("/dev/kvm")
+# The lab's own /dev/kvm node: root:kvm 0660, as udev makes it on a Debian host.
+LAB_KVM = DATA_DIR / "dev-kvm"
 LIBVIRT_SOCK = Path("/run/libvirt/libvirt-sock")
 
 DAEMONS = ("virtlogd", "libvirtd")
+
+
+def _lab_kvm_node() -> Path | None:
+    """A copy of /dev/kvm that the qemu user may open, for the lab's mount namespace only.
+
+    In a container /dev/kvm can be root's alone (no udev gave it to group kvm). libvirt
+    then probes qemu as root and finds KVM, but judges it unusable for the qemu user, so
+    it throws its capability cache away and probes again on every call: 40 s for each
+    domain definition. With the node a host would have, the cache holds, and the tool's
+    own KVM-then-TCG fallback is what a nested host shows.
+    """
+    try:
+        real = KVM_DEVICE.stat()
+    except OSError:
+        return None
+    LAB_KVM.unlink(missing_ok=True)
+    os.mknod(LAB_KVM, 0o600 | stat.S_IFCHR, real.st_rdev)
+    try:
+        shutil.chown(LAB_KVM, "root", "kvm")
+        os.chmod(LAB_KVM, 0o660)
+    except LookupError:
+        os.chmod(LAB_KVM, 0o666)
+    return LAB_KVM
 
 
 def _alive(pid: int, comm: str) -> bool:
@@ -298,14 +325,17 @@ class Lab:
         with (ETC_DIR / "libvirtd.conf").open("a") as f:
             f.write(f'\nlog_outputs = "3:file:{LOG_DIR}/libvirtd.log"\n')
         Path("/var/log/libvirt").mkdir(parents=True, exist_ok=True)
+        kvm = _lab_kvm_node()
         script = (
             'mount --bind "$1" /etc/libvirt && mount --bind "$2" /var/log/libvirt'
             ' && mount --bind "$3" /var/lib/libvirt/images'
+            ' && { [ -z "$6" ] || mount --bind "$6" /dev/kvm; }'
             ' && virtlogd -d -p "$4" && exec libvirtd -d -p "$5"'
         )
         unshare = ["unshare", "--mount", "--propagation", "slave", "--", "sh", "-c", script, "sh"]
         pid_files = [self.pid_file(name) for name in DAEMONS]
-        self.exec(HOST_NS, [*unshare, ETC_DIR, LOG_DIR, IMAGES_DIR, *pid_files], timeout=60)
+        args = [ETC_DIR, LOG_DIR, IMAGES_DIR, *pid_files, kvm or ""]
+        self.exec(HOST_NS, [*unshare, *args], timeout=60)
         deadline = time.monotonic() + 30
         while not _socket_answers(LIBVIRT_SOCK):
             if time.monotonic() > deadline:
