@@ -90,15 +90,26 @@ def sh(*argv):
 def sh_all(*argvs, meanwhile=None):
     """Each command's {"rc", "out", "err"}, the commands run side by side (each one's start
     costs more than its work under TCG); `meanwhile()` runs while they do, and its result
-    comes last."""
+    comes last. A command given as (argv, text) reads that text on stdin."""
     procs = []
     for argv in argvs:
+        argv, text = argv if isinstance(argv[0], tuple) else (argv, None)
+        stdin = None
+        if text is not None:  # a few lines: the pipe holds them before the command starts
+            stdin, w = os.pipe()
+            os.write(w, text.encode())
+            os.close(w)
         try:
             procs.append(
-                subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                subprocess.Popen(
+                    argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+                )
             )
         except OSError as e:
             procs.append(e)
+        finally:
+            if stdin is not None:
+                os.close(stdin)
     extra = meanwhile() if meanwhile else None
     out = []
     for p in procs:
@@ -126,6 +137,29 @@ def read(path, default=""):
 
 WG_DUMP = ("wg", "show", "wg0", "dump")
 IP_ADDR = ("ip", "-j", "addr", "show")
+# The routes of the main table in both families and every interface with its addresses, from
+# one `ip` instead of four: `table all` is the only route dump of both families, and it names
+# the table of every route outside main. `addr show` carries each link's flags and MTU too.
+IP_BATCH = (("ip", "-j", "-batch", "-"), "route show table all\naddr show\n")
+
+
+def ip_batch(r):
+    """(main-table routes, interfaces with addresses) from IP_BATCH's result; what a failed
+    command did not print is empty."""
+    docs, text, pos = [], r["out"], 0
+    decoder = json.JSONDecoder()
+    while len(docs) < 2:
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+        if pos >= len(text):
+            break
+        try:
+            doc, pos = decoder.raw_decode(text, pos)
+        except ValueError:
+            break
+        docs.append(doc if isinstance(doc, list) else [])
+    routes, addrs = (docs + [[], []])[:2]
+    return [x for x in routes if "table" not in x], addrs
 
 
 def wg_dump(r=None):
@@ -205,15 +239,18 @@ def files():
 def addresses(r=None):
     """Global addresses by interface, from `ip -j addr show` (run here unless `r` is its result)."""
     r = sh(*IP_ADDR) if r is None else r
-    if r["rc"] != 0:
-        return {}
+    return interface_addresses(json.loads(r["out"])) if r["rc"] == 0 else {}
+
+
+def interface_addresses(interfaces):
+    """Global addresses by interface, of `ip -j addr show`'s interfaces."""
     return {
         i["ifname"]: [
             f"{a['local']}/{a['prefixlen']}"
             for a in i.get("addr_info", [])
             if a.get("scope") == "global"
         ]
-        for i in json.loads(r["out"])
+        for i in interfaces
     }
 
 
@@ -224,13 +261,10 @@ FIRST_BOOT = "/var/lib/wg-appliance"
 def facts(args):
     """Everything verify judges, in one document. The commands run side by side, and the ping
     and the scrape while they do."""
-    link, routes, routes6, nft, dump, addrs, timer, (gateway, gateway6, metrics) = sh_all(
-        ("ip", "-j", "link", "show", "wg0"),
-        ("ip", "-j", "route", "show", "table", "main"),
-        ("ip", "-j", "-6", "route", "show", "table", "main"),
+    ip, nft, dump, timer, (gateway, gateway6, metrics) = sh_all(
+        IP_BATCH,
         ("nft", "list", "ruleset"),
         WG_DUMP,
-        IP_ADDR,
         ("systemctl", "is-active", TIMER),
         meanwhile=lambda: (
             ping(args["gateway"]) if args.get("gateway") else None,
@@ -238,6 +272,7 @@ def facts(args):
             metrics_facts(args.get("metrics")),
         ),
     )
+    routes, addrs = ip_batch(ip)
     st = os.statvfs("/")
     meminfo = dict(
         (ln.split(":")[0], int(ln.split()[1]) * 1024)
@@ -255,15 +290,19 @@ def facts(args):
         "cloud_init_off": os.path.exists("/etc/cloud/cloud-init.disabled"),
         "cloud_init_log_tail": read("/var/log/cloud-init.log")[-3000:],
         "wg": wg_dump(dump),
-        "wg_link": json.loads(link["out"] or "[]") if link["rc"] == 0 else [],
+        "wg_link": [
+            {k: v for k, v in i.items() if k != "addr_info"}
+            for i in addrs
+            if i.get("ifname") == "wg0"
+        ],
         "ip_forward": read("/proc/sys/net/ipv4/ip_forward").strip(),
         "ip6_forward": read("/proc/sys/net/ipv6/conf/all/forwarding").strip(),
         "nft": nft,
-        "routes": json.loads(routes["out"] or "[]") + json.loads(routes6["out"] or "[]"),
+        "routes": routes,
         "gateway": gateway,
         "gateway6": gateway6,
         "files": files(),
-        "addresses": addresses(addrs),
+        "addresses": interface_addresses(addrs),
         "peers_timer": timer["out"].strip(),
         "disk_free": st.f_bavail * st.f_frsize,
         "disk_total": st.f_blocks * st.f_frsize,
