@@ -93,8 +93,7 @@ def _sync(site: Site, keys: Keys, dry_run: bool, host: Future, t0: float) -> Syn
         if not result.get("ok"):
             raise GuestError(
                 f"sync failed on {site.name}: {failure(result)}",
-                "fix the site file and run sync again; "
-                "`wg-appliance verify` shows the live state",
+                "fix the site file and run sync again; `wg-appliance verify` shows the live state",
             )
         if conn is not None and metadata is not None:
             _record_seed(conn, site, keys)

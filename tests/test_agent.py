@@ -128,15 +128,17 @@ class FakeSystem:
         ]
         return "peer=\t" + (" ".join(nets) or "(none)") + "\n"
 
-    def _ip_j(self, args, _):
+    def _ip_j(self, args, input):
+        if args[0] == "-batch":
+            return "\n".join(self._ip_j(line.split(), None) for line in input.splitlines())
         if args[:2] == ["addr", "show"]:
             return json.dumps([{"addr_info": [{"local": "10.77.0.1", "prefixlen": 24}]}])
-        version = 4 if args[0] == "-4" else 6
-        shown = []
-        for net in map(ipaddress.ip_network, self.routes):
-            if net.version == version:
-                host = net.prefixlen == net.max_prefixlen
-                shown.append({"dst": str(net.network_address) if host else str(net)})
+        assert args[:4] == ["route", "show", "table", "all"], args
+        # Another table's route names its table: not one of wg0's main routes.
+        shown = [{"dst": "10.200.0.0/24", "table": "100"}]
+        for net in map(ipaddress.ip_network, sorted(self.routes)):
+            host = net.prefixlen == net.max_prefixlen
+            shown.append({"dst": str(net.network_address) if host else str(net)})
         return json.dumps(shown)
 
     def _unit_file(self, args):
@@ -307,13 +309,22 @@ def test_without_old_files_the_live_ruleset_and_peers_come_back():
     assert WG not in system.files and NFT not in system.files
 
 
-def test_json_from_a_broken_command_is_rolled_back_too():
+def test_json_from_a_broken_command_changes_nothing():
     system = guest()
     listing = system._ip_j
-    system._ip_j = lambda args, _: "not json" if args[0] == "addr" else listing(args, _)
+    system._ip_j = lambda args, input: listing(args, input).replace('"addr_info"', "not json")
     before = system.state()
     out = run(system)
-    assert out["rolled_back"] is True and out["error"].startswith("JSONDecodeError"), out
+    assert out["untouched"] is True and "ip -batch" in out["error"], out
+    assert system.state() == before
+
+
+def test_output_of_a_broken_command_in_apply_is_rolled_back_too():
+    system = guest()
+    system._wg_show = lambda args, _: "peer=\tnot-a-network\n"
+    before = system.state()
+    out = run(system)
+    assert out["rolled_back"] is True and out["error"].startswith("ValueError"), out
     assert system.state() == before
 
 

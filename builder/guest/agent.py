@@ -146,20 +146,25 @@ IP_BATCH = (("ip", "-j", "-batch", "-"), "route show table all\naddr show\n")
 def ip_batch(r):
     """(main-table routes, interfaces with addresses) from IP_BATCH's result; what a failed
     command did not print is empty."""
-    docs, text, pos = [], r["out"], 0
-    decoder = json.JSONDecoder()
-    while len(docs) < 2:
+    docs = [d if isinstance(d, list) else [] for d in json_values(r["out"])]
+    routes, addrs = (docs + [[], []])[:2]
+    return [x for x in routes if "table" not in x], addrs
+
+
+def json_values(text):
+    """The JSON documents printed one after another (as `ip -batch` does), up to the first
+    that does not parse."""
+    decoder, docs, pos = json.JSONDecoder(), [], 0
+    while True:
         while pos < len(text) and text[pos].isspace():
             pos += 1
         if pos >= len(text):
-            break
+            return docs
         try:
             doc, pos = decoder.raw_decode(text, pos)
         except ValueError:
-            break
-        docs.append(doc if isinstance(doc, list) else [])
-    routes, addrs = (docs + [[], []])[:2]
-    return [x for x in routes if "table" not in x], addrs
+            return docs
+        docs.append(doc)
 
 
 def wg_dump(r=None):
@@ -489,7 +494,8 @@ def expire(doc, now, system):
     if live is not None:
         for key in sorted(keys & live.keys()):
             system.run("wg", "set", "wg0", "peer", key, "remove")
-        for net in sorted(current_routes(system) - wanted_routes(system)):
+        have, own = wg0_routes(system)
+        for net in sorted(have - wanted_routes(system, own)):
             del_route(system, net)
     return sorted(p["name"] for p in gone)
 
@@ -645,12 +651,11 @@ def sysctl_path(key):
     return "/proc/sys/" + key.replace("/", "\0").replace(".", "/").replace("\0", ".")
 
 
-def wanted_routes(system):
-    """AllowedIPs outside wg0's own subnets need routes via wg0 (what wg-quick adds at up)."""
+def wanted_routes(system, own):
+    """AllowedIPs outside wg0's own subnets (`own`: its addresses) need routes via wg0 (what
+    wg-quick adds at up)."""
     import ipaddress
 
-    own = system.run("ip", "-j", "addr", "show", "dev", "wg0")
-    own = [f"{a['local']}/{a['prefixlen']}" for i in json.loads(own) for a in i["addr_info"]]
     nets = set()
     for line in system.run("wg", "show", "wg0", "allowed-ips").splitlines():
         for net in line.split()[1:]:
@@ -665,16 +670,39 @@ def wanted_routes(system):
     return out
 
 
+def wg0_addresses(interfaces):
+    """wg0's addresses, from `ip -j addr show dev wg0`'s interfaces."""
+    return [f"{a['local']}/{a['prefixlen']}" for i in interfaces for a in i["addr_info"]]
+
+
+# wg0's routes of the main table in both families (`table all` is the one dump of both; it
+# names the table of each route outside main).
+WG0_ROUTES = ("ip", "-j", "route", "show", "table", "all", "dev", "wg0", "proto", "boot")
+
+
 def current_routes(system):
+    return main_routes(json.loads(system.run(*WG0_ROUTES) or "[]"))
+
+
+def main_routes(listed):
     out = set()
-    for family in ("-4", "-6"):
-        listed = system.run("ip", "-j", family, "route", "show", "dev", "wg0", "proto", "boot")
-        for r in json.loads(listed or "[]"):
-            dst = r["dst"]
-            if "/" not in dst and dst != "default":
-                dst += "/32" if family == "-4" else "/128"
-            out.add(dst)
+    for r in listed:
+        if "table" in r:
+            continue
+        dst = r["dst"]
+        if "/" not in dst and dst != "default":
+            dst += "/128" if ":" in dst else "/32"
+        out.add(dst)
     return out
+
+
+def wg0_routes(system):
+    """(wg0's routes, wg0's addresses), both from one `ip`."""
+    text = " ".join(WG0_ROUTES[2:]) + "\naddr show dev wg0\n"
+    docs = json_values(system.run("ip", "-j", "-batch", "-", input=text))
+    if len(docs) != 2:
+        raise Failed(f"ip -batch: expected routes and addresses, got {len(docs)} document(s)")
+    return main_routes(docs[0]), wg0_addresses(docs[1])
 
 
 def add_route(system, net):
@@ -712,11 +740,13 @@ def capture(new, system):
     mtu = system.read(MTU_PATH)
     if mtu is None:
         raise Failed("wg0 does not exist")
+    routes, own = wg0_routes(system)
     old = {
         "files": files,
         "sysctl": sysctl,
         "mtu": int(mtu["data"]),
-        "routes": sorted(current_routes(system)),
+        "routes": sorted(routes),
+        "own": own,
         "metrics": system.enabled(METRICS_UNIT),
         "units": units_changed(new, system),
     }
@@ -750,7 +780,7 @@ def apply(new, system, old):
     if new.get("mtu") and new["mtu"] != old["mtu"]:  # capture read it
         system.run("ip", "link", "set", "wg0", "mtu", str(new["mtu"]))
     # Nothing above touches routes (wg0.conf says Table = off): capture's reading holds.
-    want, have = wanted_routes(system), set(old["routes"])
+    want, have = wanted_routes(system, old["own"]), set(old["routes"])
     added, removed = sorted(want - have), sorted(have - want)
     for net in added:
         add_route(system, net)
