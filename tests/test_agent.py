@@ -95,15 +95,11 @@ class FakeSystem:
         assert handler, f"unexpected command {argv}"
         return handler(list(argv[2:]), input) or ""
 
-    def _sysctl_load(self, args, _):
-        text = self.files[args[0]]["data"].decode()
-        for key in ga.sysctl_keys(text):
-            value = text.split(key, 1)[1].split("=", 1)[1].splitlines()[0].strip()
-            self.files[ga.sysctl_path(key)] = entry(value + "\n")
-
-    def _sysctl_q(self, args, _):
-        key, value = args[1].split("=", 1)
-        self.files[ga.sysctl_path(key)] = entry(value + "\n")
+    def set_sysctl(self, path, value):
+        self._op("sysctl", path, value)
+        if not os.path.dirname(path).startswith("/proc/sys/net/"):
+            raise OSError(2, "No such file or directory")
+        self.files[path] = entry(value + "\n")
 
     def _nft_file(self, args, input):
         text = input if args[0] == "/dev/stdin" else self.files[args[0]]["data"].decode()
@@ -382,6 +378,10 @@ def test_strip_drops_wg_quick_keys_only():
 def test_sysctl_keys_and_paths():
     text = "# a = b\n; c = d\n\nnet.ipv4.ip_forward = 1\n-net.ipv4.conf.eth0/1.rp_filter=2\n"
     assert ga.sysctl_keys(text) == ["net.ipv4.ip_forward", "net.ipv4.conf.eth0/1.rp_filter"]
+    assert ga.sysctl_settings(text) == [
+        ("net.ipv4.ip_forward", "1", False),
+        ("net.ipv4.conf.eth0/1.rp_filter", "2", True),
+    ]
     assert ga.sysctl_path("net.ipv4.ip_forward") == "/proc/sys/net/ipv4/ip_forward"
     assert ga.sysctl_path("net.ipv4.conf.eth0/1.rp_filter") == (
         "/proc/sys/net/ipv4/conf/eth0.1/rp_filter"
@@ -389,6 +389,23 @@ def test_sysctl_keys_and_paths():
     assert ga.sysctl_path("net/ipv4/conf/eth0.1/rp_filter") == (
         "/proc/sys/net/ipv4/conf/eth0.1/rp_filter"
     )
+
+
+def test_sysctl_is_loaded_in_process_and_a_quiet_key_may_fail():
+    system = guest()
+    ga.load_sysctl(
+        system, "net.ipv4.ip_forward = 0\n-kernel.nope = 1\nnet.ipv6.conf.all.forwarding=1\n"
+    )
+    assert system.files[FWD4]["data"] == b"0\n" and system.files[FWD6]["data"] == b"1\n"
+    assert ("sysctl", "/proc/sys/kernel/nope", "1") in system.ops
+    with pytest.raises(ga.Failed, match="sysctl kernel.nope: FileNotFoundError: No such file"):
+        ga.load_sysctl(system, "kernel.nope = 1\n")
+
+
+def test_the_real_sysctl_write_is_what_the_kernel_reads(tmp_path):
+    path = tmp_path / "ip_forward"
+    ga.System().set_sysctl(str(path), "1")
+    assert path.read_text() == "1\n"
 
 
 def test_real_write_is_atomic_and_cleans_up(tmp_path, monkeypatch):

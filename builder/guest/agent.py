@@ -596,6 +596,11 @@ class System:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
 
+    def set_sysctl(self, path, value):
+        """One kernel setting under /proc/sys, as sysctl(8) writes it."""
+        with open(path, "w") as f:
+            f.write(value + "\n")
+
     def enabled(self, unit):
         """A unit of ours is enabled when its multi-user.target.wants link exists."""
         return os.path.lexists("/etc/systemd/system/multi-user.target.wants/" + unit)
@@ -634,14 +639,32 @@ def strip(conf):
     return "".join(keep)
 
 
-def sysctl_keys(text):
-    """The keys a sysctl.d file sets, in its order (a leading '-' only mutes errors)."""
-    keys = []
+def sysctl_settings(text):
+    """(key, value, quiet) of each setting in a sysctl.d file, in its order; a leading '-'
+    (quiet) only mutes errors."""
+    out = []
     for line in text.splitlines():
         line = line.strip()
         if line and line[0] not in "#;" and "=" in line:
-            keys.append(line.split("=", 1)[0].strip().lstrip("-"))
-    return keys
+            key, value = (x.strip() for x in line.split("=", 1))
+            out.append((key.lstrip("-"), value, key.startswith("-")))
+    return out
+
+
+def sysctl_keys(text):
+    """The keys a sysctl.d file sets, in its order."""
+    return [key for key, _, _ in sysctl_settings(text)]
+
+
+def load_sysctl(system, text):
+    """What `sysctl --load` does with the file's text, without a process for it: each value
+    written where its key lives, a failure fatal unless the key is quiet."""
+    for key, value, quiet in sysctl_settings(text):
+        try:
+            system.set_sysctl(sysctl_path(key), value)
+        except OSError as e:
+            if not quiet:
+                raise Failed(f"sysctl {key}: {type(e).__name__}: {e.strerror or e}") from None
 
 
 def sysctl_path(key):
@@ -774,7 +797,7 @@ def apply(new, system, old):
         system.run("systemctl", "daemon-reload")
         system.run("systemctl", "enable", FILES["peers.service"][0].rsplit("/", 1)[1])
         system.run("systemctl", "enable", "--now", TIMER)
-    system.run("sysctl", "--load", FILES["sysctl"][0])
+    load_sysctl(system, new["sysctl"])
     system.run("nft", "--file", FILES["nftables.conf"][0])
     system.run("wg", "syncconf", "wg0", "/dev/stdin", input=strip(new["wg0.conf"]))
     if new.get("mtu") and new["mtu"] != old["mtu"]:  # capture read it
@@ -851,7 +874,7 @@ def rollback(old, system):
     elif old.get("units"):
         attempt("systemd units", system.run, "systemctl", "daemon-reload")
     for key, value in old["sysctl"].items():
-        attempt(f"sysctl {key}", system.run, "sysctl", "-q", "-w", f"{key}={value}")
+        attempt(f"sysctl {key}", system.set_sysctl, sysctl_path(key), value)
     attempt("nftables ruleset", restore_ruleset, system, old)
     attempt("wg0 peers", restore_peers, system, old)
     attempt(f"wg0 MTU {old['mtu']}", system.run, "ip", "link", "set", "wg0", "mtu", str(old["mtu"]))
