@@ -77,18 +77,13 @@ def _sync(site: Site, keys: Keys, dry_run: bool, host: Future, t0: float) -> Syn
                 f"{site.name}: these changes need a new VM: " + "; ".join(refused),
                 f"run `wg-appliance deploy --site {site.path} --replace` (keys are kept)",
             )
-        found = changes(site, keys, facts)
+        files = appliance_files(site, keys)  # rendered once: compared, sent, recorded
+        found = changes(site, keys, facts, files)
         if dry_run or not found:
             if not dry_run and conn is not None and metadata is not None:
                 _record_expiry(conn, site, keys, metadata)
             return SyncResult(site.name, tuple(found), False, time.monotonic() - t0)
-        channel.send(
-            {
-                **appliance_files(site, keys),
-                "mtu": site.wireguard.mtu,
-                "metrics": site.metrics.enabled,
-            }
-        )
+        channel.send({**files, "mtu": site.wireguard.mtu, "metrics": site.metrics.enabled})
         result = channel.answer()
         if not result.get("ok"):
             raise GuestError(
@@ -96,7 +91,7 @@ def _sync(site: Site, keys: Keys, dry_run: bool, host: Future, t0: float) -> Syn
                 "fix the site file and run sync again; `wg-appliance verify` shows the live state",
             )
         if conn is not None and metadata is not None:
-            _record_seed(conn, site, keys)
+            _record_seed(conn, site, keys, files)
     return SyncResult(
         site.name,
         tuple(found),
@@ -124,13 +119,13 @@ def failure(result: dict) -> str:
     return f"{error}; NOT fully rolled back, could not restore: " + "; ".join(left)
 
 
-def _record_seed(conn, site: Site, keys: Keys) -> None:
+def _record_seed(conn, site: Site, keys: Keys, files: dict[str, str] | None = None) -> None:
     """Record the synced seed digest, so `deploy` sees the appliance as up to date."""
     dom = active_domain(conn, site.name)
     if dom is None:
         return
     meta = lh.domain_metadata(dom) or {}
-    meta[META_SEED_DIGEST] = seed_digest(render_seed(site, keys))
+    meta[META_SEED_DIGEST] = seed_digest(render_seed(site, keys, files))
     lh.set_domain_metadata(dom, meta)
 
 

@@ -39,7 +39,7 @@ def _fakes(monkeypatch, site_keys, answer):  # noqa: F811
     monkeypatch.setattr(sy, "_metadata", metadata)
     monkeypatch.setattr(sy, "sync_channel", channel)
     monkeypatch.setattr(sy, "vm_changes", lambda site, facts, metadata: [])
-    monkeypatch.setattr(sy, "changes", lambda site, keys, facts: [])
+    monkeypatch.setattr(sy, "changes", lambda site, keys, facts, files: [])
     state = SimpleNamespace(keys_for=lambda site, existing: keys, look=lambda site: keys)
     return site, state, conn
 
