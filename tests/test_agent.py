@@ -522,3 +522,53 @@ def test_ping_of_an_unreachable_ipv6_gateway_fails(tmp_path):
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=True)
     assert json.loads(r.stdout)["ok"] is False, r.stdout
+
+
+@st.composite
+def networks(draw):
+    """A network as `wg` prints it (host bits clear), IPv4 or IPv6."""
+    bits = draw(st.sampled_from([32, 128]))
+    length = draw(st.integers(0, bits))
+    value = draw(st.integers(0, 2**bits - 1)) >> (bits - length) << (bits - length)
+    cls = ipaddress.IPv4Network if bits == 32 else ipaddress.IPv6Network
+    return str(cls((value, length)))
+
+
+@st.composite
+def interfaces(draw):
+    """An interface address with its prefix, such as wg0 carries, near the networks."""
+    net = ipaddress.ip_network(draw(networks()))
+    host = draw(st.integers(0, net.num_addresses - 1))
+    return f"{net.network_address + host}/{net.prefixlen}"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(networks(), max_size=8), st.lists(interfaces(), max_size=3), st.data())
+def test_wanted_routes_agree_with_ipaddress(nets, own, data):
+    """The integer test of which AllowedIPs lie in wg0's subnets says what ipaddress says."""
+    # Some networks inside the interfaces' subnets, which hypothesis alone rarely draws.
+    for a in own:
+        outer = ipaddress.ip_interface(a).network
+        if outer.prefixlen < outer.max_prefixlen:
+            sub = data.draw(st.integers(outer.prefixlen, outer.max_prefixlen))
+            nets.append(str(next(outer.subnets(new_prefix=sub))))
+    system = guest()
+    system._wg_show = lambda args, _: "peer=\t" + (" ".join(nets) or "(none)") + "\n"
+    outer = [ipaddress.ip_interface(a).network for a in own]
+    expected = {
+        n
+        for n in nets
+        if not any(
+            ipaddress.ip_network(n).version == o.version and ipaddress.ip_network(n).subnet_of(o)
+            for o in outer
+        )
+    }
+    assert ga.wanted_routes(system, own) == expected
+
+
+@pytest.mark.parametrize(
+    "bad", ["not-a-network", "10.0.0.0/33", "fd00::/129", "10.0.0/8", "1.2.3.4/x"]
+)
+def test_a_network_wg_would_not_print_is_a_value_error(bad):
+    with pytest.raises(ValueError):
+        ga.prefix(bad)
