@@ -89,6 +89,10 @@ class FakeSystem:
         assert unit == ga.METRICS_UNIT
         return self.exporter["enabled"]
 
+    def running(self, unit):
+        assert unit == ga.METRICS_UNIT
+        return self.exporter["running"] is not None
+
     def run(self, *argv, input=None):
         self._op(*argv)
         handler = getattr(self, "_" + "_".join(argv[:2]).replace("-", ""), None)
@@ -248,6 +252,30 @@ def test_an_unchanged_exporter_is_started_not_restarted():
     assert ("systemctl", "restart", ga.METRICS_UNIT) not in system.ops
     assert ("systemctl", "daemon-reload") not in system.ops
     assert system.exporter["enabled"] and system.exporter["running"]
+    assert ("systemctl", "start", ga.METRICS_UNIT) not in system.ops, "it runs already"
+
+
+def test_an_unchanged_exporter_that_stopped_is_started():
+    system = guest(exporter_on=True)
+    system.exporter["running"] = None
+    same = {
+        **NEW,
+        "metrics.py": system.files[EXPORTER]["data"].decode(),
+        "metrics.service": system.files[UNIT]["data"].decode(),
+    }
+    assert run(system, same)["ok"]
+    assert ("systemctl", "start", ga.METRICS_UNIT) in system.ops
+    assert ("systemctl", "restart", ga.METRICS_UNIT) not in system.ops
+    assert system.exporter["running"]
+
+
+def test_the_real_running_check_reads_the_units_cgroup(monkeypatch):
+    seen = []
+    monkeypatch.setattr(ga, "read", lambda path, default="": seen.append(path) or "123\n")
+    assert ga.System().running(ga.METRICS_UNIT)
+    monkeypatch.setattr(ga, "read", lambda path, default="": "")
+    assert not ga.System().running(ga.METRICS_UNIT)
+    assert seen == [f"/sys/fs/cgroup/system.slice/{ga.METRICS_UNIT}/cgroup.procs"]
 
 
 def test_an_unchanged_mtu_is_not_set_again():
