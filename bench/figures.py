@@ -442,7 +442,7 @@ def handover() -> dict[str, float]:
 # pinned SSH connection to the appliance: the tool's imports, loading the site and keys, the
 # SSH connect, then each guest step on its own (best of three).
 PHASES = """
-import json, sys, time
+import json, shlex, sys, time
 t0 = time.perf_counter()
 from pathlib import Path
 from builder.local.state import State
@@ -466,6 +466,12 @@ steps = {
     "agent_probe": (A.agent_command("probe", probe), ""),
     "agent_sync_no_change": (A.agent_command("sync"), "\\n"),
 }
+def timed_exec(command):
+    t0 = time.perf_counter()
+    assert execute(client, command).rc == 0, command
+    return time.perf_counter() - t0
+
+
 for name, (command, stdin) in steps.items():
     times = []
     for _ in range(3):
@@ -476,6 +482,36 @@ for name, (command, stdin) in steps.items():
     out[name] = min(times)
     out[name + "_answer_kb"] = len(r.stdout) / 1e3
 out["agent_command_kb"] = len(A.agent_command("status")) / 1e3
+
+
+def login_and_true():
+    t0 = time.perf_counter()
+    other = connect(A.target_for(site, keys))
+    execute(other, "true")
+    other.close()
+    return time.perf_counter() - t0
+
+
+# The image's two login cuts undone for a moment in this throwaway appliance, the same calls
+# timed again: sudo with its PAM session, sshd's PAM with Debian's motd, mail and SELinux.
+DEBIAN_PAM = "\\n".join([
+    "session [success=ok ignore=ignore module_unknown=ignore default=bad] pam_selinux.so close",
+    "session optional pam_motd.so motd=/run/motd.dynamic",
+    "session optional pam_motd.so noupdate",
+    "session optional pam_mail.so standard noenv",
+    "session [success=ok ignore=ignore module_unknown=ignore default=bad] pam_selinux.so open",
+])
+out["login_and_true"] = min(login_and_true() for _ in range(3))
+undo = ("mv /etc/sudoers.d/wg-appliance /root/wg-appliance.sudoers && cp /etc/pam.d/sshd "
+        f"/root/sshd.pam && printf '{DEBIAN_PAM}\\n' >> /etc/pam.d/sshd")
+redo = "mv /root/wg-appliance.sudoers /etc/sudoers.d/wg-appliance && cp /root/sshd.pam /etc/pam.d/sshd"
+if execute(client, "sudo -n sh -c " + shlex.quote(undo)).rc == 0:
+    try:
+        out["exec_sudo_true_debian_pam_session"] = min(
+            timed_exec("sudo -n true") for _ in range(3))
+        out["login_and_true_debian_sshd_pam"] = min(login_and_true() for _ in range(3))
+    finally:
+        assert execute(client, "sudo -n sh -c " + shlex.quote(redo)).rc == 0
 client.close()
 print(json.dumps(out))
 """

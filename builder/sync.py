@@ -10,6 +10,7 @@ metrics exporter's unit enabled or disabled, rolled back as a whole when any ste
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 from builder.checks.drift import changes, vm_changes
@@ -54,41 +55,43 @@ def sync(
 ) -> SyncResult:
     t0 = time.monotonic()
     keys = state.look(site) if dry_run else state.keys_for(site, existing=True)
-    conn, metadata = None, None
-    with sync_channel(site, keys) as channel:
+    # The host's libvirt is asked beside the appliance's SSH login, not after it: each is
+    # mostly waiting for the other side.
+    with ThreadPoolExecutor(1) as pool:
+        host = pool.submit(_metadata, site, access)
         try:
-            facts = channel.answer()
-            conn, metadata = _metadata(site, access)
-            refused = vm_changes(site, facts, metadata)
-            if refused:
-                raise HostError(
-                    f"{site.name}: these changes need a new VM: " + "; ".join(refused),
-                    f"run `wg-appliance deploy --site {site.path} --replace` (keys are kept)",
-                )
-            found = changes(site, keys, facts)
-            if dry_run or not found:
-                if not dry_run and conn is not None and metadata is not None:
-                    _record_expiry(conn, site, keys, metadata)
-                return SyncResult(site.name, tuple(found), False, time.monotonic() - t0)
-            channel.send(
-                {
-                    **appliance_files(site, keys),
-                    "mtu": site.wireguard.mtu,
-                    "metrics": site.metrics.enabled,
-                }
-            )
-            result = channel.answer()
-            if not result.get("ok"):
-                raise GuestError(
-                    f"sync failed on {site.name}: {failure(result)}",
-                    "fix the site file and run sync again; "
-                    "`wg-appliance verify` shows the live state",
-                )
-            if conn is not None and metadata is not None:
-                _record_seed(conn, site, keys)
+            return _sync(site, keys, dry_run, host, t0)
         finally:
+            conn = None if host.cancel() or host.exception() else host.result()[0]
             if conn is not None:
                 conn.close()
+
+
+def _sync(site: Site, keys: Keys, dry_run: bool, host: Future, t0: float) -> SyncResult:
+    with sync_channel(site, keys) as channel:
+        facts = channel.answer()
+        conn, metadata = host.result()
+        refused = vm_changes(site, facts, metadata)
+        if refused:
+            raise HostError(
+                f"{site.name}: these changes need a new VM: " + "; ".join(refused),
+                f"run `wg-appliance deploy --site {site.path} --replace` (keys are kept)",
+            )
+        files = appliance_files(site, keys)  # rendered once: compared, sent, recorded
+        found = changes(site, keys, facts, files)
+        if dry_run or not found:
+            if not dry_run and conn is not None and metadata is not None:
+                _record_expiry(conn, site, keys, metadata)
+            return SyncResult(site.name, tuple(found), False, time.monotonic() - t0)
+        channel.send({**files, "mtu": site.wireguard.mtu, "metrics": site.metrics.enabled})
+        result = channel.answer()
+        if not result.get("ok"):
+            raise GuestError(
+                f"sync failed on {site.name}: {failure(result)}",
+                "fix the site file and run sync again; `wg-appliance verify` shows the live state",
+            )
+        if conn is not None and metadata is not None:
+            _record_seed(conn, site, keys, files)
     return SyncResult(
         site.name,
         tuple(found),
@@ -116,13 +119,13 @@ def failure(result: dict) -> str:
     return f"{error}; NOT fully rolled back, could not restore: " + "; ".join(left)
 
 
-def _record_seed(conn, site: Site, keys: Keys) -> None:
+def _record_seed(conn, site: Site, keys: Keys, files: dict[str, str] | None = None) -> None:
     """Record the synced seed digest, so `deploy` sees the appliance as up to date."""
     dom = active_domain(conn, site.name)
     if dom is None:
         return
     meta = lh.domain_metadata(dom) or {}
-    meta[META_SEED_DIGEST] = seed_digest(render_seed(site, keys))
+    meta[META_SEED_DIGEST] = seed_digest(render_seed(site, keys, files))
     lh.set_domain_metadata(dom, meta)
 
 

@@ -89,21 +89,21 @@ class FakeSystem:
         assert unit == ga.METRICS_UNIT
         return self.exporter["enabled"]
 
+    def running(self, unit):
+        assert unit == ga.METRICS_UNIT
+        return self.exporter["running"] is not None
+
     def run(self, *argv, input=None):
         self._op(*argv)
         handler = getattr(self, "_" + "_".join(argv[:2]).replace("-", ""), None)
         assert handler, f"unexpected command {argv}"
         return handler(list(argv[2:]), input) or ""
 
-    def _sysctl_load(self, args, _):
-        text = self.files[args[0]]["data"].decode()
-        for key in ga.sysctl_keys(text):
-            value = text.split(key, 1)[1].split("=", 1)[1].splitlines()[0].strip()
-            self.files[ga.sysctl_path(key)] = entry(value + "\n")
-
-    def _sysctl_q(self, args, _):
-        key, value = args[1].split("=", 1)
-        self.files[ga.sysctl_path(key)] = entry(value + "\n")
+    def set_sysctl(self, path, value):
+        self._op("sysctl", path, value)
+        if not os.path.dirname(path).startswith("/proc/sys/net/"):
+            raise OSError(2, "No such file or directory")
+        self.files[path] = entry(value + "\n")
 
     def _nft_file(self, args, input):
         text = input if args[0] == "/dev/stdin" else self.files[args[0]]["data"].decode()
@@ -128,15 +128,17 @@ class FakeSystem:
         ]
         return "peer=\t" + (" ".join(nets) or "(none)") + "\n"
 
-    def _ip_j(self, args, _):
+    def _ip_j(self, args, input):
+        if args[0] == "-batch":
+            return "\n".join(self._ip_j(line.split(), None) for line in input.splitlines())
         if args[:2] == ["addr", "show"]:
             return json.dumps([{"addr_info": [{"local": "10.77.0.1", "prefixlen": 24}]}])
-        version = 4 if args[0] == "-4" else 6
-        shown = []
-        for net in map(ipaddress.ip_network, self.routes):
-            if net.version == version:
-                host = net.prefixlen == net.max_prefixlen
-                shown.append({"dst": str(net.network_address) if host else str(net)})
+        assert args[:4] == ["route", "show", "table", "all"], args
+        # Another table's route names its table: not one of wg0's main routes.
+        shown = [{"dst": "10.200.0.0/24", "table": "100"}]
+        for net in map(ipaddress.ip_network, sorted(self.routes)):
+            host = net.prefixlen == net.max_prefixlen
+            shown.append({"dst": str(net.network_address) if host else str(net)})
         return json.dumps(shown)
 
     def _unit_file(self, args):
@@ -250,6 +252,30 @@ def test_an_unchanged_exporter_is_started_not_restarted():
     assert ("systemctl", "restart", ga.METRICS_UNIT) not in system.ops
     assert ("systemctl", "daemon-reload") not in system.ops
     assert system.exporter["enabled"] and system.exporter["running"]
+    assert ("systemctl", "start", ga.METRICS_UNIT) not in system.ops, "it runs already"
+
+
+def test_an_unchanged_exporter_that_stopped_is_started():
+    system = guest(exporter_on=True)
+    system.exporter["running"] = None
+    same = {
+        **NEW,
+        "metrics.py": system.files[EXPORTER]["data"].decode(),
+        "metrics.service": system.files[UNIT]["data"].decode(),
+    }
+    assert run(system, same)["ok"]
+    assert ("systemctl", "start", ga.METRICS_UNIT) in system.ops
+    assert ("systemctl", "restart", ga.METRICS_UNIT) not in system.ops
+    assert system.exporter["running"]
+
+
+def test_the_real_running_check_reads_the_units_cgroup(monkeypatch):
+    seen = []
+    monkeypatch.setattr(ga, "read", lambda path, default="": seen.append(path) or "123\n")
+    assert ga.System().running(ga.METRICS_UNIT)
+    monkeypatch.setattr(ga, "read", lambda path, default="": "")
+    assert not ga.System().running(ga.METRICS_UNIT)
+    assert seen == [f"/sys/fs/cgroup/system.slice/{ga.METRICS_UNIT}/cgroup.procs"]
 
 
 def test_an_unchanged_mtu_is_not_set_again():
@@ -307,13 +333,22 @@ def test_without_old_files_the_live_ruleset_and_peers_come_back():
     assert WG not in system.files and NFT not in system.files
 
 
-def test_json_from_a_broken_command_is_rolled_back_too():
+def test_json_from_a_broken_command_changes_nothing():
     system = guest()
     listing = system._ip_j
-    system._ip_j = lambda args, _: "not json" if args[0] == "addr" else listing(args, _)
+    system._ip_j = lambda args, input: listing(args, input).replace('"addr_info"', "not json")
     before = system.state()
     out = run(system)
-    assert out["rolled_back"] is True and out["error"].startswith("JSONDecodeError"), out
+    assert out["untouched"] is True and "ip -batch" in out["error"], out
+    assert system.state() == before
+
+
+def test_output_of_a_broken_command_in_apply_is_rolled_back_too():
+    system = guest()
+    system._wg_show = lambda args, _: "peer=\tnot-a-network\n"
+    before = system.state()
+    out = run(system)
+    assert out["rolled_back"] is True and out["error"].startswith("ValueError"), out
     assert system.state() == before
 
 
@@ -371,6 +406,10 @@ def test_strip_drops_wg_quick_keys_only():
 def test_sysctl_keys_and_paths():
     text = "# a = b\n; c = d\n\nnet.ipv4.ip_forward = 1\n-net.ipv4.conf.eth0/1.rp_filter=2\n"
     assert ga.sysctl_keys(text) == ["net.ipv4.ip_forward", "net.ipv4.conf.eth0/1.rp_filter"]
+    assert ga.sysctl_settings(text) == [
+        ("net.ipv4.ip_forward", "1", False),
+        ("net.ipv4.conf.eth0/1.rp_filter", "2", True),
+    ]
     assert ga.sysctl_path("net.ipv4.ip_forward") == "/proc/sys/net/ipv4/ip_forward"
     assert ga.sysctl_path("net.ipv4.conf.eth0/1.rp_filter") == (
         "/proc/sys/net/ipv4/conf/eth0.1/rp_filter"
@@ -378,6 +417,23 @@ def test_sysctl_keys_and_paths():
     assert ga.sysctl_path("net/ipv4/conf/eth0.1/rp_filter") == (
         "/proc/sys/net/ipv4/conf/eth0.1/rp_filter"
     )
+
+
+def test_sysctl_is_loaded_in_process_and_a_quiet_key_may_fail():
+    system = guest()
+    ga.load_sysctl(
+        system, "net.ipv4.ip_forward = 0\n-kernel.nope = 1\nnet.ipv6.conf.all.forwarding=1\n"
+    )
+    assert system.files[FWD4]["data"] == b"0\n" and system.files[FWD6]["data"] == b"1\n"
+    assert ("sysctl", "/proc/sys/kernel/nope", "1") in system.ops
+    with pytest.raises(ga.Failed, match="sysctl kernel.nope: FileNotFoundError: No such file"):
+        ga.load_sysctl(system, "kernel.nope = 1\n")
+
+
+def test_the_real_sysctl_write_is_what_the_kernel_reads(tmp_path):
+    path = tmp_path / "ip_forward"
+    ga.System().set_sysctl(str(path), "1")
+    assert path.read_text() == "1\n"
 
 
 def test_real_write_is_atomic_and_cleans_up(tmp_path, monkeypatch):
@@ -494,3 +550,53 @@ def test_ping_of_an_unreachable_ipv6_gateway_fails(tmp_path):
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=True)
     assert json.loads(r.stdout)["ok"] is False, r.stdout
+
+
+@st.composite
+def networks(draw):
+    """A network as `wg` prints it (host bits clear), IPv4 or IPv6."""
+    bits = draw(st.sampled_from([32, 128]))
+    length = draw(st.integers(0, bits))
+    value = draw(st.integers(0, 2**bits - 1)) >> (bits - length) << (bits - length)
+    cls = ipaddress.IPv4Network if bits == 32 else ipaddress.IPv6Network
+    return str(cls((value, length)))
+
+
+@st.composite
+def interfaces(draw):
+    """An interface address with its prefix, such as wg0 carries, near the networks."""
+    net = ipaddress.ip_network(draw(networks()))
+    host = draw(st.integers(0, net.num_addresses - 1))
+    return f"{net.network_address + host}/{net.prefixlen}"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(networks(), max_size=8), st.lists(interfaces(), max_size=3), st.data())
+def test_wanted_routes_agree_with_ipaddress(nets, own, data):
+    """The integer test of which AllowedIPs lie in wg0's subnets says what ipaddress says."""
+    # Some networks inside the interfaces' subnets, which hypothesis alone rarely draws.
+    for a in own:
+        outer = ipaddress.ip_interface(a).network
+        if outer.prefixlen < outer.max_prefixlen:
+            sub = data.draw(st.integers(outer.prefixlen, outer.max_prefixlen))
+            nets.append(str(next(outer.subnets(new_prefix=sub))))
+    system = guest()
+    system._wg_show = lambda args, _: "peer=\t" + (" ".join(nets) or "(none)") + "\n"
+    outer = [ipaddress.ip_interface(a).network for a in own]
+    expected = {
+        n
+        for n in nets
+        if not any(
+            ipaddress.ip_network(n).version == o.version and ipaddress.ip_network(n).subnet_of(o)
+            for o in outer
+        )
+    }
+    assert ga.wanted_routes(system, own) == expected
+
+
+@pytest.mark.parametrize(
+    "bad", ["not-a-network", "10.0.0.0/33", "fd00::/129", "10.0.0/8", "1.2.3.4/x"]
+)
+def test_a_network_wg_would_not_print_is_a_value_error(bad):
+    with pytest.raises(ValueError):
+        ga.prefix(bad)

@@ -151,6 +151,60 @@ def test_commands_run_side_by_side_and_answer_in_order(tmp_path):
     assert ga.sh("sh", "-c", "echo one") == {"rc": 0, "out": "one\n", "err": ""}
 
 
+def test_a_command_given_text_reads_it_on_stdin():
+    out = ga.sh_all((("sh", "-c", "cat; echo done"), "one\ntwo\n"), ("echo", "x"))
+    assert out[0] == {"rc": 0, "out": "one\ntwo\ndone\n", "err": ""}
+    assert out[1] == {"rc": 0, "out": "x\n", "err": ""}
+
+
+ROUTES = [
+    {"dst": "default", "gateway": "192.168.77.1", "dev": "lan0"},
+    {"dst": "192.168.88.0/24", "dev": "wg0", "protocol": "boot"},
+    {"type": "local", "dst": "192.168.77.50", "dev": "lan0", "table": "local"},
+    {"dst": "10.7.7.0/24", "dev": "wg0", "table": "100"},
+    {"dst": "fd88::/64", "dev": "wg0", "metric": 1024},
+]
+LINKS = [
+    {"ifname": "lan0", "mtu": 1500, "addr_info": [{"local": "192.168.77.50", "prefixlen": 24}]},
+    {"ifname": "wg0", "flags": ["UP"], "mtu": 1420, "addr_info": []},
+]
+
+
+@pytest.mark.parametrize("sep", ["\n", "", "\n\n "])
+def test_the_ip_batch_gives_the_main_table_of_both_families_and_the_links(sep):
+    """`table all` lists other tables' routes with their name; main has none."""
+    routes, links = ga.ip_batch({"rc": 0, "out": json.dumps(ROUTES) + sep + json.dumps(LINKS)})
+    assert routes == [ROUTES[0], ROUTES[1], ROUTES[4]]
+    assert links == LINKS
+
+
+@pytest.mark.parametrize(
+    "out", ["", "garbage", json.dumps(ROUTES)[:-3], '{"not": "a list"}', json.dumps(ROUTES)]
+)
+def test_a_failed_ip_batch_gives_what_it_printed_and_empty_lists_for_the_rest(out):
+    routes, links = ga.ip_batch({"rc": 1, "out": out})
+    assert links == []
+    assert routes == ([ROUTES[0], ROUTES[1], ROUTES[4]] if out == json.dumps(ROUTES) else [])
+
+
+def test_the_probe_takes_wg0s_link_from_the_address_listing(monkeypatch):
+    """One `ip` for routes, addresses and wg0's flags and MTU: what the checks judge."""
+    batch = {"rc": 0, "out": json.dumps(ROUTES) + "\n" + json.dumps(LINKS) + "\n"}
+    ran = []
+
+    def sh_all(*argvs, meanwhile=None):
+        ran.extend(argvs)
+        results = {ga.IP_BATCH: batch, ga.WG_DUMP: {"rc": 1, "out": "", "err": "no wg0"}}
+        return [results.get(a, {"rc": 0, "out": "", "err": ""}) for a in argvs] + [meanwhile()]
+
+    monkeypatch.setattr(ga, "sh_all", sh_all)
+    facts = ga.facts({})
+    assert [a for a in ran if a[0] == "ip" or a[0][0] == "ip"] == [ga.IP_BATCH]
+    assert facts["wg_link"] == [{"ifname": "wg0", "flags": ["UP"], "mtu": 1420}]
+    assert facts["routes"] == [ROUTES[0], ROUTES[1], ROUTES[4]]
+    assert facts["addresses"] == {"lan0": [], "wg0": []}
+
+
 class Exporter(http.server.BaseHTTPRequestHandler):
     def do_GET(self):  # noqa: N802
         if self.path != "/metrics":

@@ -159,6 +159,13 @@ class Disk:
                  if line.count("/") >= 6)  # fmt: skip
         return [n for n in names if n not in (".", "..")]
 
+    def mode_owner(self, path: str) -> tuple[int, int]:
+        """(permission bits, uid) from debugfs's stat."""
+        out = self._debugfs(f"stat {path}").stdout
+        mode, uid = re.search(r"Mode: +(\d+)", out), re.search(r"User: +(\d+)", out)
+        assert mode and uid, path
+        return int(mode.group(1), 8) & 0o7777, int(uid.group(1))
+
     def size(self, path: str) -> int:
         found = re.search(r"Size: (\d+)", self._debugfs(f"stat {path}").stdout)
         assert found, path
@@ -266,6 +273,21 @@ def test_nothing_unique_baked_in(disk: Disk) -> None:
         user, password = line.split(":")[:2]
         assert password in ("*", "!", "!*") or password.startswith("!"), user
     assert disk.read("/etc/hostname").strip() == "wg-appliance"
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_a_login_and_sudo_start_no_more_than_they_need(disk: Disk) -> None:
+    """sudo without a PAM session (it execs the command), from a file sudo accepts; sshd's
+    PAM without pam_motd's run-parts and modules the appliance has no use for."""
+    rules = "/etc/sudoers.d/wg-appliance"
+    assert disk.mode_owner(rules) == (0o440, 0)
+    assert "Defaults !pam_session" in disk.read(rules).splitlines()
+    pam = [ln.split("#")[0] for ln in disk.read("/etc/pam.d/sshd").splitlines()]
+    modules = " ".join(pam)
+    assert "@include common-session" in pam and "@include common-account" in pam
+    for gone in ("pam_motd", "pam_mail", "pam_selinux"):
+        assert gone not in modules, gone
 
 
 @pytest.mark.slow

@@ -271,12 +271,9 @@ class Guest:
         if argv[:4] == ("wg", "set", "wg0", "peer") and argv[5] == "endpoint":
             self.live[argv[4]]["endpoint"] = argv[6]
             return ""
-        if argv[:2] == ("ip", "-j"):
-            return (
-                "[]"
-                if argv[3] == "route"
-                else json.dumps([{"addr_info": [{"local": "10.9.0.1", "prefixlen": 24}]}])
-            )
+        if argv == ("ip", "-j", "-batch", "-"):
+            assert input.splitlines()[0].startswith("route show table all dev wg0"), input
+            return "[]\n" + json.dumps([{"addr_info": [{"local": "10.9.0.1", "prefixlen": 24}]}])
         raise AssertionError(f"unexpected command {argv}")
 
 

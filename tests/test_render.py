@@ -268,3 +268,12 @@ def test_state_keys_render_byte_identical_twice(site_dir):
     a = render_seed(site, state.keys_for(site))
     b = render_seed(site, State.for_site(site).keys_for(site))
     assert a == b
+
+
+def test_a_seed_from_files_rendered_once_is_the_same_seed(site, keys):
+    """sync renders the appliance's files once and records the seed digest from them."""
+    from builder.render.appliance import appliance_files, render_seed
+
+    files = appliance_files(site, keys)
+    assert render_seed(site, keys, files) == render_seed(site, keys)
+    assert render_seed(site, keys, {**files, "sysctl": "# changed\n"}) != render_seed(site, keys)

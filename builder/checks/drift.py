@@ -97,13 +97,14 @@ def vm_changes(site: Site, facts: dict, metadata: dict[str, str] | None) -> list
     return out
 
 
-def changes(site: Site, keys: Keys, facts: dict) -> list[str]:
+def changes(site: Site, keys: Keys, facts: dict, files: dict[str, str] | None = None) -> list[str]:
     """What sync would change, one line each (peers by name, then files); the lines quote
-    the guest (endpoints, AllowedIPs) and go to the terminal, so they are escaped here."""
+    the guest (endpoints, AllowedIPs) and go to the terminal, so they are escaped here.
+    `files`: the appliance's files when the caller has rendered them already."""
     from builder.render.appliance import appliance_files  # jinja2: not for status or verify
 
     changes = [_shown(d) for d in peer_drift(site, keys, facts["wg"].get("peers", []))]
-    files = appliance_files(site, keys)
+    files = appliance_files(site, keys) if files is None else files
     have = facts.get("files", {})
     if have.get("nftables.conf") != _sha(files["nftables.conf"]):
         changes.append(f"firewall: ruleset for {site.wireguard.mode} mode")

@@ -41,7 +41,7 @@ from builder.resources import checkout, data_dir
 RECIPE = data_dir("images")
 NAME = "wg-appliance"
 # Bump when a stage changes what it produces, so cached images built by older code go stale.
-BUILD_FORMAT = "5"
+BUILD_FORMAT = "6"
 # Files in images/ that do not change the image, so they stay out of the digest.
 NOT_RECIPE = {"README-section.md", "host-packages.txt"}
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
@@ -193,6 +193,13 @@ def configure(ctx: BuildContext) -> None:
     for verb, names in units.items():
         if names:
             run(["chroot", ctx.root, "systemctl", verb, "--quiet", *names])
+    # sudo ignores (and complains about) a sudoers file that is not root's, whoever owns the
+    # checkout the recipe came from; a file it cannot parse would lock the tool out.
+    for rules in (ctx.root / "etc/sudoers.d").iterdir():
+        os.chown(rules, 0, 0)
+        rules.chmod(0o440)
+    run(["chroot", ctx.root, "visudo", "--check", "--quiet"])
+    drop_pam_modules(ctx.root / "etc/pam.d/sshd", PAM_SSHD_UNUSED)
     # fsck pass 0: a root to check would hold boot until udev's coldplug, slow under TCG, has
     # announced its device; ext4's journal makes the filesystem consistent on mount.
     (ctx.root / "etc/fstab").write_text(
@@ -213,6 +220,20 @@ def configure(ctx: BuildContext) -> None:
             root_uuid=ctx.root_uuid,
         )
     )
+
+
+# Session modules of Debian's /etc/pam.d/sshd that every SSH login pays for (a library each,
+# pam_motd a run-parts process under TCG) and the appliance has no use for: no SELinux, no
+# message of the day (sshd prints none: PrintMotd no), no mail. The file is the package's
+# conffile, so it is edited here rather than shipped in rootfs/.
+PAM_SSHD_UNUSED = ("pam_motd.so", "pam_mail.so", "pam_selinux.so")
+
+
+def drop_pam_modules(path: Path, modules: tuple[str, ...]) -> None:
+    """`path` without the lines that use these modules (comments stay)."""
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [ln for ln in lines if ln.lstrip().startswith("#") or not set(ln.split()) & set(modules)]
+    path.write_text("".join(kept))
 
 
 def trim(ctx: BuildContext) -> None:

@@ -169,16 +169,17 @@ def appliance_files(site: Site, keys: Keys) -> dict[str, str]:
     }
 
 
-def render_seed(site: Site, keys: Keys) -> dict[str, str]:
+def render_seed(site: Site, keys: Keys, files: dict[str, str] | None = None) -> dict[str, str]:
     """The three NoCloud files. instance-id follows the content, so a changed
-    seed makes cloud-init apply it again on the next boot."""
+    seed makes cloud-init apply it again on the next boot. `files`: appliance_files(site,
+    keys) when the caller has them already."""
     user_data = _render(
         "user-data.j2",
         site=site,
         keys=keys,
         guest_files=GUEST_FILES,
         guest_agent=guest_agent,
-        files=appliance_files(site, keys),
+        files=appliance_files(site, keys) if files is None else files,
         static_files={path: (src.read_text(), mode) for path, (src, mode) in STATIC_FILES.items()},
         metrics_unit=METRICS_UNIT,
     )
