@@ -258,34 +258,91 @@ def test_before_takeover_ignores_only_what_needs_the_link() -> None:
     assert [c.name for c in before_takeover(report)] == ["wg0"]
 
 
-def test_the_agent_kicks_each_known_peer_and_puts_keepalives_back(monkeypatch) -> None:
-    calls: list[tuple[str, ...]] = []
+def _guest(monkeypatch, tmp_path, carrier_after: int, keepalives: str = "A=\toff\nB=\t25\n"):
+    """The agent's takeover with its commands, carrier, clock and files faked; the events in
+    the order they came."""
+    events: list[tuple] = []
+    polls = iter([False] * carrier_after + [True] * 1000)
+    now = [0.0]
 
     def sh(*argv):
-        calls.append(argv)
+        events.append(("sh", *argv))
         if argv[:4] == ("wg", "show", "wg0", "persistent-keepalive"):
-            return {"rc": 0, "out": "A=\toff\nB=\t25\n", "err": ""}
+            return {"rc": 0, "out": keepalives, "err": ""}
         return {"rc": 0, "out": "", "err": ""}
 
-    sent = []
+    def carrier(ifname):
+        up = next(polls)
+        events.append(("carrier", up))
+        return up
+
+    def sleep(s):
+        now[0] += s
+
     monkeypatch.setattr(agent, "sh", sh)
-    monkeypatch.setattr(agent, "garp", lambda ifname, address: sent.append((ifname, address)))
-    monkeypatch.setattr(agent.time, "sleep", lambda s: None)
-    out = agent.takeover(
-        {
+    monkeypatch.setattr(agent, "has_carrier", carrier)
+    monkeypatch.setattr(agent, "garp", lambda ifname, address: events.append(("garp", address)))
+    monkeypatch.setattr(agent.time, "sleep", sleep)
+    monkeypatch.setattr(agent, "KEEPALIVES", str(tmp_path / "keepalives.json"))
+    armed = tmp_path / "armed"
+
+    def run(**extra):
+        arg = {
             "lan": "lan0",
             "address": "192.168.77.50",
             "peers": [["A=", "1.2.3.4:5"], ["X=", "6.7.8.9:1"]],
+            "armed": str(armed),
+            "carrier_s": 1,
+            **extra,
         }
+        return agent.takeover(arg, clock=lambda: now[0])
+
+    return events, run, armed
+
+
+def _wg_sets(events) -> list[tuple]:
+    return [e[4:] for e in events if e[:4] == ("sh", "wg", "set", "wg0")]
+
+
+def test_the_kick_sets_endpoints_before_the_link_and_handshakes_when_it_comes(
+    monkeypatch, tmp_path
+) -> None:
+    events, run, armed = _guest(monkeypatch, tmp_path, carrier_after=3)
+    seen_armed = []
+    monkeypatch.setattr(
+        agent, "has_carrier", lambda _: seen_armed.append(armed.exists()) or len(seen_armed) > 3
     )
-    sets = [c[3:] for c in calls if c[:3] == ("wg", "set", "wg0")]
-    assert sets == [
+    out = run()
+    assert _wg_sets(events) == [
+        ("peer", "A=", "endpoint", "1.2.3.4:5", "persistent-keepalive", "0"),
+        ("peer", "A=", "persistent-keepalive", "25"),
         ("peer", "A=", "persistent-keepalive", "0"),
-        ("peer", "A=", "endpoint", "1.2.3.4:5", "persistent-keepalive", "25"),
-        ("peer", "A=", "persistent-keepalive", "0"),
-    ]
-    assert out == {"garp": 3, "kicked": 1} and sent[0] == ("lan0", "192.168.77.50")
+    ], "unknown peer X= is never set; A='s keepalive is put back"
+    assert all(seen_armed), "ready is said before the carrier is polled"
+    kick = events.index(("sh", "wg", "set", "wg0", "peer", "A=", "persistent-keepalive", "25"))
+    assert events[kick - 1] == ("garp", "192.168.77.50"), "announced at once, then the kick"
+    assert out["kicked"] == 1 and out["garp"] == 3 and "error" not in out, out
+    assert out["carrier_after_s"] == pytest.approx(3 * agent.CARRIER_POLL_S)
+    assert not armed.exists() and not (tmp_path / "keepalives.json").exists()
     json.dumps(out)
+
+
+def test_without_carrier_the_kick_gives_up_and_puts_keepalives_back(monkeypatch, tmp_path) -> None:
+    events, run, armed = _guest(monkeypatch, tmp_path, carrier_after=10_000)
+    out = run()
+    assert "no carrier" in out["error"] and out["garp"] == 0, out
+    assert [s[-1] for s in _wg_sets(events)] == ["0", "0"], "no handshake started"
+    assert not armed.exists()
+
+
+def test_a_second_kick_puts_back_what_the_first_recorded(monkeypatch, tmp_path) -> None:
+    """An earlier takeover set the keepalives to 0 and died: its record, not the live 0,
+    says what to put back."""
+    (tmp_path / "keepalives.json").write_text(json.dumps({"A=": "25"}))
+    events, run, _ = _guest(monkeypatch, tmp_path, carrier_after=0, keepalives="A=\toff\n")
+    run()
+    assert _wg_sets(events)[-1] == ("peer", "A=", "persistent-keepalive", "25")
+    assert not any(e[:3] == ("sh", "wg", "show") for e in events)
 
 
 def test_branches_up_before_the_takeover_must_be_up_after(site_keys, facts) -> None:
