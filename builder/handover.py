@@ -27,6 +27,7 @@ from pathlib import Path
 
 import libvirt
 
+from builder import provision
 from builder.checks.appliance import Report, before_takeover, evaluate, fresh_site_peers
 from builder.checks.result import Check
 from builder.errors import ApplianceError, GuestError, HostError
@@ -35,17 +36,7 @@ from builder.model.keys import Keys
 from builder.model.login import HostAccess
 from builder.model.site import Site
 from builder.progress import Progress
-from builder.provision import (
-    BOOT_TIMEOUT_S,
-    create_domain,
-    differences,
-    pool_for,
-    preflight,
-    retire_seed,
-    volume_names,
-    wait_ready_agent,
-    wanted_metadata,
-)
+from builder.provision import BOOT_TIMEOUT_S
 from builder.remote import guest_agent
 from builder.remote import libvirtd as lh
 from builder.remote.appliance import (
@@ -321,7 +312,7 @@ def _take_over(
     """The staged `new` checked through its guest agent, then the switch, then the checks
     over SSH; the old one serves again whenever a step fails."""
     site, new, progress = sw.site, sw.new, sw.progress
-    first_boot = wait_ready_agent(new, timeout, progress)
+    first_boot = provision.wait_ready_agent(new, timeout, progress)
     sw.clock.mark("booted")
     if not first_boot:
         raise _abandon(new, "cloud-init reported errors on it", sw.keep_new)
@@ -354,9 +345,10 @@ def _take_over(
         progress.say(f"  note: {kicked['error']}")
     sw.clock.mark("took over")
     outage = _after_takeover(sw, link_down_at, branches)
-    pool = pool_for(conn, site, progress)
+    pool = provision.pool_for(conn, site, progress)
     seed_digest = (lh.domain_metadata(new) or {}).get(META_SEED_DIGEST, "")
-    retire_seed(new, pool, volume_names(new.name(), seed_digest)["seed"], progress)
+    seed = provision.volume_names(new.name(), seed_digest)["seed"]
+    provision.retire_seed(new, pool, seed, progress)
     return _Switched(
         virt_type=lh.domain_virt_type(new),
         outage_s=None if outage is None else round(outage, 2),
@@ -391,6 +383,7 @@ def upgrade(
     state: State,
     image: tuple[Path, str],
     progress: Progress,
+    *,
     access: HostAccess | None = None,
     prune: bool = False,
     boot_timeout: float = BOOT_TIMEOUT_S,
@@ -398,7 +391,7 @@ def upgrade(
     """Every change that needs a new VM (image, memory, vCPUs, disk, seed), by handover."""
     conn = lh.connect_site(site, access, progress)
     try:
-        return hand_over(conn, site, state, image, progress, prune, boot_timeout)
+        return hand_over(conn, site, state, image, progress, prune=prune, boot_timeout=boot_timeout)
     except libvirt.libvirtError as e:
         raise HostError(f"libvirt: {e}", "run the same command again; it resumes") from e
     finally:
@@ -411,26 +404,27 @@ def hand_over(
     state: State,
     image: tuple[Path, str],
     progress: Progress,
+    *,
     prune: bool = False,
     boot_timeout: float = BOOT_TIMEOUT_S,
 ) -> Handover:
     """upgrade on an open connection (deploy --replace has one)."""
     clock = _Clock(progress)
-    keys = state.keys_for(site)
-    seed = make_seed(site, keys)
-    doms = converge(conn, site, keys, progress)
-    active = doms.get(ROLE_ACTIVE)
-    if active is None:
+    if ROLE_ACTIVE not in site_domains(conn, site.name):  # before any key is made
         raise HostError(
             f"{site.name} is not on {site.host.uri}: there is nothing to upgrade",
             f"run `wg-appliance deploy --site {site.path}` first",
         )
+    keys = state.keys_for(site)
+    seed = make_seed(site, keys)
+    doms = converge(conn, site, keys, progress)
+    active = doms[ROLE_ACTIVE]
     staged = doms.get(ROLE_STAGED)
     in_use = {d.name() for r, d in doms.items() if r != ROLE_STAGED}
     slot = staged.name() if staged is not None else free_slot(site.name, in_use)
-    want = wanted_metadata(site, image[1], seed.digest, slot)
+    want = provision.wanted_metadata(site, image[1], seed.digest, slot)
     removed: list[str] = []
-    if not differences(lh.domain_metadata(active) or {}, want):
+    if not provision.differences(lh.domain_metadata(active) or {}, want):
         previous = doms.get(ROLE_PREVIOUS)
         if prune and previous is not None:
             removed = lh.destroy_domain(conn, previous.name())
@@ -445,20 +439,20 @@ def hand_over(
             virt_type=lh.domain_virt_type(active),
             removed=removed,
         )
-    if staged is not None and differences(lh.domain_metadata(staged) or {}, want):
+    if staged is not None and provision.differences(lh.domain_metadata(staged) or {}, want):
         with progress.stage(f"removing {staged.name()}, staged for other input"):
             removed += lh.destroy_domain(conn, staged.name())
         staged = None
     with progress.stage("preflight"):
         # What the serving appliance runs under is known to work here: no KVM probe again.
         learned = state.learned_virt_type(lh.host_identity(conn)) or lh.domain_virt_type(active)
-        virt_type, report = preflight(conn, site, staged is None, learned)
+        virt_type, report = provision.preflight(conn, site, staged is None, learned)
         for line in report:
             progress.say(f"  {line}")
     clock.mark("preflight")
     if staged is None:
         meta = {**want, META_ROLE: ROLE_STAGED}
-        staged = create_domain(
+        staged = provision.create_domain(
             conn, site, state, seed, image, slot, virt_type, meta, progress, staged=True
         )
     elif not staged.isActive():
@@ -477,6 +471,7 @@ def rollback(
     site: Site,
     state: State,
     progress: Progress,
+    *,
     access: HostAccess | None = None,
     boot_timeout: float = BOOT_TIMEOUT_S,
 ) -> Handover:

@@ -5,6 +5,7 @@ with real appliances and clients."""
 from __future__ import annotations
 
 import json
+import time
 import xml.etree.ElementTree as ET
 
 import libvirt
@@ -20,6 +21,7 @@ from builder.handover import converge, takeover_peers
 from builder.model.site import load_site
 from builder.progress import Progress
 from builder.remote import slots
+from builder.remote.ssh import Result
 from builder.render.libvirt_xml import (
     META_ROLE,
     META_SITE,
@@ -65,6 +67,9 @@ class FakeDomain:
     def name(self) -> str:
         return self._name
 
+    def connect(self) -> FakeConn:
+        return self.conn
+
     def isActive(self) -> int:
         return int(self.active)
 
@@ -104,6 +109,8 @@ class FakeDomain:
 class FakeConn:
     def __init__(self, *doms: FakeDomain):
         self.doms = {d.name(): d for d in doms}
+        for d in doms:
+            d.conn = self
 
     def lookupByName(self, name: str) -> FakeDomain:
         if name in self.doms:
@@ -361,3 +368,177 @@ def test_branches_up_before_the_takeover_must_be_up_after(site_keys, facts) -> N
     failing = [c.name for c in after.checks if not c.ok]
     assert failing == [f"handshake {branch}"]
     assert evaluate(site, keys, stale, NOW, set(), only_required=True).ok
+
+
+# --- the whole upgrade on fake domains: the host side of every step, no VM -----------------
+
+
+class FakeState:
+    def __init__(self, keys):
+        self.keys = keys
+
+    def keys_for(self, site):
+        return self.keys
+
+    def learned_virt_type(self, host):
+        return "qemu"
+
+
+class Host:
+    """An upgrade's surroundings faked in builder.handover: domains in a FakeConn, the guest
+    agent and SSH answering with `facts`; `after` (the facts once the new one serves) may be
+    made to fail. Every live link change is checked: never two links up."""
+
+    def __init__(self, monkeypatch, site, keys, facts, previous: bool = False):
+        from builder import handover as H
+
+        self.site, self.keys, self.H = site, keys, H
+        self.old = FakeDomain(site.name, ROLE_ACTIVE, True, True, site=site.name)
+        doms = [self.old]
+        if previous:
+            doms.append(FakeDomain(site.name + "_3", ROLE_PREVIOUS, False, False, site=site.name))
+        self.conn = FakeConn(*doms)
+        self.most_up = 1
+        self.after = json.loads(json.dumps(facts))
+        self.destroyed: list[str] = []
+        self.kick_started = False
+        now = time.time()
+        self.after["time"] = now
+        for p in self.after["wg"]["peers"]:
+            p["latest_handshake"] = int(now - 5)
+        conn, host = self.conn, self
+
+        def update(dom, xml, flags, _real=FakeDomain.updateDeviceFlags):
+            _real(dom, xml, flags)
+            host.most_up = max(host.most_up, len(_up(conn)))
+
+        def create_domain(conn_, site_, state, seed, image, slot, virt, meta, progress, staged):
+            dom = FakeDomain(slot, ROLE_STAGED, True, False, site=site_.name)
+            dom.meta, dom.conn = dict(meta), conn
+            conn.doms[slot] = dom
+            return dom
+
+        def destroy(conn_, name):
+            conn.doms.pop(name).active = False
+            host.destroyed.append(name)
+            return [f"domain {name}"]
+
+        def start(dom, command):
+            host.kick_started = not slots.link_up(dom)  # started before its link is up
+            return 7
+
+        def finish(dom, pid, command, timeout=0):
+            return Result(0, json.dumps({"kicked": 2, "garp": 3}), "")
+
+        class Client:
+            def close(self):
+                host.closed = True
+
+        m = monkeypatch.setattr
+        m(FakeDomain, "updateDeviceFlags", update)
+        m(H.provision, "create_domain", create_domain)
+        m(H.provision, "preflight", lambda *a: ("qemu", []))
+        m(H.lh, "host_identity", lambda c: "test")
+        m(H.lh, "destroy_domain", destroy)
+        m(H.lh, "appliance_serial_tail", lambda *a, **k: "")
+        m(H.provision, "wait_ready_agent", lambda dom, t, p: True)
+        m(H, "_check_staged", lambda s, k, d: Report(s.name, (Check("wg0", True, ""),)))
+        m(H, "read_status", lambda s, k: {"time": now, "wg": self.after["wg"]})
+        m(H.guest_agent, "start", start)
+        m(H.guest_agent, "file_exists", lambda dom, path: True)
+        m(H.guest_agent, "exited", lambda dom, pid: False)
+        m(H.guest_agent, "finish", finish)
+        m(H, "wait_for_ssh", lambda target, deadline: Client())
+        m(H, "gather", lambda s, k, client=None: self.after)
+        m(H.provision, "pool_for", lambda *a: None)
+        m(H.provision, "retire_seed", lambda *a: None)
+        m(H, "_stop", lambda dom, timeout=0: dom.destroy())
+
+    def upgrade(self, prune: bool = False):
+        return self.H.hand_over(
+            self.conn,
+            self.site,
+            FakeState(self.keys),
+            (None, "cd" * 32),
+            Progress(quiet=True),
+            prune=prune,
+        )
+
+
+def test_an_upgrade_hands_over_with_the_kick_armed_first(monkeypatch, site_keys, facts) -> None:
+    host = Host(monkeypatch, *site_keys, facts, previous=True)
+    done = host.upgrade()
+    assert host.kick_started, "the kick waits in the new appliance before its link comes up"
+    assert (done.outcome, done.previous, done.kicked) == ("upgraded", host.old.name(), 2)
+    assert done.domain == host.old.name() + "_2" and done.outage_s is not None
+    assert host.most_up == 1 and _up(host.conn) == [done.domain]
+    assert host.destroyed == [host.old.name() + "_3"], "the one before the old one goes"
+    assert host.old.meta[META_ROLE] == ROLE_PREVIOUS and not host.old.active
+    assert host.conn.doms[done.domain].meta[META_ROLE] == ROLE_ACTIVE and host.closed
+
+
+def test_upgrade_prune_removes_the_previous_appliance(monkeypatch, site_keys, facts) -> None:
+    host = Host(monkeypatch, *site_keys, facts)
+    done = host.upgrade(prune=True)
+    assert done.previous is None and done.removed == [f"domain {host.old.name()}"], done
+    assert list(host.conn.doms) == [done.domain] and _up(host.conn) == [done.domain]
+
+
+def test_prune_of_an_up_to_date_site_removes_only_the_previous(
+    monkeypatch, site_keys, facts
+) -> None:
+    host = Host(monkeypatch, *site_keys, facts)
+    first = host.upgrade()
+    again = host.upgrade(prune=True)
+    assert (again.outcome, again.domain, again.previous) == ("up to date", first.domain, None)
+    assert list(host.conn.doms) == [first.domain] and _up(host.conn) == [first.domain]
+
+
+def test_a_failure_after_the_takeover_brings_the_old_one_back(
+    monkeypatch, site_keys, facts
+) -> None:
+    """The new appliance took the address but fails verify over SSH: its link goes down
+    before the old one's comes up, it is removed, and the run is exit 1 naming the check."""
+    host = Host(monkeypatch, *site_keys, facts)
+    host.after["wg_link"] = []
+    with pytest.raises(host.H.TakeoverFailed) as failed:
+        host.upgrade()
+    assert failed.value.exit_code == 1
+    assert f"{host.old.name()} serves again" in str(failed.value) and "wg0" in str(failed.value)
+    assert host.destroyed == [host.old.name() + "_2"] and list(host.conn.doms) == [host.old.name()]
+    assert _up(host.conn) == [host.old.name()] and host.most_up == 1
+    assert host.old.meta[META_ROLE] == ROLE_ACTIVE and host.old.autostart
+    assert host.old.log[-1] == "live up", "the old link came back last"
+
+
+def test_a_new_appliance_that_never_answers_ssh_is_rolled_back(
+    monkeypatch, site_keys, facts
+) -> None:
+    host = Host(monkeypatch, *site_keys, facts)
+
+    def silent(target, deadline):
+        raise HostError("the appliance did not answer SSH", "see its serial log")
+
+    monkeypatch.setattr(host.H, "wait_for_ssh", silent)
+    with pytest.raises(host.H.TakeoverFailed, match="did not answer SSH"):
+        host.upgrade()
+    assert _up(host.conn) == [host.old.name()] and host.most_up == 1
+
+
+def test_upgrade_of_a_site_that_is_not_deployed_is_exit_1_with_the_fix(
+    site_dir, monkeypatch, capsys
+) -> None:
+    from builder import cli
+    from builder.remote import libvirtd
+
+    monkeypatch.setattr(libvirtd, "connect_site", lambda *a: libvirt.open("test:///default"))
+    image = site_dir / "new.qcow2"
+    image.write_bytes(b"not looked at")
+    state = site_dir / "state"
+    code = cli.main(
+        ["upgrade", "--site", str(site_dir / "site.toml"), "--image", str(image)]
+        + ["--state", str(state)]
+    )
+    err = capsys.readouterr().err
+    assert code == 1 and "nothing to upgrade" in err and "wg-appliance deploy --site" in err, err
+    assert not state.exists(), "no keys are made for a site that is not there"
