@@ -203,11 +203,12 @@ def _failed(checks: Iterable[Check]) -> str:
 
 @dataclass(frozen=True)
 class _Kick:
-    """The takeover program started in the new appliance before the switch (`pid` None when
-    it could not be started), and its ARG."""
+    """The takeover program started in the new appliance before the switch: its ARG, its
+    guest pid (None when it could not be started), and its outcome when it ended already."""
 
-    pid: int | None
     arg: str
+    pid: int | None = None
+    ended: Result | None = None
 
 
 def _arm_kick(sw: Switch, peers: list[list[str]]) -> _Kick:
@@ -228,24 +229,28 @@ def _arm_kick(sw: Switch, peers: list[list[str]]) -> _Kick:
     try:
         pid = guest_agent.start(sw.new, agent_command("takeover", arg))
         deadline = time.monotonic() + ARM_S
-        while time.monotonic() < deadline:
-            if guest_agent.file_exists(sw.new, armed) or guest_agent.exited(sw.new, pid):
-                break
+        while time.monotonic() < deadline and not guest_agent.file_exists(sw.new, armed):
+            ended = guest_agent.poll(sw.new, pid)
+            if ended is not None:  # no copy of the agent there, or it failed: see _kicked
+                return _Kick(arg, pid, ended)
             time.sleep(ARM_POLL_S)
     except GuestError as e:
         sw.progress.say(f"  note: the handshakes start after the switch ({e})")
-        return _Kick(None, arg)
-    return _Kick(pid, arg)
+        return _Kick(arg)
+    return _Kick(arg, pid)
 
 
 def _kicked(sw: Switch, kick: _Kick) -> dict:
     """The kick's outcome once the link is up; run now when it could not be started before
     (or the appliance had no copy of the agent yet)."""
-    first = [] if kick.pid is None else [kick.pid]
+    first = [] if kick.pid is None else [kick]
 
     def run(command: str) -> Result:
         if first:
-            return guest_agent.finish(sw.new, first.pop(), command, timeout=CARRIER_S + 30)
+            armed = first.pop()
+            if armed.ended is not None:
+                return armed.ended
+            return guest_agent.finish(sw.new, armed.pid, command, timeout=CARRIER_S + 30)
         return guest_agent.run(sw.new, command)
 
     try:

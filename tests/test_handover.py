@@ -446,7 +446,7 @@ class Host:
         m(H, "read_status", lambda s, k: {"time": now, "wg": self.after["wg"]})
         m(H.guest_agent, "start", start)
         m(H.guest_agent, "file_exists", lambda dom, path: True)
-        m(H.guest_agent, "exited", lambda dom, pid: False)
+        m(H.guest_agent, "poll", lambda dom, pid: None)
         m(H.guest_agent, "finish", finish)
         m(H, "wait_for_ssh", lambda target, deadline: Client())
         m(H, "gather", lambda s, k, client=None: self.after)
@@ -542,3 +542,30 @@ def test_upgrade_of_a_site_that_is_not_deployed_is_exit_1_with_the_fix(
     err = capsys.readouterr().err
     assert code == 1 and "nothing to upgrade" in err and "wg-appliance deploy --site" in err, err
     assert not state.exists(), "no keys are made for a site that is not there"
+
+
+def test_a_kick_that_found_no_agent_copy_runs_whole_after_the_switch(
+    monkeypatch, site_keys, facts
+) -> None:
+    """The guest agent forgets an ended command's outcome once told: the one seen while
+    waiting for the kick to be ready is the one judged, and the agent then goes whole."""
+    from builder.remote.appliance import MISSING
+
+    host = Host(monkeypatch, *site_keys, facts)
+    told: list[int] = []
+    whole: list[bool] = []
+
+    def poll(dom, pid):
+        assert not told, "asked again for an outcome already told"
+        told.append(pid)
+        return Result(MISSING, "", "")
+
+    def run(dom, command, stdin="", timeout=0):
+        whole.append(slots.link_up(dom))
+        return Result(0, json.dumps({"kicked": 2, "garp": 3}), "")
+
+    monkeypatch.setattr(host.H.guest_agent, "file_exists", lambda dom, path: False)
+    monkeypatch.setattr(host.H.guest_agent, "poll", poll)
+    monkeypatch.setattr(host.H.guest_agent, "run", run)
+    done = host.upgrade()
+    assert told == [7] and whole == [True] and done.kicked == 2, (told, whole, done)

@@ -71,33 +71,33 @@ def start(dom: libvirt.virDomain, command: str, stdin: str = "") -> int:
 
 def finish(dom: libvirt.virDomain, pid: int, command: str, timeout: float = 120.0) -> Result:
     """What the command `start` gave `pid` did, once it ended: exit code and output."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = poll(dom, pid)
+        if result is not None:
+            return result
+        if time.monotonic() > deadline:
+            raise GuestError(
+                f"{command.split()[0]} did not end within {timeout:.0f}s on {dom.name()}",
+                "see the appliance's serial log; run the same command again",
+            )
+        time.sleep(POLL_S)
+
+
+def poll(dom: libvirt.virDomain, pid: int) -> Result | None:
+    """The outcome of the command `start` gave `pid`, or None while it runs. The guest agent
+    forgets an outcome once it has told it: keep what this returns."""
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            status = _call(dom, "guest-exec-status", 30, pid=pid)
-            if status.get("exited"):
-                break
-            if time.monotonic() > deadline:
-                raise GuestError(
-                    f"{command.split()[0]} did not end within {timeout:.0f}s on {dom.name()}",
-                    "see the appliance's serial log; run the same command again",
-                )
-            time.sleep(POLL_S)
+        status = _call(dom, "guest-exec-status", 30, pid=pid)
     except libvirt.libvirtError as e:
         raise _silent(dom, e) from None
+    if not status.get("exited"):
+        return None
 
     def text(key: str) -> str:
         return base64.b64decode(status.get(key, "")).decode(errors="replace")
 
     return Result(status.get("exitcode", 1), text("out-data"), text("err-data"))
-
-
-def exited(dom: libvirt.virDomain, pid: int) -> bool:
-    """Whether the command `start` gave `pid` has ended (its output is kept for `finish`)."""
-    try:
-        return bool(_call(dom, "guest-exec-status", 30, pid=pid).get("exited"))
-    except libvirt.libvirtError as e:
-        raise _silent(dom, e) from None
 
 
 def file_exists(dom: libvirt.virDomain, path: str) -> bool:
