@@ -389,7 +389,7 @@ def upgrade(
     image: tuple[Path, str],
     progress: Progress,
     *,
-    access: HostAccess | None = None,
+    access: HostAccess | None,
     prune: bool = False,
     boot_timeout: float = BOOT_TIMEOUT_S,
 ) -> Handover:
@@ -477,7 +477,7 @@ def rollback(
     state: State,
     progress: Progress,
     *,
-    access: HostAccess | None = None,
+    access: HostAccess | None,
     boot_timeout: float = BOOT_TIMEOUT_S,
 ) -> Handover:
     """Back to the previous appliance, by the same handover; the current one becomes the
