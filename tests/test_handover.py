@@ -265,6 +265,37 @@ def test_before_takeover_ignores_only_what_needs_the_link() -> None:
     assert [c.name for c in before_takeover(report)] == ["wg0"]
 
 
+SHOWCONF = """[Interface]
+ListenPort = 51820
+PrivateKey = cHJpdmF0ZQ==
+
+[Peer]
+PublicKey = A=
+PresharedKey = cHNr
+AllowedIPs = 10.77.0.2/32
+Endpoint = 9.9.9.9:1
+PersistentKeepalive = 25
+
+[Peer]
+PublicKey = B=
+AllowedIPs = 10.77.0.3/32
+"""
+
+
+class GuestSystem(agent.System):
+    """The guest's commands with stdin recorded, files real (in tmp_path); `fail` makes
+    the command whose argv starts so exit non-zero."""
+
+    def __init__(self, events: list, fail: tuple = ()):
+        self.events, self.fail = events, fail
+
+    def run(self, *argv, input=None):
+        self.events.append(("run", *argv, input))
+        if self.fail and argv[: len(self.fail)] == self.fail:
+            raise agent.Failed(f"{' '.join(argv[:3])}: no")
+        return SHOWCONF if argv[:2] == ("wg", "showconf") else ""
+
+
 def _guest(monkeypatch, tmp_path, carrier_after: int, keepalives: str = "A=\toff\nB=\t25\n"):
     """The agent's takeover with its commands, carrier, clock and files faked; the events in
     the order they came."""
@@ -293,7 +324,7 @@ def _guest(monkeypatch, tmp_path, carrier_after: int, keepalives: str = "A=\toff
     monkeypatch.setattr(agent, "KEEPALIVES", str(tmp_path / "keepalives.json"))
     armed = tmp_path / "armed"
 
-    def run(**extra):
+    def run(fail: tuple = (), **extra):
         arg = {
             "lan": "lan0",
             "address": "192.168.77.50",
@@ -302,7 +333,7 @@ def _guest(monkeypatch, tmp_path, carrier_after: int, keepalives: str = "A=\toff
             "carrier_s": 1,
             **extra,
         }
-        return agent.takeover(arg, clock=lambda: now[0])
+        return agent.takeover(arg, clock=lambda: now[0], system=GuestSystem(events, fail))
 
     return events, run, armed
 
@@ -311,34 +342,58 @@ def _wg_sets(events) -> list[tuple]:
     return [e[4:] for e in events if e[:4] == ("sh", "wg", "set", "wg0")]
 
 
-def test_the_kick_sets_endpoints_before_the_link_and_handshakes_when_it_comes(
+def test_the_kick_renews_peers_before_the_link_and_handshakes_when_it_comes(
     monkeypatch, tmp_path
 ) -> None:
+    """Before the carrier: each known peer removed and added again as it was (its key and
+    networks), with the old appliance's endpoint and no keepalive, so the kernel may start
+    its handshake at once; at the carrier: announced, kicked, keepalives put back."""
     events, run, armed = _guest(monkeypatch, tmp_path, carrier_after=3)
     seen_armed = []
     monkeypatch.setattr(
         agent, "has_carrier", lambda _: seen_armed.append(armed.exists()) or len(seen_armed) > 3
     )
     out = run()
+    runs = [e[1:] for e in events if e[0] == "run"]
+    assert runs[1] == ("wg", "set", "wg0", "peer", "A=", "remove", None), "unknown X= untouched"
+    assert runs[2][:4] == ("wg", "addconf", "wg0", "/dev/stdin")
+    assert runs[2][4] == (
+        "[Peer]\nPublicKey = A=\nPresharedKey = cHNr\nAllowedIPs = 10.77.0.2/32\n"
+        "Endpoint = 1.2.3.4:5\n"
+    )
     assert _wg_sets(events) == [
-        ("peer", "A=", "endpoint", "1.2.3.4:5", "persistent-keepalive", "0"),
         ("peer", "A=", "persistent-keepalive", "25"),
         ("peer", "A=", "persistent-keepalive", "0"),
-    ], "unknown peer X= is never set; A='s keepalive is put back"
+    ], "A='s keepalive is put back as it was (off)"
     assert all(seen_armed), "ready is said before the carrier is polled"
     kick = events.index(("sh", "wg", "set", "wg0", "peer", "A=", "persistent-keepalive", "25"))
     assert events[kick - 1] == ("garp", "192.168.77.50"), "announced at once, then the kick"
+    assert events.index(("run", *runs[2])) < kick
     assert out["kicked"] == 1 and out["garp"] == 3 and "error" not in out, out
     assert out["carrier_after_s"] == pytest.approx(3 * agent.CARRIER_POLL_S)
     assert not armed.exists() and not (tmp_path / "keepalives.json").exists()
     json.dumps(out)
 
 
+def test_peers_that_cannot_be_renewed_are_put_back_and_kicked_as_they_are(
+    monkeypatch, tmp_path
+) -> None:
+    events, run, _ = _guest(monkeypatch, tmp_path, carrier_after=0)
+    out = run(fail=("wg", "addconf"))
+    runs = [e[1:] for e in events if e[0] == "run"]
+    assert runs[-1] == ("wg", "syncconf", "wg0", "/dev/stdin", SHOWCONF), "wg0 as it was"
+    assert "peers not renewed" in out["error"], out
+    assert _wg_sets(events)[:2] == [
+        ("peer", "A=", "endpoint", "1.2.3.4:5", "persistent-keepalive", "0"),
+        ("peer", "A=", "persistent-keepalive", "25"),
+    ]
+
+
 def test_without_carrier_the_kick_gives_up_and_puts_keepalives_back(monkeypatch, tmp_path) -> None:
     events, run, armed = _guest(monkeypatch, tmp_path, carrier_after=10_000)
     out = run()
     assert "no carrier" in out["error"] and out["garp"] == 0, out
-    assert [s[-1] for s in _wg_sets(events)] == ["0", "0"], "no handshake started"
+    assert _wg_sets(events) == [("peer", "A=", "persistent-keepalive", "0")], "no handshake"
     assert not armed.exists()
 
 

@@ -884,15 +884,57 @@ def configured_keepalives():
     return keepalive
 
 
-def takeover(args, clock=time.monotonic):
+def peer_sections(conf):
+    """The [Peer] sections of `wg showconf` by public key, each as its lines."""
+    out, lines = {}, None
+    for line in conf.splitlines():
+        if line.strip().startswith("["):
+            lines = [] if line.strip() == "[Peer]" else None
+            continue
+        if lines is None:
+            continue
+        key, _, value = line.partition("=")
+        if key.strip() == "PublicKey":
+            out[value.strip()] = lines
+        lines.append(line)
+    return out
+
+
+def renew_peers(peers, system):
+    """Each peer removed from wg0 and added again as it was, with the endpoint the old
+    appliance saw and no keepalive. The kernel sends no handshake initiation within 5 s of
+    its last one (REKEY_TIMEOUT), and a peer with a keepalive but no endpoint tries every
+    5 s for 90 s after wg0 comes up: kicked as it is, such a peer (a branch) waits for its
+    next retry. A peer made now may start one at once. "" or what failed (wg0 as it was)."""
+    conf = system.run("wg", "showconf", "wg0")
+    sections = peer_sections(conf)
+    text = ""
+    for key, endpoint in peers:
+        lines = [ln for ln in sections[key] if ln.partition("=")[0].strip() not in RENEWED]
+        text += "[Peer]\n" + "\n".join(lines) + f"\nEndpoint = {endpoint}\n"
+    try:
+        system.run("wg", "set", "wg0", *[w for k, _ in peers for w in ("peer", k, "remove")])
+        system.run("wg", "addconf", "wg0", "/dev/stdin", input=text)
+    except Failed as e:
+        system.run("wg", "syncconf", "wg0", "/dev/stdin", input=conf)
+        return str(e)
+    return ""
+
+
+RENEWED = ("", "Endpoint", "PersistentKeepalive")  # "": the blank line ending a section
+
+
+def takeover(args, clock=time.monotonic, system=None):
     """Tunnels back at once: every peer's endpoint as the old appliance last saw it, and a
     handshake started the moment the LAN link comes up (a keepalive switched on sends one at
     once when none was set), instead of waiting for each client's retry. Started before the
-    switch: the endpoints are set while the link is down (no frame passes), then the file
-    `armed` says it is ready, and it polls the carrier, so nothing is left to start after it.
+    switch: the peers are renewed with their endpoints while the link is down (no frame
+    passes), then the file `armed` says it is ready, and it polls the carrier, so nothing is
+    left to start after it.
     Keepalives are then put back as configured.
     ARG: {"lan": IFNAME, "address": IPV4, "peers": [[PUBLIC_KEY, ENDPOINT], ...],
     "armed": PATH or absent, "carrier_s": seconds to wait for the link}."""
+    system = system or System()
     keepalive = configured_keepalives()
     peers = [(k, e) for k, e in args.get("peers", []) if k in keepalive and e]
     out = {"garp": 0, "kicked": len(peers)}
@@ -911,9 +953,17 @@ def takeover(args, clock=time.monotonic):
             except OSError as e:
                 out["error"] = f"gratuitous ARP: {e}"
 
-    wg_set([w for k, e in peers for w in ("peer", k, "endpoint", e, "persistent-keepalive", "0")])
+    try:
+        failed = renew_peers(peers, system) if peers else ""
+    except (Failed, KeyError) as e:
+        failed = f"wg showconf: {describe(e)}"
+    if failed:  # the peers as they are: their handshakes may wait for a retry
+        out["error"] = f"peers not renewed: {failed}"[:300]
+        wg_set(
+            [w for k, e in peers for w in ("peer", k, "endpoint", e, "persistent-keepalive", "0")]
+        )
     if args.get("armed"):
-        System().write(args["armed"], b"", 0o600)
+        system.write(args["armed"], b"", 0o600)
     t0 = clock()
     while not has_carrier(args["lan"]):
         if clock() - t0 > args.get("carrier_s", 0):
@@ -930,7 +980,7 @@ def takeover(args, clock=time.monotonic):
     wg_set([w for k, _ in peers for w in ("peer", k, "persistent-keepalive", keepalive[k])])
     for path in (KEEPALIVES, args.get("armed")):
         if path:
-            System().remove(path)
+            system.remove(path)
     return out
 
 
