@@ -437,7 +437,15 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
     site, state = _site_and_state(args)
     progress = Progress(quiet=args.json)
     image = _image_for(args, progress)
-    done = upgrade(site, state, image, progress, _access(args, site), args.prune, args.timeout)
+    done = upgrade(
+        site,
+        state,
+        image,
+        progress,
+        access=_access(args, site),
+        prune=args.prune,
+        boot_timeout=args.timeout,
+    )
     _print_handover(args, done)
     return 0
 
@@ -454,7 +462,8 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     from builder.handover import rollback
 
     site, state = _site_and_state(args)
-    done = rollback(site, state, Progress(quiet=args.json), _access(args, site), args.timeout)
+    progress = Progress(quiet=args.json)
+    done = rollback(site, state, progress, access=_access(args, site), boot_timeout=args.timeout)
     _print_handover(args, done)
     return 0
 

@@ -1023,7 +1023,8 @@ def test_a_new_appliance_that_fails_rolls_back(net, site, appliance_image):
 
 def test_a_killed_memory_upgrade_converges(net, site, appliance_image):
     """Memory only; the first run is killed while the new appliance boots, the second
-    finishes the same handover with it."""
+    finishes the same handover with it, and with --prune removes the one it replaced."""
+    serving = _serving()
     site.write_text(site.read_text().replace("memory_mib = 512", "memory_mib = 640"))
     argv = [
         sys.executable,
@@ -1055,12 +1056,18 @@ def test_a_killed_memory_upgrade_converges(net, site, appliance_image):
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
     assert ping(net, RW_NS, LAN_HOST), "the old appliance serves while nothing runs"
-    r = cli(net, "upgrade", "--site", str(site), "--image", str(appliance_image.path), "--json")
+    r = cli(net, *argv[3:], "--prune", "--json")
     most = watch.stop()
     assert r.returncode == 0, r.stderr[-3000:]
     done = json.loads(r.stdout)
     assert done["outcome"] == "upgraded" and most == 1, (done, most)
     assert "<memory unit='KiB'>655360</memory>" in _xml_of(done["domain"])
+    assert done["previous"] is None and f"domain {serving}" in done["removed"], done
+    mine = [n for n in _domains() if n.startswith("wg-gw")]
+    assert mine == [done["domain"]], "the replaced appliance is gone"
+    pool_dir = L.Lab.host_path("/var/lib/libvirt/images/wg-appliance")
+    left = [p.name for p in pool_dir.iterdir() if not p.name.startswith("wg-appliance-base-")]
+    assert all(n.startswith(done["domain"] + "-") for n in left), left
     assert cli(net, "verify", "--site", str(site)).returncode == 0
 
 
@@ -1071,10 +1078,12 @@ def _xml_of(name: str) -> str:
 
 
 def test_destroy_leaves_nothing(net, site):
+    serving = _serving()
     r = cli(net, "destroy", "--site", str(site), "--all", "--json")
     assert r.returncode == 0, r.stderr
     removed = json.loads(r.stdout)["removed"]
-    assert "domain wg-gw" in removed and len([r for r in removed if "domain" in r]) == 2, removed
+    # One domain: the last upgrade ran with --prune.
+    assert [r for r in removed if r.startswith("domain ")] == [f"domain {serving}"], removed
     listed = subprocess.run(
         ["virsh", "-c", L.URI, "list", "--all", "--name"],
         capture_output=True,

@@ -17,9 +17,10 @@ peers whose expiry in wg0.peers.json has come from wg0.conf, that file and the l
 and re-resolves the endpoint names of peers whose handshake is older than 135 s through the
 site's DNS servers. It needs no workstation; its one JSON line goes to the journal.
 
-`takeover ARG` (upgrade): run by the new appliance the moment its link comes up: sets each
-peer's endpoint as the old appliance saw it, starts every handshake at once, and announces
-the LAN address with gratuitous ARP; prints {"kicked", "garp", "error"?}.
+`takeover ARG` (upgrade): started in the new appliance just before its link comes up: sets
+each peer's endpoint as the old appliance saw it, waits for the carrier, then starts every
+handshake at once and announces the LAN address with gratuitous ARP; prints {"kicked",
+"garp", "carrier_after_s"?, "error"?}.
 
 `sync` (sync): prints the light facts (peers, file digests, addresses, whether the metrics
 exporter is enabled) as one JSON line, then reads one line from stdin: empty means nothing to
@@ -979,35 +980,128 @@ def garp(ifname, address):
         s.send(b"\xff" * 6 + mac + b"\x08\x06" + arp)
 
 
-def takeover(args):
-    """Tunnels back at once: every peer's endpoint as the old appliance last saw it, and a
-    handshake started now (a keepalive switched on sends one at once when none was set),
-    instead of waiting for each client's retry. Keepalives are then put back as configured.
-    ARG: {"lan": IFNAME, "address": IPV4, "peers": [[PUBLIC_KEY, ENDPOINT], ...]}."""
+KEEPALIVES = "/run/wg-appliance-takeover-keepalives.json"
+CARRIER_POLL_S = 0.02
+
+
+def has_carrier(ifname):
+    try:
+        with open(f"/sys/class/net/{ifname}/carrier") as f:
+            return f.read().strip() == "1"
+    except OSError:  # EINVAL while the interface is down
+        return False
+
+
+def configured_keepalives():
+    """Each peer's keepalive as configured: the live values, or those an earlier takeover
+    recorded before it set them to 0 (when it did not live to put them back)."""
+    with contextlib.suppress(OSError, ValueError), open(KEEPALIVES) as f:
+        return json.load(f)
     keepalive = {}
     for line in sh("wg", "show", "wg0", "persistent-keepalive")["out"].splitlines():
         key, _, value = line.partition("\t")
         keepalive[key] = "0" if value.strip() in ("off", "") else value.strip()
+    System().write(KEEPALIVES, json.dumps(keepalive).encode(), 0o600)
+    return keepalive
+
+
+def peer_sections(conf):
+    """The [Peer] sections of `wg showconf` by public key, each as its lines."""
+    out, lines = {}, None
+    for line in conf.splitlines():
+        if line.strip().startswith("["):
+            lines = [] if line.strip() == "[Peer]" else None
+            continue
+        if lines is None:
+            continue
+        key, _, value = line.partition("=")
+        if key.strip() == "PublicKey":
+            out[value.strip()] = lines
+        lines.append(line)
+    return out
+
+
+def renew_peers(peers, system):
+    """Each peer removed from wg0 and added again as it was, with the endpoint the old
+    appliance saw and no keepalive. The kernel sends no handshake initiation within 5 s of
+    its last one (REKEY_TIMEOUT), and a peer with a keepalive but no endpoint tries every
+    5 s for 90 s after wg0 comes up: kicked as it is, such a peer (a branch) waits for its
+    next retry. A peer made now may start one at once. "" or what failed (wg0 as it was)."""
+    conf = system.run("wg", "showconf", "wg0")
+    sections = peer_sections(conf)
+    text = ""
+    for key, endpoint in peers:
+        lines = [ln for ln in sections[key] if ln.partition("=")[0].strip() not in RENEWED]
+        text += "[Peer]\n" + "\n".join(lines) + f"\nEndpoint = {endpoint}\n"
+    try:
+        system.run("wg", "set", "wg0", *[w for k, _ in peers for w in ("peer", k, "remove")])
+        system.run("wg", "addconf", "wg0", "/dev/stdin", input=text)
+    except Failed as e:
+        system.run("wg", "syncconf", "wg0", "/dev/stdin", input=conf)
+        return str(e)
+    return ""
+
+
+RENEWED = ("", "Endpoint", "PersistentKeepalive")  # "": the blank line ending a section
+
+
+def takeover(args, clock=time.monotonic, system=None):
+    """Tunnels back at once: every peer's endpoint as the old appliance last saw it, and a
+    handshake started the moment the LAN link comes up (a keepalive switched on sends one at
+    once when none was set), instead of waiting for each client's retry. Started before the
+    switch: the peers are renewed with their endpoints while the link is down (no frame
+    passes), then the file `armed` says it is ready, and it polls the carrier, so nothing is
+    left to start after it.
+    Keepalives are then put back as configured.
+    ARG: {"lan": IFNAME, "address": IPV4, "peers": [[PUBLIC_KEY, ENDPOINT], ...],
+    "armed": PATH or absent, "carrier_s": seconds to wait for the link}."""
+    system = system or System()
+    keepalive = configured_keepalives()
     peers = [(k, e) for k, e in args.get("peers", []) if k in keepalive and e]
     out = {"garp": 0, "kicked": len(peers)}
-    steps = (
-        [w for k, _ in peers for w in ("peer", k, "persistent-keepalive", "0")],
-        [w for k, e in peers for w in ("peer", k, "endpoint", e, "persistent-keepalive", "25")],
-        [w for k, _ in peers for w in ("peer", k, "persistent-keepalive", keepalive[k])],
-    )
-    for i, argv in enumerate(steps):
+
+    def wg_set(argv):
         if argv:
             r = sh("wg", "set", "wg0", *argv)
             if r["rc"] != 0:
                 out["error"] = r["err"].strip()[:300]
-        if i == 1 and args.get("address"):
-            for _ in range(3):
-                try:
-                    garp(args["lan"], args["address"])
-                    out["garp"] += 1
-                except OSError as e:
-                    out["error"] = f"gratuitous ARP: {e}"
-                time.sleep(0.05)
+
+    def announce():
+        if args.get("address"):
+            try:
+                garp(args["lan"], args["address"])
+                out["garp"] += 1
+            except OSError as e:
+                out["error"] = f"gratuitous ARP: {e}"
+
+    try:
+        failed = renew_peers(peers, system) if peers else ""
+    except (Failed, KeyError) as e:
+        failed = f"wg showconf: {describe(e)}"
+    if failed:  # the peers as they are: their handshakes may wait for a retry
+        out["error"] = f"peers not renewed: {failed}"[:300]
+        wg_set(
+            [w for k, e in peers for w in ("peer", k, "endpoint", e, "persistent-keepalive", "0")]
+        )
+    if args.get("armed"):
+        system.write(args["armed"], b"", 0o600)
+    t0 = clock()
+    while not has_carrier(args["lan"]):
+        if clock() - t0 > args.get("carrier_s", 0):
+            out["error"] = f"{args['lan']} got no carrier within {args.get('carrier_s', 0)}s"
+            break
+        time.sleep(CARRIER_POLL_S)
+    else:
+        out["carrier_after_s"] = round(clock() - t0, 3)
+        announce()
+        wg_set([w for k, _ in peers for w in ("peer", k, "persistent-keepalive", "25")])
+        for _ in range(2):
+            time.sleep(0.05)
+            announce()
+    wg_set([w for k, _ in peers for w in ("peer", k, "persistent-keepalive", keepalive[k])])
+    for path in (KEEPALIVES, args.get("armed")):
+        if path:
+            system.remove(path)
     return out
 
 

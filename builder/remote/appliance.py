@@ -17,6 +17,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import paramiko
+
 from builder.errors import GuestError
 from builder.model.keys import Keys
 from builder.model.site import Site
@@ -128,13 +130,24 @@ def _document(text: str, what: str, stderr=lambda: "") -> dict[str, Any]:
     raise GuestError(f"{what}: the appliance did not answer: {_shown(said[-300:])}", SUDO_FIX)
 
 
-def _agent_document(site: Site, keys: Keys, timeout: float, what: str, *mode: str) -> dict:
-    """One connection, one agent command, its one JSON document."""
-    client = connect(target_for(site, keys), timeout=timeout)
+def _agent_document(
+    site: Site,
+    keys: Keys,
+    timeout: float,
+    what: str,
+    *mode: str,
+    client: paramiko.SSHClient | None = None,
+) -> dict:
+    """One agent command, its one JSON document: over `client`, else over a connection of
+    its own."""
+    own = client is None
+    if client is None:
+        client = connect(target_for(site, keys), timeout=timeout)
     try:
         return run_agent(lambda cmd: execute(client, cmd, timeout=timeout + 30), what, *mode)
     finally:
-        client.close()
+        if own:
+            client.close()
 
 
 def run_agent(run: Callable[[str], Result], what: str, *mode: str) -> dict:
@@ -172,9 +185,11 @@ def probe_arg(site: Site, gateway: bool = True) -> str:
     )
 
 
-def gather(site: Site, keys: Keys, timeout: float = 20.0) -> dict[str, Any]:
-    """Every fact verify judges: one connection, one command."""
-    return _agent_document(site, keys, timeout, "verify", "probe", probe_arg(site))
+def gather(
+    site: Site, keys: Keys, timeout: float = 20.0, client: paramiko.SSHClient | None = None
+) -> dict[str, Any]:
+    """Every fact verify judges: one command, over `client` when one is open."""
+    return _agent_document(site, keys, timeout, "verify", "probe", probe_arg(site), client=client)
 
 
 def read_status(site: Site, keys: Keys, timeout: float = 20.0) -> dict[str, Any]:

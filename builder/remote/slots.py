@@ -33,6 +33,12 @@ def free_slot(site_name: str, used: set[str]) -> str:
     return next(n for n in slot_names(site_name) if n not in used)
 
 
+def twin(role_name: str) -> str:
+    """The key site_domains files the second of two domains that claim one role under (a run
+    died between the two role writes of a takeover); converge reads it back."""
+    return role_name + "_2"
+
+
 def role(meta: dict[str, str]) -> str:
     return meta.get(META_ROLE) or ROLE_ACTIVE
 
@@ -53,7 +59,7 @@ def site_domains(conn: libvirt.virConnect, site_name: str) -> dict[str, libvirt.
             )
         r = role(meta)
         if r in found:  # two domains claim one role: a run died between two metadata writes
-            r = r + "_2"
+            r = twin(r)
         found[r] = dom
     return found
 
@@ -82,8 +88,34 @@ def set_link(dom: libvirt.virDomain, up: bool) -> None:
     saved = interface_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE), up)
     if saved is None:
         raise HostError(f"{dom.name()} has no network interface", "destroy and deploy it again")
-    if dom.isActive() and link_is_up(dom.XMLDesc(0)) != up:
-        live = interface_xml(dom.XMLDesc(0), up)
+    live = _live_change(dom, up)
+    if live is not None:
         dom.updateDeviceFlags(live, libvirt.VIR_DOMAIN_AFFECT_LIVE)
     if link_is_up(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)) != up:
         dom.updateDeviceFlags(saved, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+
+
+def switch_links(old: libvirt.virDomain, new: libvirt.virDomain) -> None:
+    """`old`'s link down, then `new`'s up, with nothing between the two live changes (both
+    made ready first): the LAN is without an appliance for two calls to qemu. The saved
+    definitions follow."""
+    down, up = _live_change(old, False), _live_change(new, True)
+    if down is not None:
+        old.updateDeviceFlags(down, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    if up is not None:
+        new.updateDeviceFlags(up, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    set_link(old, False)
+    set_link(new, True)
+
+
+def _live_change(dom: libvirt.virDomain, up: bool) -> str | None:
+    """The interface XML that puts a running domain's link `up`, or None: nothing to do."""
+    if not dom.isActive():
+        return None
+    xml = dom.XMLDesc(0)
+    if link_is_up(xml) == up:
+        return None
+    live = interface_xml(xml, up)
+    if live is None:
+        raise HostError(f"{dom.name()} has no network interface", "destroy and deploy it again")
+    return live
