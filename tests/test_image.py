@@ -24,6 +24,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
 
+from builder.errors import HostError
 from builder.image.build import (
     MBR_BIN,
     PART_OFFSET,
@@ -36,6 +37,7 @@ from builder.image.build import (
     sources,
     suite,
 )
+from builder.image.edits import Edit, apply_edits, read_edits
 from builder.image.initramfs import klibc_interpreter, module_bytes
 from builder.image.kmod import module_load_order, trim_modules
 from builder.progress import Progress
@@ -84,6 +86,18 @@ def test_suite_is_one_recipe_value(tmp_path: Path) -> None:
     assert recipe_digest(recipe=recipe) != base
     assert all("bookworm" in line for line in sources(recipe, None))
     assert not any("security" in line for line in sources(recipe, "http://m.example/debian"))
+
+
+def test_edits_match_once_or_fail_the_build(tmp_path: Path) -> None:
+    edits = read_edits(RECIPE / "edits.toml")
+    assert edits and all(e.old and e.old != e.new for e in edits)
+    (tmp_path / "a.py").write_text("import x\nx.y()\n")
+    apply_edits(tmp_path, [Edit("a.py", "import x\n", "x = 1\n"), Edit("a.py", "x.y()", "x")])
+    assert (tmp_path / "a.py").read_text() == "x = 1\nx\n"
+    for old in ("missing", "x"):  # none, and twice
+        with pytest.raises(HostError, match="edits.toml: a.py"):
+            apply_edits(tmp_path, [Edit("a.py", old, "z")])
+    assert (tmp_path / "a.py").read_text() == "x = 1\nx\n", "a failed edit writes nothing"
 
 
 def test_compressed_and_builtin_modules(tmp_path: Path) -> None:
@@ -300,6 +314,14 @@ def test_trimmed(disk: Disk) -> None:
     assert [n for n in disk.ls("/var/cache/apt") if n.endswith(".bin")] == []
     cfg = disk.read("/etc/cloud/cloud.cfg.d/90-wg-appliance.cfg")
     assert "datasource_list: [NoCloud, None]" in cfg
+    # cloud-init's boot imports no longer include requests (edits.toml): the bytecode stage
+    # keeps compiled Python only for what boot imports.
+    assert "_OnFirstUse" in disk.read("/usr/lib/python3/dist-packages/cloudinit/url_helper.py")
+    assert not disk.exists("/usr/lib/python3/dist-packages/requests/__pycache__") or not [
+        n
+        for n in disk.ls("/usr/lib/python3/dist-packages/requests/__pycache__")
+        if n.endswith(".pyc")
+    ]
 
 
 @pytest.mark.slow

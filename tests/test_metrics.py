@@ -26,7 +26,7 @@ from builder.guest import metrics as gm
 from builder.guest.agent import FILES, METRICS_UNIT
 from builder.model.site import load_site
 from builder.render.appliance import appliance_files, render_nftables, render_seed
-from tests.plugins.samples import BASE, NOW, write
+from tests.plugins.samples import BASE, NOW, write, written_files
 
 ON = BASE.replace("[[peers]]", "[metrics]\nenabled = true\n\n[[peers]]", 1)
 
@@ -101,7 +101,7 @@ def test_seed_ships_exporter_unit_and_names_and_starts_it_only_when_on(site_keys
     site, keys = site_keys
     assert site.metrics.enabled, "the example site turns metrics on"
     doc = yaml.safe_load(render_seed(site, keys)["user-data"])
-    written = {f["path"]: f for f in doc["write_files"]}
+    written = written_files(doc)
     files = appliance_files(site, keys)
     for name in ("metrics.py", "metrics.service", "names.json"):
         path, owner, mode = FILES[name]

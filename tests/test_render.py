@@ -27,6 +27,7 @@ from tests.plugins.samples import (
     LAPTOP_PRIVATE,
     PSK,
     WG_PRIVATE,
+    written_files,
 )
 
 
@@ -88,7 +89,7 @@ def test_user_data_content(site, keys):
     assert user["name"] == "wgadmin" and user["sudo"] == "ALL=(ALL) NOPASSWD:ALL"
     assert user["lock_passwd"] is True
     assert keys.admin_public in user["ssh_authorized_keys"]
-    files = {f["path"]: f for f in data["write_files"]}
+    files = written_files(data)
     assert files["/etc/wireguard/wg0.conf"]["permissions"] == "0600"
     assert files["/etc/wireguard/wg0.conf"]["content"] == render_wg_conf(site, keys)
     assert (

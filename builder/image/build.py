@@ -1,6 +1,6 @@
 """The appliance disk image: Debian built from the recipe in images/, cached by its digest.
 
-The build is a straight pipeline of stages (bootstrap, configure, trim, initrd, bytecode,
+The build is a straight pipeline of stages (bootstrap, configure, trim, edit, initrd, bytecode,
 scrub, filesystem, bootloader, compress), each a plain function over one BuildContext, each
 announced through `Progress.stage`; what the stages share beyond the tree (the kernel module
 closure, the initrd archive) lives in kmod.py and initramfs.py. Every subprocess goes through
@@ -32,6 +32,7 @@ from pathlib import Path
 import yaml
 
 from builder.errors import HostError
+from builder.image.edits import apply_edits, read_edits
 from builder.image.initramfs import initrd
 from builder.image.kmod import trim_modules
 from builder.local.run import run
@@ -244,6 +245,11 @@ def trim(ctx: BuildContext) -> None:
     kept, dropped = trim_modules(ctx.root, ctx.kernel, read_list(ctx.recipe / "modules.txt"))
     ctx.progress.say(f"kernel modules: kept {len(kept)}, deleted {dropped}")
     run(["depmod", "--basedir", ctx.root, ctx.kernel])
+
+
+def edit(ctx: BuildContext) -> None:
+    """The exact-text edits of images/edits.toml (before the bytecode stage compiles them)."""
+    apply_edits(ctx.root, read_edits(ctx.recipe / "edits.toml"))
 
 
 BOOT_IMPORTS = """
@@ -510,6 +516,7 @@ def _build(
             ("bootstrap", bootstrap),
             ("configure", configure),
             ("trim", trim),
+            ("edit", edit),
             ("initrd", make_initrd),
             ("bytecode", prune_bytecode),
             ("scrub", scrub),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import gzip
 import hashlib
 import json
 from functools import cache
@@ -19,12 +21,12 @@ from builder.resources import data_dir
 
 TEMPLATES = data_dir("cloud-init")
 SEED_FILES = ("user-data", "meta-data", "network-config")
-ROUTES_HELPER = Path(__file__).resolve().parent.parent / "guest" / "routes.py"
+WG0_HELPER = Path(__file__).resolve().parent.parent / "guest" / "wg0.py"
 # Files the seed installs that no site value shapes: guest path -> (source, mode).
 STATIC_FILES = {
-    "/usr/local/lib/wg-appliance/routes.py": (ROUTES_HELPER, 0o644),
-    "/etc/systemd/system/wg-quick@wg0.service.d/routes.conf": (
-        TEMPLATES / "wg-quick-routes.conf",
+    "/usr/local/lib/wg-appliance/wg0.py": (WG0_HELPER, 0o644),
+    "/etc/systemd/system/wg-quick@wg0.service.d/wg0-up.conf": (
+        TEMPLATES / "wg0-up.conf",
         0o644,
     ),
 }
@@ -44,13 +46,21 @@ def _one_line(value: object) -> object:
 
 @cache
 def _env() -> jinja2.Environment:
-    return jinja2.Environment(
+    env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATES),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         autoescape=False,
         finalize=_one_line,
     )
+    env.filters["gz_b64"] = gz_b64
+    return env
+
+
+def gz_b64(text: str) -> str:
+    """cloud-init's `gz+b64` encoding; no timestamp in the gzip header, so the same file makes
+    the same seed."""
+    return base64.b64encode(gzip.compress(text.encode(), mtime=0)).decode()
 
 
 def _render(template: str, **context) -> str:

@@ -5,6 +5,8 @@ Test modules import from here, never from one another."""
 
 from __future__ import annotations
 
+import base64
+import gzip
 import hashlib
 import json
 from dataclasses import replace
@@ -43,6 +45,17 @@ address = "10.9.0.3/32"
 networks = ["192.168.2.0/24"]
 """
 GOOD_KEY = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg="
+
+
+def written_files(user_data: dict) -> dict[str, dict]:
+    """write_files of a parsed user-data by path, each content decoded as cloud-init does."""
+    out = {}
+    for f in user_data["write_files"]:
+        f = dict(f)
+        if f.pop("encoding", None) == "gz+b64":
+            f["content"] = gzip.decompress(base64.b64decode(f["content"])).decode()
+        out[f["path"]] = f
+    return out
 
 
 def write(tmp_path: Path, text: str) -> Path:
