@@ -600,3 +600,18 @@ def test_wanted_routes_agree_with_ipaddress(nets, own, data):
 def test_a_network_wg_would_not_print_is_a_value_error(bad):
     with pytest.raises(ValueError):
         ga.prefix(bad)
+
+
+def test_the_timer_is_judged_by_its_last_run(tmp_path, monkeypatch) -> None:
+    """The timer's agent touches a file at each run; the probe takes a fresh one as working
+    and otherwise asks systemctl (missing, stale, or from a clock that jumped)."""
+    monkeypatch.setattr(ga, "TICKED", str(tmp_path / "peers.tick"))
+    assert not ga.ticked(), "no run yet"
+    ga.tick()
+    now = os.stat(ga.TICKED).st_mtime
+    assert ga.ticked(now) and ga.ticked(now + ga.TICK_FRESH_S)
+    assert not ga.ticked(now + ga.TICK_FRESH_S + 1), "three runs missed"
+    assert not ga.ticked(now - 60), "a file from the future"
+    os.utime(ga.TICKED, (now - 100, now - 100))
+    ga.tick()
+    assert ga.ticked(), "a run refreshes it"

@@ -229,9 +229,10 @@ def test_manifest_describes_image(appliance_image: Image) -> None:
     assert m["build_seconds"] > 0
     assert m["kernel"].endswith("-cloud-amd64")
     for name in ("cloud-init", "openssh-server", "wireguard-tools", "nftables", "sudo",
-                 "iproute2", "systemd", "cloud-guest-utils", "usr-is-merged"):  # fmt: skip
+                 "iproute2", "systemd", "fdisk", "dbus", "usr-is-merged"):  # fmt: skip
         assert m["packages"].get(name), name
-    for name in ("usrmerge", "perl", "ifupdown", "locales-all", "gcc", "man-db"):
+    for name in ("usrmerge", "perl", "ifupdown", "locales-all", "gcc", "man-db",
+                 "systemd-resolved", "cloud-guest-utils"):  # fmt: skip
         assert name not in m["packages"], name
 
 
@@ -257,8 +258,9 @@ def test_bootloader_in_mbr(appliance_image: Image, disk: Disk) -> None:
 @pytest.mark.root
 def test_required_programs_present(disk: Disk) -> None:
     for path in ("/usr/bin/wg", "/usr/bin/wg-quick", "/usr/sbin/nft", "/usr/sbin/sshd",
-                 "/usr/bin/cloud-init", "/usr/bin/sudo", "/usr/sbin/ip", "/usr/bin/growpart",
-                 "/usr/sbin/resize2fs", "/usr/lib/systemd/systemd-networkd"):  # fmt: skip
+                 "/usr/bin/cloud-init", "/usr/bin/sudo", "/usr/sbin/ip", "/usr/sbin/sfdisk",
+                 "/usr/sbin/resize2fs", "/usr/local/sbin/wg-appliance-growroot",
+                 "/usr/lib/systemd/systemd-networkd"):  # fmt: skip
         assert disk.exists(path), path
     kernel = [n for n in disk.ls("/usr/lib/modules") if n.endswith("-cloud-amd64")][0]
     for mod in ("drivers/net/wireguard/wireguard.ko", "drivers/net/virtio_net.ko",

@@ -42,7 +42,7 @@ from builder.resources import checkout, data_dir
 RECIPE = data_dir("images")
 NAME = "wg-appliance"
 # Bump when a stage changes what it produces, so cached images built by older code go stale.
-BUILD_FORMAT = "6"
+BUILD_FORMAT = "7"
 # Files in images/ that do not change the image, so they stay out of the digest.
 NOT_RECIPE = {"README-section.md", "host-packages.txt"}
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
@@ -187,10 +187,12 @@ def configure(ctx: BuildContext) -> None:
         run(["chroot", ctx.root, "dpkg", "--purge", *purge])
     out = run(["chroot", ctx.root, "dpkg-query", "-W", "-f=${Package}\t${Version}\n"]).stdout
     ctx.packages = dict(sorted(line.split("\t", 1) for line in out.splitlines() if line))
-    units: dict[str, list[str]] = {"enable": [], "disable": [], "mask": []}
+    units: dict[str, list[str]] = {"enable": [], "disable": [], "mask": [], "mask-generator": []}
     for line in read_list(ctx.recipe / "units.txt"):
         verb, unit = line.split()
         units[verb].append(unit)
+    for name in units.pop("mask-generator"):
+        mask_generator(ctx.root, name)
     for verb, names in units.items():
         if names:
             run(["chroot", ctx.root, "systemctl", verb, "--quiet", *names])
@@ -208,9 +210,10 @@ def configure(ctx: BuildContext) -> None:
     )
     (ctx.root / "etc/wg-appliance").mkdir(mode=0o755, exist_ok=True)
     (ctx.root / "etc/wg-appliance/image").write_text(ctx.digest + "\n")
+    # No resolver daemon: each appliance's seed writes its servers (lan.dns) here.
     resolv = ctx.root / "etc/resolv.conf"
     resolv.unlink(missing_ok=True)
-    resolv.symlink_to("../run/systemd/resolve/stub-resolv.conf")
+    resolv.write_text("# No DNS servers: the seed writes the site's lan.dns here.\n")
     template = (ctx.recipe / "extlinux.conf").read_text()
     conf = ctx.root / "boot/extlinux/extlinux.conf"
     conf.parent.mkdir(parents=True, exist_ok=True)
@@ -221,6 +224,18 @@ def configure(ctx: BuildContext) -> None:
             root_uuid=ctx.root_uuid,
         )
     )
+
+
+def mask_generator(root: Path, name: str) -> None:
+    """Switch a systemd generator off the way systemd.generator(7) documents: a link to
+    /dev/null of its name in /etc/systemd/system-generators. A name no generator has is a
+    recipe error, not something to mask silently."""
+    if not (root / "usr/lib/systemd/system-generators" / name).exists():
+        raise HostError(f"units.txt: no generator named {name} in the image")
+    link = root / "etc/systemd/system-generators" / name
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.unlink(missing_ok=True)
+    link.symlink_to("/dev/null")
 
 
 # Session modules of Debian's /etc/pam.d/sshd that every SSH login pays for (a library each,
@@ -252,8 +267,11 @@ def edit(ctx: BuildContext) -> None:
     apply_edits(ctx.root, read_edits(ctx.recipe / "edits.toml"))
 
 
+# Bytecode is written even where the build's environment says not to: the edited modules'
+# caches are stale, and compiling them would otherwise fall to every first boot.
 BOOT_IMPORTS = """
 import importlib, sys
+sys.dont_write_bytecode = False
 for name in sys.argv[1:]:
     importlib.import_module(name)
 for module in list(sys.modules.values()):

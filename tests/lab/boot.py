@@ -22,12 +22,14 @@ CLOUD_INIT_DONE = re.compile(r"Cloud-init v\. \S+ finished at .* Up (\d+(?:\.\d+
 @dataclass(frozen=True)
 class BootTiming:
     """Seconds: kernel start to the initramfs' init, guest uptime when cloud-init finished,
-    wall time from starting qemu until SSH answered and until the guest powered off; and the
-    top of `systemd-analyze blame` and `cloud-init analyze blame` from inside the guest."""
+    wall time from starting qemu until SSH answered, until cloud-init's final message was on
+    the console and until the guest powered off; and the top of `systemd-analyze blame` and
+    `cloud-init analyze blame` from inside the guest."""
 
     kernel_to_init: float
     cloud_init_done: float
     ssh_wall: float
+    done_wall: float
     wall: float
     systemd_blame: list[str] = field(default_factory=list)
     cloud_init_blame: list[str] = field(default_factory=list)
@@ -47,24 +49,30 @@ def disk_args(disk: Path) -> list[str]:
     return ["-drive", f"file={disk},if=virtio,format=qcow2"]
 
 
-def extract_boot_files(image: Image, workdir: Path) -> tuple[Path, Path]:
-    """The image's kernel and initrd, read with debugfs from a raw copy of the partition."""
+def extract_boot_files(image: Image, workdir: Path) -> tuple[Path, Path, str]:
+    """The image's kernel, initrd and kernel command line (its extlinux menu's APPEND), read
+    with debugfs from a raw copy of the partition."""
     kernel = image.manifest()["kernel"]
     part = workdir / "root.raw"
     run(["qemu-img", "dd", "-f", "qcow2", "-O", "raw", f"bs={PART_OFFSET}", "skip=1",
          f"if={image.path}", f"of={part}"])  # fmt: skip
     files = []
-    for name in (f"vmlinuz-{kernel}", f"initrd.img-{kernel}"):
-        run(["debugfs", "-R", f"dump /boot/{name} {workdir / name}", part])
-        files.append(workdir / name)
+    for name in (f"vmlinuz-{kernel}", f"initrd.img-{kernel}", "extlinux/extlinux.conf"):
+        out = workdir / name.rsplit("/", 1)[-1]
+        run(["debugfs", "-R", f"dump /boot/{name} {out}", part])
+        files.append(out)
     part.unlink()
-    return files[0], files[1]
+    appends = [ln.split(None, 1)[1] for ln in files[2].read_text().splitlines()
+               if ln.split()[:1] == ["APPEND"]]  # fmt: skip
+    if len(appends) != 1:
+        raise GuestError(f"the image's extlinux.conf has {len(appends)} APPEND lines, not one")
+    return files[0], files[1], appends[0].strip()
 
 
 def measure_kernel_to_init(image: Image, workdir: Path, vcpus: int = 1) -> float:
     """Guest seconds from kernel start until it runs the initramfs' init, with `/bin/true` as
     that init so the guest stops right there (panic, then qemu exits on -no-reboot)."""
-    kernel, initrd = extract_boot_files(image, workdir)
+    kernel, initrd, _ = extract_boot_files(image, workdir)
     serial = workdir / "kernel-to-init.log"
     boot = ["-kernel", str(kernel), "-initrd", str(initrd),
             "-append", "console=ttyS0 rdinit=/bin/true panic=-1"]  # fmt: skip
@@ -73,6 +81,25 @@ def measure_kernel_to_init(image: Image, workdir: Path, vcpus: int = 1) -> float
     if not found:
         raise GuestError(f"the kernel never ran init; see {serial}")
     return float(found.group(1))
+
+
+def measure_bare(image: Image, workdir: Path, vcpus: int = 1) -> float:
+    """Wall seconds from starting qemu until it exits for the bare boot the first-boot goal is
+    set against: the image's kernel, initramfs, disk and command line with `init=/bin/true`,
+    so the initramfs finds and mounts the root filesystem, runs that init, and the kernel
+    panics and qemu stops (-no-reboot)."""
+    kernel, initrd, append = extract_boot_files(image, workdir)
+    disk = workdir / "bare.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", image.path, "-F", "qcow2", disk])
+    serial = workdir / "bare.log"
+    boot = ["-kernel", str(kernel), "-initrd", str(initrd), *disk_args(disk),
+            "-append", f"{append} init=/bin/true panic=-1"]  # fmt: skip
+    t0 = time.monotonic()
+    run(qemu_command(serial, *boot, vcpus=vcpus), timeout=300)
+    wall = time.monotonic() - t0
+    if "Attempted to kill init" not in serial.read_text(errors="replace"):
+        raise GuestError(f"the bare boot never ran /bin/true from its root; see {serial}")
+    return wall
 
 
 # Once boot has settled, the guest prints both blame lists to its console and powers off.
@@ -111,6 +138,15 @@ def _wait_for_ssh(port: int, qemu: subprocess.Popen, t0: float, timeout: float) 
     raise GuestError("sshd never answered during the first boot")
 
 
+def _wait_for_done(serial: Path, qemu: subprocess.Popen, t0: float, timeout: float) -> float:
+    """Wall seconds since `t0` until cloud-init's final message is on the serial console."""
+    while time.monotonic() - t0 < timeout and qemu.poll() is None:
+        if CLOUD_INIT_DONE.search(serial.read_text(errors="replace")):
+            return time.monotonic() - t0
+        time.sleep(0.1)
+    raise GuestError(f"cloud-init did not finish; see {serial}")
+
+
 def measure_boot(image: Image, workdir: Path, timeout: float = 900, vcpus: int = 1) -> BootTiming:
     """A first boot from a minimal NoCloud seed; the guest reports its blame lists and powers
     off when boot is done. The NIC is user-mode with restrict=on: the guest reaches nothing
@@ -136,6 +172,7 @@ def measure_boot(image: Image, workdir: Path, timeout: float = 900, vcpus: int =
     qemu = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         ssh_wall = _wait_for_ssh(port, qemu, t0, timeout)
+        done_wall = _wait_for_done(serial, qemu, t0, timeout)
         qemu.wait(timeout=max(1.0, timeout - (time.monotonic() - t0)))
     finally:
         if qemu.poll() is None:
@@ -147,7 +184,8 @@ def measure_boot(image: Image, workdir: Path, timeout: float = 900, vcpus: int =
     if not (init and done):
         raise GuestError(f"cloud-init did not finish; see {serial}")
     return BootTiming(
-        float(init.group(1)), float(done.group(1)), round(ssh_wall, 1), round(wall, 1),
+        float(init.group(1)), float(done.group(1)), round(ssh_wall, 1), round(done_wall, 1),
+        round(wall, 1),
         _between(log, "BLAME-SYSTEMD", "BLAME-CLOUD-INIT", SYSTEMD_BLAME),
         _between(log, "BLAME-CLOUD-INIT", "BLAME-END", CLOUD_INIT_BLAME),
     )  # fmt: skip
