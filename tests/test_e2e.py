@@ -220,6 +220,25 @@ def test_the_appliance_grew_its_root_by_its_own_unit(net, site):
     assert int(lines[1]) > 1500, f"root not grown: {r.stdout}"
 
 
+def test_an_emulated_appliance_maps_its_programs_at_fixed_addresses(net, site):
+    """Under TCG (this lab has no KVM) the initramfs turned address-space randomization off,
+    so two processes find libc at one address; the domain really is emulated."""
+    xml = subprocess.run(
+        ["virsh", "-c", L.URI, "dumpxml", "wg-gw"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "type='qemu'" in xml.split("\n", 1)[0], xml.split("\n", 1)[0]
+    r = _ssh(
+        net,
+        site,
+        "cat /proc/sys/kernel/randomize_va_space; grep -m1 libc /proc/self/maps; "
+        "grep -m1 libc /proc/self/maps; cat /sys/devices/system/clocksource/*/available_*",
+    )
+    lines = r.stdout.split("\n")
+    assert lines[0] == "0", r.stdout
+    assert lines[1].split()[0] == lines[2].split()[0], r.stdout
+    assert "kvm-clock" not in lines[3], r.stdout
+
+
 def test_guest_cloud_init_accepts_its_seed(net, site):
     """The guest's own cloud-init judges the user-data and network-config it booted from, as
     the build host's older cloud-init does in test_render."""

@@ -187,6 +187,11 @@ def host_identity(conn: libvirt.virConnect) -> str:
     return f"{conn.getURI()} {conn.getHostname()}"
 
 
+# What the admin should know of an emulated appliance: its initramfs turns address-space
+# randomization off there, which halves each process start under TCG (README, First boot).
+TCG = "TCG (slow, and without address-space randomization: see README)"
+
+
 def choose_virt_type(conn: libvirt.virConnect, learned: str | None = None) -> tuple[str, str]:
     """(virt_type, why): the environment override, else what an earlier start on this host
     showed (`learned`), else KVM when libvirt offers it."""
@@ -197,12 +202,12 @@ def choose_virt_type(conn: libvirt.virConnect, learned: str | None = None) -> tu
         return forced, f"{ENV_VIRT_TYPE}={forced}"
     if learned == "qemu":
         return "qemu", (
-            f"KVM failed here before, so the appliance runs under TCG (slow); "
+            f"KVM failed here before, so the appliance runs under {TCG}; "
             f"{ENV_VIRT_TYPE}=kvm tries KVM again"
         )
     if kvm_offered(conn):
         return "kvm", "KVM worked here before" if learned == "kvm" else "libvirt offers KVM"
-    return "qemu", "libvirt offers no KVM; the appliance runs under TCG (slow)"
+    return "qemu", f"libvirt offers no KVM; the appliance runs under {TCG}"
 
 
 def check_bridge(conn: libvirt.virConnect, bridge: str) -> None:
@@ -558,7 +563,7 @@ def start_domain(
         if progress:
             progress.say(
                 f"warning: {spec.name} does not run under KVM ({problem}); running it under "
-                f"TCG, which is slow. Set {ENV_VIRT_TYPE}=qemu to skip trying KVM."
+                f"{TCG}. Set {ENV_VIRT_TYPE}=qemu to skip trying KVM."
             )
         spec = replace(spec, virt_type="qemu")
         dom = define_domain(conn, spec)
