@@ -69,6 +69,9 @@ def sync(
 
 def _sync(site: Site, keys: Keys, dry_run: bool, host: Future, t0: float) -> SyncResult:
     with sync_channel(site, keys) as channel:
+        # Rendered once (compared, sent, recorded) while the agent gathers its facts.
+        files = appliance_files(site, keys)
+        seed = seed_digest(render_seed(site, keys, files))
         facts = channel.answer()
         conn, metadata = host.result()
         refused = vm_changes(site, facts, metadata)
@@ -77,11 +80,10 @@ def _sync(site: Site, keys: Keys, dry_run: bool, host: Future, t0: float) -> Syn
                 f"{site.name}: these changes need a new VM: " + "; ".join(refused),
                 f"run `wg-appliance deploy --site {site.path} --replace` (keys are kept)",
             )
-        files = appliance_files(site, keys)  # rendered once: compared, sent, recorded
         found = changes(site, keys, facts, files)
         if dry_run or not found:
             if not dry_run and conn is not None and metadata is not None:
-                _record_expiry(conn, site, keys, metadata)
+                _record_expiry(conn, site, keys, metadata, seed)
             return SyncResult(site.name, tuple(found), False, time.monotonic() - t0)
         channel.send({**files, "mtu": site.wireguard.mtu, "metrics": site.metrics.enabled})
         result = channel.answer()
@@ -91,7 +93,7 @@ def _sync(site: Site, keys: Keys, dry_run: bool, host: Future, t0: float) -> Syn
                 "fix the site file and run sync again; `wg-appliance verify` shows the live state",
             )
         if conn is not None and metadata is not None:
-            _record_seed(conn, site, keys, files)
+            _record_seed(conn, site, seed)
     return SyncResult(
         site.name,
         tuple(found),
@@ -119,17 +121,17 @@ def failure(result: dict) -> str:
     return f"{error}; NOT fully rolled back, could not restore: " + "; ".join(left)
 
 
-def _record_seed(conn, site: Site, keys: Keys, files: dict[str, str] | None = None) -> None:
-    """Record the synced seed digest, so `deploy` sees the appliance as up to date."""
+def _record_seed(conn, site: Site, digest: str) -> None:
+    """Record the synced seed's digest, so `deploy` sees the appliance as up to date."""
     dom = active_domain(conn, site.name)
     if dom is None:
         return
     meta = lh.domain_metadata(dom) or {}
-    meta[META_SEED_DIGEST] = seed_digest(render_seed(site, keys, files))
+    meta[META_SEED_DIGEST] = digest
     lh.set_domain_metadata(dom, meta)
 
 
-def _record_expiry(conn, site: Site, keys: Keys, metadata: dict[str, str]) -> None:
+def _record_expiry(conn, site: Site, keys: Keys, metadata: dict[str, str], seed: str) -> None:
     """Nothing to send, but the appliance removed expired peers by itself: when that is the
     only difference from the recorded seed, record the seed as it is now, so `deploy` says
     up to date. Any other difference (an SSH key, say) stays for deploy to report."""
@@ -138,4 +140,4 @@ def _record_expiry(conn, site: Site, keys: Keys, metadata: dict[str, str]) -> No
         return
     before = replace(site, peers=tuple(replace(p, expired=False) for p in site.peers))
     if recorded == seed_digest(render_seed(before, keys)):
-        _record_seed(conn, site, keys)
+        _record_seed(conn, site, seed)

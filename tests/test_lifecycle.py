@@ -315,6 +315,34 @@ def test_no_peers_file_is_nothing_to_do():
     assert guest.ran == []
 
 
+@pytest.mark.parametrize(
+    "extra, agent",
+    [
+        ("", False),
+        ('\n[[peers]]\nname = "t"\naddress = "10.9.0.9/32"\nexpires = 2027-01-01\n', True),
+        ('\n[[peers]]\nname = "t"\naddress = "10.9.0.9/32"\nexpires = 2020-01-01\n', False),
+        ('\n[[peers]]\nname = "b"\naddress = "10.9.0.9/32"\nendpoint = "b.example:5"\n', True),
+        ('\n[[peers]]\nname = "b"\naddress = "10.9.0.9/32"\nendpoint = "192.0.2.5:5"\n', False),
+    ],
+)
+def test_the_timer_starts_the_agent_only_with_work_for_it(tmp_path, extra, agent):
+    """A site where no live peer expires or names its endpoint gets a timer that only marks
+    its runs; with one, the agent runs."""
+    site = load(tmp_path, extra)
+    keys = Keys(
+        wg_private=WG_PRIVATE,
+        host_key=HOST_KEY,
+        admin_key=ADMIN_KEY,
+        peers={
+            p.name: PeerKeys(wg_pubkey(_key(i)), _key(i), None) for i, p in enumerate(site.peers)
+        },
+    )
+    unit = appliance_files(site, keys)["peers.service"]
+    starts = [ln for ln in unit.splitlines() if ln.startswith("ExecStart=")]
+    want = f"ExecStart=/usr/bin/python3 -S {ga.FILES['agent'][0]} peers"
+    assert starts == ([want] if agent else [f"ExecStart=/usr/bin/touch {ga.TICKED}"]), unit
+
+
 def test_drop_peers_keeps_everything_else():
     conf = "[Interface]\nA = 1\n\n[Peer]\n# a\nPublicKey = K1\n\n[Peer]\n# b\nPublicKey = K2\n"
     assert ga.drop_peers(conf, {"K1"}) == "[Interface]\nA = 1\n\n[Peer]\n# b\nPublicKey = K2\n"

@@ -199,15 +199,24 @@ def read_status(site: Site, keys: Keys, timeout: float = 20.0) -> dict[str, Any]
 
 class SyncChannel:
     """The agent in sync mode: it sends the light facts, takes one request, sends the outcome.
-    `first`: the facts line when it was read already (to tell a missing agent apart)."""
+    `first`: the facts line when it was read already; `reopen`: how to start the agent sent
+    whole, when the first answer shows no copy of it is kept."""
 
-    def __init__(self, stdin, stdout, stderr, first: str | None = None):
+    def __init__(self, stdin, stdout, stderr, first: str | None = None, reopen=None):
         self._stdin, self._stdout, self._stderr = stdin, stdout, stderr
-        self._first = first
+        self._first, self._reopen = first, reopen
 
     def answer(self) -> dict[str, Any]:
         line, self._first = (self._first, None) if self._first is not None else (None, None)
         if line is None:
+            line = self._stdout.readline()
+        reopen, self._reopen = self._reopen, None
+        if (
+            reopen is not None
+            and not line
+            and _missing(self._stdout.channel.recv_exit_status(), line)
+        ):
+            self._stdin, self._stdout, self._stderr = reopen()
             line = self._stdout.readline()
         return _document(line, "sync", self._stderr_text)
 
@@ -218,22 +227,23 @@ class SyncChannel:
         self._stdin.write(json.dumps(request) + "\n")
         self._stdin.flush()
 
+    def close(self) -> None:
+        self._stdin.channel.shutdown_write()
+
 
 @contextmanager
 def sync_channel(site: Site, keys: Keys) -> Iterator[SyncChannel]:
-    """One SSH channel, one agent process for the whole sync: probe, then apply."""
+    """One SSH channel, one agent process for the whole sync: probe, then apply. The agent is
+    started before the facts are asked for, so the caller can work while it gathers them."""
     client = connect(target_for(site, keys))
     try:
-        stdin, stdout, stderr = client.exec_command(agent_command("sync"), timeout=120)
-        first = stdout.readline()
-        if not first and _missing(stdout.channel.recv_exit_status(), first):
-            stdin, stdout, stderr = client.exec_command(
-                agent_command("sync", whole=True), timeout=120
-            )
-            first = stdout.readline()
+        channel = SyncChannel(
+            *client.exec_command(agent_command("sync"), timeout=120),
+            reopen=lambda: client.exec_command(agent_command("sync", whole=True), timeout=120),
+        )
         try:
-            yield SyncChannel(stdin, stdout, stderr, first)
+            yield channel
         finally:
-            stdin.channel.shutdown_write()
+            channel.close()
     finally:
         client.close()

@@ -174,7 +174,12 @@ def appliance_files(site: Site, keys: Keys) -> dict[str, str]:
         "names.json": render_peer_names(site, keys),
         "peers.json": render_peers_json(site, keys),
         "agent": agent_source(),
-        "peers.service": _render("peers.service.j2", agent=GUEST_FILES["agent"][0]),
+        "peers.service": _render(
+            "peers.service.j2",
+            agent=GUEST_FILES["agent"][0],
+            tick=guest_agent.TICKED,
+            work=any(p.active and (p.expires or p.dns_endpoint) for p in site.peers),
+        ),
         "peers.timer": _render("peers.timer.j2"),
     }
 
