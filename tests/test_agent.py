@@ -99,6 +99,10 @@ class FakeSystem:
         assert handler, f"unexpected command {argv}"
         return handler(list(argv[2:]), input) or ""
 
+    def run_both(self, first, second, input=None):
+        self.run(*first)
+        self.run(*second, input=input)
+
     def set_sysctl(self, path, value):
         self._op("sysctl", path, value)
         if not os.path.dirname(path).startswith("/proc/sys/net/"):
@@ -468,6 +472,20 @@ def test_real_read_does_not_follow_links_and_run_names_the_failure(tmp_path):
     with pytest.raises(ga.Failed, match="sh -c .*: bad"):
         ga.System().run("sh", "-c", "echo bad >&2; exit 3")
     assert ga.System().run("cat", input="é\n") == "é\n"
+
+
+def test_real_run_both_runs_side_by_side_and_names_either_failure(tmp_path):
+    """The first command waits for a file the second makes: one after the other, it would
+    fail. The second reads more than a pipe holds. Either failing raises Failed naming it."""
+    mark, out = tmp_path / "mark", tmp_path / "out"
+    wait = f"for i in $(seq 200); do [ -e {mark} ] && exit 0; sleep 0.05; done; exit 4"
+    big = "x" * 300_000
+    ga.System().run_both(("sh", "-c", wait), ("sh", "-c", f"cat > {out}; touch {mark}"), big)
+    assert out.read_text() == big
+    with pytest.raises(ga.Failed, match="sh -c .*: first"):
+        ga.System().run_both(("sh", "-c", "echo first >&2; exit 3"), ("true",))
+    with pytest.raises(ga.Failed, match="sh -c .*: second"):
+        ga.System().run_both(("true",), ("sh", "-c", "echo second >&2; exit 3"))
 
 
 def test_the_program_sync_sends_runs_without_site_packages():

@@ -585,6 +585,24 @@ class System:
             raise Failed(f"{' '.join(argv[:3])}: {err}")
         return p.stdout.decode("utf-8", "replace")
 
+    def run_both(self, first, second, input=None):
+        """`first` started, `second` run to its end beside it, then `first` waited for: two
+        commands on different parts of the kernel, whose starts cost more than their work
+        under TCG. `second` reads `input`; a failure of either raises Failed once both ended."""
+        try:
+            p = subprocess.Popen(
+                first, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
+        except OSError as e:
+            raise Failed(f"{' '.join(first[:3])}: {e}") from e
+        try:
+            self.run(*second, input=input)
+        finally:
+            _, err = p.communicate(timeout=120)
+        if p.returncode != 0:
+            err = err.decode("utf-8", "replace").strip()[-300:]
+            raise Failed(f"{' '.join(first[:3])}: {err}")
+
     def read(self, path):
         """{"data": bytes, "mode", "uid", "gid"}, or None when there is no such file."""
         try:
@@ -850,8 +868,11 @@ def apply(new, system, old):
         system.run("systemctl", "enable", FILES["peers.service"][0].rsplit("/", 1)[1])
         system.run("systemctl", "enable", "--now", TIMER)
     load_sysctl(system, new["sysctl"])
-    system.run("nft", "--file", FILES["nftables.conf"][0])
-    system.run("wg", "syncconf", "wg0", "/dev/stdin", input=strip(new["wg0.conf"]))
+    system.run_both(
+        ("nft", "--file", FILES["nftables.conf"][0]),
+        ("wg", "syncconf", "wg0", "/dev/stdin"),
+        input=strip(new["wg0.conf"]),
+    )
     if new.get("mtu") and new["mtu"] != old["mtu"]:  # capture read it
         system.run("ip", "link", "set", "wg0", "mtu", str(new["mtu"]))
     # Nothing above touches routes (wg0.conf says Table = off): capture's reading holds.
