@@ -199,17 +199,15 @@ def read_status(site: Site, keys: Keys, timeout: float = 20.0) -> dict[str, Any]
 
 class SyncChannel:
     """The agent in sync mode: it sends the light facts, takes one request, sends the outcome.
-    `first`: the facts line when it was read already; `reopen`: how to start the agent sent
-    whole, when the first answer shows no copy of it is kept."""
+    `reopen`: how to start the agent sent whole, when the first answer shows that no copy of
+    it is kept."""
 
-    def __init__(self, stdin, stdout, stderr, first: str | None = None, reopen=None):
+    def __init__(self, stdin, stdout, stderr, reopen=None):
         self._stdin, self._stdout, self._stderr = stdin, stdout, stderr
-        self._first, self._reopen = first, reopen
+        self._reopen = reopen
 
     def answer(self) -> dict[str, Any]:
-        line, self._first = (self._first, None) if self._first is not None else (None, None)
-        if line is None:
-            line = self._stdout.readline()
+        line = self._stdout.readline()
         reopen, self._reopen = self._reopen, None
         if (
             reopen is not None

@@ -188,7 +188,7 @@ def host_identity(conn: libvirt.virConnect) -> str:
 
 
 # What the admin should know of an emulated appliance: its initramfs turns address-space
-# randomization off there, which halves each process start under TCG (README, First boot).
+# randomization off there, which halves each process start under TCG (README, Under TCG).
 TCG = "TCG (slow, and without address-space randomization: see README)"
 
 
