@@ -113,21 +113,23 @@ def peer_rules(site: Site) -> list[str]:
     return rules
 
 
+def timed_peers(site: Site) -> list[Peer]:
+    """The live peers the appliance's timer acts on: those with an expiry or an endpoint name."""
+    return [p for p in site.peers if p.active and (p.expires is not None or p.dns_endpoint)]
+
+
 def render_peers_json(site: Site, keys: Keys) -> str:
     """What the appliance's timer acts on without a workstation: the expiry of each peer
     that has one and the endpoint names to re-resolve, with the site's DNS servers."""
     peers = []
-    for p in site.peers:
-        if not p.active:
-            continue
+    for p in timed_peers(site):
         entry: dict[str, object] = {}
         if p.expires is not None:
             entry["expires"] = int(p.expires.timestamp())
         if p.dns_endpoint:
             entry["endpoint"] = str(p.endpoint)
             entry["address"] = str(p.addresses[0].ip)  # poked after a new endpoint
-        if entry:
-            peers.append({"name": p.name, "public_key": keys.peers[p.name].public, **entry})
+        peers.append({"name": p.name, "public_key": keys.peers[p.name].public, **entry})
     return peers_text({"dns": [str(d) for d in site.lan.dns], "peers": peers})
 
 
@@ -178,7 +180,7 @@ def appliance_files(site: Site, keys: Keys) -> dict[str, str]:
             "peers.service.j2",
             agent=GUEST_FILES["agent"][0],
             tick=guest_agent.TICKED,
-            work=any(p.active and (p.expires or p.dns_endpoint) for p in site.peers),
+            work=bool(timed_peers(site)),
         ),
         "peers.timer": _render("peers.timer.j2"),
     }
