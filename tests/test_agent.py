@@ -39,6 +39,8 @@ NEW = {
     "agent": "# the agent\n",
     "peers.service": "[Service]\n",
     "peers.timer": "[Timer]\n",
+    "agent.service": "[Service]\nExecStart=agent serve\n",
+    "agent.socket": "[Socket]\n",
     "mtu": 1380,
     "metrics": True,
 }
@@ -193,7 +195,8 @@ def guest(absent=(), exporter_on=False, **kwargs) -> FakeSystem:
         EXPORTER: entry("print('old exporter')\n"),
         UNIT: entry("[Service]\nExecStart=old\n"),
         NAMES: entry("{}\n"),
-        # The peer timer's units as NEW has them: a sync that leaves them reloads nothing.
+        # The timer's and the agent's units as NEW has them: a sync that leaves them reloads
+        # nothing.
         **{ga.FILES[k][0]: entry(NEW[k]) for k in ga.UNITS},
     }
     for path in absent:
@@ -257,6 +260,15 @@ def test_an_unchanged_exporter_is_started_not_restarted():
     assert ("systemctl", "daemon-reload") not in system.ops
     assert system.exporter["enabled"] and system.exporter["running"]
     assert ("systemctl", "start", ga.METRICS_UNIT) not in system.ops, "it runs already"
+
+
+def test_the_agents_units_new_to_an_appliance_are_loaded_and_its_socket_enabled():
+    """An appliance deployed before the kept agent gets its units from the first sync."""
+    system = guest(absent=[ga.FILES["agent.service"][0], ga.FILES["agent.socket"][0]])
+    assert run(system)["ok"]
+    reload = system.ops.index(("systemctl", "daemon-reload"))
+    assert system.ops.index(("systemctl", "enable", "--now", ga.SERVE_UNIT)) > reload
+    assert system.files[ga.FILES["agent.socket"][0]]["data"] == NEW["agent.socket"].encode()
 
 
 def test_an_unchanged_exporter_that_stopped_is_started():
@@ -405,6 +417,28 @@ def test_strip_drops_wg_quick_keys_only():
         "# comment = kept\n[Interface]\nListenPort = 51820\nPrivateKey = abc=\n"
         "[Peer]\nPublicKey = xyz=\nAllowedIPs = 10.0.0.2/32\n"
     )
+
+
+PLAIN = ["Address", "aDDress", "DNS", "mtu", "Table", "PostUp", "SaveConfig", "PublicKey"]
+PLAIN += ["postupx", " ", "\t", "=", " = ", "\n", "10.0.0.1/24", "#", "[Peer]", "x"]
+ODD = ["\r", "\x0b", "\x1c", "\xa0", "ſaveconfig", "\u2028"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(PLAIN), max_size=30).map("".join))
+def test_strip_in_one_pass_is_strip_line_by_line(conf):
+    """Plain text (every rendered config) takes the one pass; it must strip what the loop
+    strips."""
+    assert conf.isascii() and ga._PLAIN_CONTROLS.isdisjoint(conf)
+    assert ga.strip(conf) == ga.strip_lines(conf)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.sampled_from(PLAIN + ODD), max_size=30).map("".join))
+def test_strip_of_odd_line_ends_and_blanks_is_line_by_line(conf):
+    """Other line ends and blanks go through the loop, as wg-quick's bash reads them there
+    (test_drift compares the loop with wg-quick itself)."""
+    assert ga.strip(conf) == ga.strip_lines(conf)
 
 
 def test_sysctl_keys_and_paths():

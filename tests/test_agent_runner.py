@@ -55,6 +55,9 @@ class FakeClient:
     def close(self) -> None:
         pass
 
+    def get_transport(self) -> None:  # no kept agent to reach: the sudo path runs
+        return None
+
     def run(self, command: str) -> Result:
         self.commands.append(command)
         if "def wg_dump" in command:
@@ -113,6 +116,9 @@ class FakeChannel:
     def shutdown_write(self) -> None:
         self.closed = True
 
+    def close(self) -> None:
+        self.closed = True
+
 
 def test_sync_resends_the_whole_agent_only_when_missing(monkeypatch, site_keys):
     site, keys = site_keys
@@ -125,7 +131,9 @@ def test_sync_resends_the_whole_agent_only_when_missing(monkeypatch, site_keys):
         out = SimpleNamespace(readline=ch.readline, channel=ch)
         return SimpleNamespace(channel=ch, write=lambda t: None, flush=lambda: None), out, out
 
-    client = SimpleNamespace(exec_command=exec_command, close=lambda: None)
+    client = SimpleNamespace(
+        exec_command=exec_command, close=lambda: None, get_transport=lambda: None
+    )
     monkeypatch.setattr(ra, "connect", lambda target, timeout=10: client)
     with ra.sync_channel(site, keys) as channel:
         assert channel.answer() == {"facts": 1}

@@ -335,6 +335,55 @@ def test_verify_all_green(net, site):
     assert elapsed < 30
 
 
+# One call through the kept agent from the LAN host, as the tool makes it: its JSON, or null
+# when the appliance could not serve it (then the tool goes through sudo).
+SERVED = """
+import json, sys
+from pathlib import Path
+from builder.local.state import State
+from builder.model.site import load_site
+from builder.remote import appliance as A
+from builder.remote.ssh import connect
+site = load_site(Path(sys.argv[1]))
+client = connect(A.target_for(site, State.for_site(site).look(site)))
+r = A.served(client, ["status"])
+print(json.dumps(None if r is None else {"rc": r.rc, "out": r.stdout, "err": r.stderr}))
+"""
+
+
+def _served(net, site) -> dict | None:
+    return json.loads(net.exec(L.LAN_NS, [sys.executable, "-c", SERVED, str(site)]).stdout)
+
+
+def test_the_tool_calls_the_kept_agent_and_sudo_when_it_is_gone(net, site):
+    """The kept agent answers over SSH's streamlocal channel, as root behind a socket only
+    the admin user may open; with its socket stopped, verify still works through sudo."""
+    said = _served(net, site)
+    assert said is not None and said["rc"] == 0, said
+    status = json.loads(said["out"])
+    assert status["wg"]["peers"] and status["uptime"] > 0, status
+    r = _ssh(
+        net,
+        site,
+        "stat -c '%a %U' /run/wg-appliance-agent.sock; "
+        "ps -o user= -p $(systemctl show -P MainPID wg-appliance-agent.service); "
+        "sudo -n -u nobody python3 -c 'import socket; "
+        'socket.socket(socket.AF_UNIX).connect("/run/wg-appliance-agent.sock")\' 2>&1 | tail -1',
+        check=False,
+    )
+    lines = r.stdout.split("\n")
+    assert lines[0] == "600 wgadmin" and lines[1].strip() == "root", r.stdout
+    assert "PermissionError" in lines[2], r.stdout
+    _ssh(net, site, "sudo -n systemctl stop wg-appliance-agent.socket wg-appliance-agent.service")
+    try:
+        assert _served(net, site) is None
+        r = cli(net, "verify", "--site", str(site), "--json")
+        assert r.returncode == 0 and json.loads(r.stdout)["ok"], r.stdout + r.stderr
+    finally:
+        _ssh(net, site, "sudo -n systemctl start wg-appliance-agent.socket")
+    assert _served(net, site)["rc"] == 0
+
+
 def _client(net, clients, site, peer: str, ns: str, ifname: str) -> WgClient:
     conf = cli(net, "peer-config", "--site", str(site), peer, check=True).stdout
     c = WgClient(net, ns, ifname)

@@ -17,6 +17,7 @@ import io
 import logging
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,6 +30,8 @@ from builder.model.login import USER_KNOWN_HOSTS, HostAccess
 # loaded invoke itself keeps it.
 sys.modules.setdefault("invoke", None)  # type: ignore[arg-type]
 import paramiko  # noqa: E402
+from paramiko.common import cMSG_CHANNEL_OPEN  # noqa: E402
+from paramiko.message import Message  # noqa: E402
 
 # paramiko logs transport-thread failures with tracebacks; ConnectError says it in one line.
 logging.getLogger("paramiko").addHandler(logging.NullHandler())
@@ -97,6 +100,50 @@ HOST = _Words(
     "file or pass --host-key",
     host=True,
 )
+
+
+STREAMLOCAL = "direct-streamlocal@openssh.com"
+_STREAMLOCAL_OPEN = cMSG_CHANNEL_OPEN + len(STREAMLOCAL).to_bytes(4, "big") + STREAMLOCAL.encode()
+
+
+class _Transport(paramiko.Transport):
+    """paramiko's transport with OpenSSH's direct-streamlocal channel (a Unix socket on the
+    server; OpenSSH's PROTOCOL file, section 2.4), which paramiko does not offer: its open
+    message is paramiko's own with the socket path and two reserved fields after it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._unix_lock = threading.Lock()
+        self._unix_path: str | None = None
+
+    def open_unix(self, path: str, timeout: float) -> paramiko.Channel:
+        with self._unix_lock:
+            self._unix_path = path
+            try:
+                return self.open_channel(STREAMLOCAL, timeout=timeout)
+            finally:
+                self._unix_path = None
+
+    def _send_user_message(self, data) -> None:
+        path = self._unix_path
+        ours = isinstance(data, Message) and data.asbytes().startswith(_STREAMLOCAL_OPEN)
+        if path is not None and ours:
+            data.add_string(path)
+            data.add_string("")
+            data.add_int(0)
+        super()._send_user_message(data)
+
+
+def open_unix(client: paramiko.SSHClient, path: str, timeout: float) -> paramiko.Channel | None:
+    """A channel to the Unix socket `path` on the server, or None when sshd refuses it (no
+    such socket, or streamlocal forwarding turned off)."""
+    transport = client.get_transport()
+    if not isinstance(transport, _Transport):
+        return None
+    try:
+        return transport.open_unix(path, timeout)
+    except paramiko.ChannelException:
+        return None
 
 
 def fingerprint(key: paramiko.PKey) -> str:
@@ -178,6 +225,7 @@ def connect(target: Target, timeout: float = 10.0) -> paramiko.SSHClient:
         pkey=pkey,
         allow_agent=False,
         look_for_keys=False,
+        transport_factory=_Transport,
     )
 
 
