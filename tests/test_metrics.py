@@ -7,7 +7,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -131,6 +133,7 @@ def test_unit_is_unprivileged_with_net_admin_only_and_listens_on_the_lan(site_ke
     assert settings["DynamicUser"] == "yes" and settings["NoNewPrivileges"] == "yes"
     assert settings["AmbientCapabilities"] == settings["CapabilityBoundingSet"] == "CAP_NET_ADMIN"
     assert settings["ProtectSystem"] == "strict"
+    assert settings["Type"] == "notify"  # started means listening: see notify_ready
     assert "--listen 192.168.77.50 --port 9586 " in settings["ExecStart"]
     assert settings["ExecStart"].startswith("/usr/bin/python3 -I -S " + FILES["metrics.py"][0])
 
@@ -245,6 +248,31 @@ def test_the_exporter_runs_without_site_packages_and_says_how_to_call_it():
         [sys.executable, "-I", "-S", gm.__file__, "--help"], capture_output=True, text=True
     )
     assert p.returncode == 0 and "--listen" in p.stdout, p.stderr
+
+
+def test_the_exporter_tells_systemd_it_is_ready_only_once_it_listens(tmp_path):
+    """Its unit is Type=notify: READY=1 comes after the bind, so `systemctl start`, a boot's
+    end or sync's apply return with the port open, and a connect right after it is taken."""
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(60)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "names.json").write_text("{}\n")
+    (tmp_path / "image").write_text("0123abcd\n")
+    argv = ["--listen", "127.0.0.1", "--port", str(port)]
+    argv += ["--names", str(tmp_path / "names.json"), "--image", str(tmp_path / "image")]
+    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")}
+    p = subprocess.Popen([sys.executable, "-I", "-S", gm.__file__, *argv], env=env)
+    try:
+        assert notify.recv(64) == b"READY=1"
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass
+    finally:
+        p.kill()
+        p.wait()
+        notify.close()
 
 
 def _live_files(site, keys) -> dict[str, str]:

@@ -356,29 +356,19 @@ def facts(args):
     }
 
 
-EXPORTER_START_S = 15.0
-
-
 def metrics_facts(url):
     """Whether the exporter is enabled, and with a URL, what a scrape of it answers (from
-    inside the guest: the ruleset admits loopback, so this judges the exporter, not `allow`)."""
+    inside the guest: the ruleset admits loopback, so this judges the exporter, not `allow`).
+    Its unit is ready only once it listens, so a refusal is the answer."""
     out = {"enabled": os.path.lexists(METRICS_WANTS)}
     if url:
         t0 = time.monotonic()
-        # A boot's end or sync's start of the exporter comes before it listens (its unit is
-        # started once forked): an enabled exporter that refuses is asked again for a while.
-        deadline = t0 + (EXPORTER_START_S if out["enabled"] else 0)
-        while True:
-            try:
-                status, body = http_get(url)
-                body = body.decode("utf-8", "replace")
-                out["scrape"] = {"status": status, "lines": body.count("\n")}
-            except Exception as e:
-                if isinstance(e, ConnectionRefusedError) and time.monotonic() < deadline:
-                    time.sleep(0.25)
-                    continue
-                out["scrape"] = {"status": None, "error": f"{type(e).__name__}: {e}"[:300]}
-            break
+        try:
+            status, body = http_get(url)
+            body = body.decode("utf-8", "replace")
+            out["scrape"] = {"status": status, "lines": body.count("\n")}
+        except Exception as e:
+            out["scrape"] = {"status": None, "error": f"{type(e).__name__}: {e}"[:300]}
         out["scrape"]["seconds"] = time.monotonic() - t0
         out["scrape"]["peers"] = (
             sum(ln.startswith("wireguard_sent_bytes_total{") for ln in body.splitlines())

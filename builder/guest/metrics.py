@@ -181,6 +181,19 @@ def server_for(listen, port, handle):
     return (Server6 if ":" in listen else Server)((listen, port), handle)
 
 
+def notify_ready():
+    """Tell systemd the exporter listens (its unit is Type=notify): `systemctl start` and the
+    boot's end then wait for it, so nothing scrapes a port that still refuses."""
+    path = os.environ.get("NOTIFY_SOCKET", "")
+    if not path:
+        return
+    if path.startswith("@"):  # an abstract socket
+        path = "\0" + path[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.connect(path)
+        s.sendall(b"READY=1")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="wg-appliance-metrics")
     ap.add_argument("--listen", required=True)
@@ -191,6 +204,7 @@ def main(argv=None):
     server = server_for(args.listen, args.port, handler(Names(args.names), read_image(args.image)))
     host = f"[{args.listen}]" if ":" in args.listen else args.listen
     print(f"serving http://{host}:{args.port}/metrics", file=sys.stderr, flush=True)
+    notify_ready()
     server.serve_forever()
 
 
