@@ -1216,25 +1216,29 @@ def serve(listener, program):
     file, whose digest a call must ask for."""
     name = source_name(program)
     socket_path = listener.getsockname()
+    server = os.getpid()
     while True:
-        conn, _ = listener.accept()
+        try:
+            conn, _ = listener.accept()
+        except OSError:  # a caller gone before it was taken
+            continue
         with contextlib.suppress(ChildProcessError):
             while os.waitpid(-1, os.WNOHANG)[0]:
                 pass
-        if peer_uid(conn) not in (0, os.stat(socket_path).st_uid):
-            conn.close()
-            continue
-        if os.fork() == 0:
-            listener.close()
-            code = 1
-            try:
-                code = serve_one(conn, name, program)
-            finally:
-                os._exit(code)
+        try:
+            if peer_uid(conn) in (0, os.stat(socket_path).st_uid) and os.fork() == 0:
+                listener.close()
+                code = 1
+                try:
+                    code = serve_one(conn, name, program, server)
+                finally:
+                    os._exit(code)
+        except OSError:  # no fork now: the caller sees the socket close, and uses sudo
+            pass
         conn.close()
 
 
-def serve_one(conn, name, program):
+def serve_one(conn, name, program, server):
     """One call in a forked child: the request line {"agent": name, "argv": [...]}, then the
     agent's main() with the socket as its stdin and stdout, then the end line. A request for
     another agent than this one is answered MISSING; when this one's file was replaced
@@ -1246,16 +1250,16 @@ def serve_one(conn, name, program):
     reader = conn.makefile("rb")
     try:
         request = json.loads(reader.readline(SERVE_REQUEST_MAX))
-        argv = request["argv"]
-        asked = request["agent"]
-        assert isinstance(argv, list) and all(isinstance(a, str) for a in argv)
-    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        argv, asked = request["argv"], request["agent"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+    if not (isinstance(argv, list) and all(isinstance(a, str) for a in argv)):
         return 0
     conn.settimeout(None)
     if asked != name:
         conn.sendall(SERVE_MISSING)
-        if source_name(program) != name:
-            os.kill(os.getppid(), 15)
+        if source_name(program) != name and os.getppid() == server:
+            os.kill(server, 15)
         return 0
     conn.sendall(SERVE_RUN)
     out = conn.makefile("w", encoding="utf-8", errors="surrogateescape", newline="\n")
