@@ -586,6 +586,11 @@ class Failed(Exception):
     """A command in the guest exited non-zero."""
 
 
+def failed(argv, stderr):
+    """A command's failure, named by its first words, with the end of what it said."""
+    return Failed(f"{' '.join(argv[:3])}: {stderr.decode('utf-8', 'replace').strip()[-300:]}")
+
+
 class System:
     """The guest's files and commands; tests stand in a fake with the same four methods."""
 
@@ -593,8 +598,7 @@ class System:
         data = None if input is None else input.encode("utf-8", "surrogateescape")
         p = subprocess.run(argv, capture_output=True, input=data, timeout=120)
         if p.returncode != 0:
-            err = p.stderr.decode("utf-8", "replace").strip()[-300:]
-            raise Failed(f"{' '.join(argv[:3])}: {err}")
+            raise failed(argv, p.stderr)
         return p.stdout.decode("utf-8", "replace")
 
     def run_both(self, first, second, input=None):
@@ -612,8 +616,7 @@ class System:
         finally:
             _, err = p.communicate(timeout=120)
         if p.returncode != 0:
-            err = err.decode("utf-8", "replace").strip()[-300:]
-            raise Failed(f"{' '.join(first[:3])}: {err}")
+            raise failed(first, err)
 
     def read(self, path):
         """{"data": bytes, "mode", "uid", "gid"}, or None when there is no such file."""
