@@ -62,6 +62,8 @@ class FakeSystem:
         self.routes = {"192.168.99.0/24"}
         # The exporter: enabled, and which program and unit file it runs (None: stopped).
         self.exporter = {"enabled": False, "running": None}
+        # The unit files systemd has loaded: what was on disk at its last reload.
+        self.loaded = self._unit_files()
         self.fail_at, self.fail_on = fail_at, tuple(fail_on)
         self.error = error or ga.Failed("injected")
         self.ops: list[tuple] = []
@@ -152,10 +154,21 @@ class FakeSystem:
         if UNIT not in self.files:
             raise ga.Failed(f"Unit file {ga.METRICS_UNIT} does not exist.")
 
+    def _unit_files(self) -> dict:
+        return {p: f["data"] for p, f in self.files.items() if p.startswith("/etc/systemd/")}
+
     def _systemctl_daemonreload(self, args, _):
-        pass
+        self.loaded = self._unit_files()
+
+    def _stale(self, args):
+        """A unit is started with what systemd loaded: a file changed since then is a bug."""
+        for unit in (a for a in args if not a.startswith("-")):
+            path = "/etc/systemd/system/" + unit
+            if self.files.get(path, {}).get("data") != self.loaded.get(path):
+                raise AssertionError(f"{unit} started without a reload after it changed")
 
     def _systemctl_enable(self, args, _):
+        assert "--no-reload" in args, "each reload costs seconds: apply() makes the one"
         if args[-1] != ga.METRICS_UNIT:
             return  # the peer timer's units
         self._unit_file(args)
@@ -167,10 +180,14 @@ class FakeSystem:
         self.exporter = {"enabled": False, "running": None}
 
     def _systemctl_restart(self, args, _):
+        self._stale(args)
         self._unit_file(args)
         self.exporter["running"] = (self.files[UNIT]["data"], self.files[EXPORTER]["data"])
 
     def _systemctl_start(self, args, _):
+        self._stale(args)
+        if args[-1] != ga.METRICS_UNIT:
+            return  # the peer timer and the agent's socket
         if self.exporter["running"] is None:
             self._systemctl_restart(args, _)
 
@@ -267,7 +284,10 @@ def test_the_agents_units_new_to_an_appliance_are_loaded_and_its_socket_enabled(
     system = guest(absent=[ga.FILES["agent.service"][0], ga.FILES["agent.socket"][0]])
     assert run(system)["ok"]
     reload = system.ops.index(("systemctl", "daemon-reload"))
-    assert system.ops.index(("systemctl", "enable", "--now", ga.SERVE_UNIT)) > reload
+    assert system.ops.index(("systemctl", "start", ga.TIMER, ga.SERVE_UNIT)) > reload
+    assert [op for op in system.ops if op[:2] == ("systemctl", "daemon-reload")] == [
+        ("systemctl", "daemon-reload")
+    ], "one reload for the agent's units and the exporter's"
     assert system.files[ga.FILES["agent.socket"][0]]["data"] == NEW["agent.socket"].encode()
 
 

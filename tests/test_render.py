@@ -95,7 +95,14 @@ def test_user_data_content(site, keys):
     assert (
         "net.ipv6.conf.all.forwarding = 1" in files["/etc/sysctl.d/90-wg-appliance.conf"]["content"]
     )
-    assert ["systemctl", "enable", "--now", "wg-quick@wg0.service"] in data["runcmd"]
+    # The ruleset first, then every unit in one systemctl (one reload of systemd).
+    nft, (systemctl, *units) = data["runcmd"][1], data["runcmd"][2:]
+    assert nft == ["nft", "--file", "/etc/nftables.conf"], data["runcmd"]
+    assert systemctl[:3] == ["systemctl", "enable", "--now"] and not units, data["runcmd"]
+    assert {"nftables.service", "wg-quick@wg0.service", "wg-appliance-peers.timer"} <= set(
+        systemctl
+    )
+    assert {"wg-appliance-agent.socket", "wg-appliance-peers.service"} <= set(systemctl)
     assert "packages" not in data and "package_update" not in data
 
 
