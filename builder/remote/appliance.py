@@ -288,13 +288,8 @@ class SyncChannel:
         self._reopen = []
         while line == "\n":  # the kept agent's end line follows a blank one
             line = self._stdout.readline()
-        if line.startswith(SERVE_END):
-            end = ended("\n" + line)
-            raise GuestError(
-                f"the sync command failed on the appliance (exit {end.rc}): "
-                + _shown(end.stderr.strip()[-300:]),
-                SUDO_FIX,
-            )
+        if line.startswith(SERVE_END):  # the kept agent ended before it answered
+            return _answer(ended("\n" + line), "sync", ("sync",))
         return _document(line, "sync", self._stderr_text)
 
     def _stderr_text(self) -> str:

@@ -125,9 +125,12 @@ class _Transport(paramiko.Transport):
                 self._unix_path = None
 
     def _send_user_message(self, data) -> None:
-        path = self._unix_path
-        ours = isinstance(data, Message) and data.asbytes().startswith(_STREAMLOCAL_OPEN)
-        if path is not None and ours:
+        path = self._unix_path  # set only while open_unix() waits: no copy of other messages
+        if (
+            path is not None
+            and isinstance(data, Message)
+            and data.asbytes().startswith(_STREAMLOCAL_OPEN)
+        ):
             data.add_string(path)
             data.add_string("")
             data.add_int(0)
