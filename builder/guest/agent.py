@@ -86,6 +86,7 @@ METRICS_WANTS = "/etc/systemd/system/multi-user.target.wants/" + METRICS_UNIT
 IMAGE_FILE = "/etc/wg-appliance/image"
 UNITS = ("peers.service", "peers.timer", "agent.service", "agent.socket")
 TIMER = "wg-appliance-peers.timer"
+PEERS_UNIT = FILES["peers.service"][0].rsplit("/", 1)[1]
 SERVE_UNIT = "wg-appliance-agent.socket"
 # wireguard-tools' reresolve-dns: a handshake older than this is stale (REKEY_AFTER_TIME
 # 120 s plus a margin).
@@ -899,8 +900,7 @@ def apply(new, system, old):
     if units or exporter:
         system.run("systemctl", "daemon-reload")
     if units:
-        peers = FILES["peers.service"][0].rsplit("/", 1)[1]
-        system.run("systemctl", "enable", "--no-reload", "--quiet", peers, TIMER, SERVE_UNIT)
+        system.run("systemctl", "enable", "--no-reload", "--quiet", PEERS_UNIT, TIMER, SERVE_UNIT)
         system.run("systemctl", "start", TIMER, SERVE_UNIT)
     load_sysctl(system, new["sysctl"])
     system.run_both(
@@ -1201,10 +1201,16 @@ SERVE_RUN, SERVE_MISSING = b"RUN\n", b"MISSING\n"
 SERVE_END = "\0"
 
 
+def agent_name(source):
+    """The module name the tool gives the agent whose source is the bytes `source`: agent_
+    and its digest, so two versions never share a kept copy."""
+    return "agent_" + sha256(source).hexdigest()[:16]
+
+
 def source_name(path):
-    """The module name the tool gives the agent in `path`: agent_ and its source's digest."""
+    """The module name of the agent in the file at `path`."""
     with open(path, "rb") as f:
-        return "agent_" + sha256(f.read()).hexdigest()[:16]
+        return agent_name(f.read())
 
 
 def peer_uid(conn):

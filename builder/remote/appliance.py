@@ -16,7 +16,6 @@ appliance deployed by an older version), the call goes through sudo as above."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import shlex
 from collections.abc import Callable, Iterator
@@ -28,7 +27,7 @@ from typing import Any
 import paramiko
 
 from builder.errors import GuestError
-from builder.guest.agent import SERVE_END, SERVE_RUN, SERVE_SOCKET
+from builder.guest.agent import SERVE_END, SERVE_RUN, SERVE_SOCKET, agent_name
 from builder.model.keys import Keys
 from builder.model.site import Site
 from builder.remote.ssh import Result, Target, connect, execute, open_unix
@@ -94,8 +93,8 @@ MISSING = 75  # EX_TEMPFAIL: no copy of this agent yet; the agent itself never e
 @cache
 def _agent() -> tuple[str, str]:
     """The agent's source and its module name, which carries the digest."""
-    source = AGENT.read_text()
-    return source, "agent_" + hashlib.sha256(source.encode()).hexdigest()[:16]
+    source = AGENT.read_bytes()
+    return source.decode(), agent_name(source)
 
 
 def agent_program(folder: str = AGENT_DIR) -> str:

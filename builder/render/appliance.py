@@ -184,7 +184,10 @@ def appliance_files(site: Site, keys: Keys) -> dict[str, str]:
         ),
         "peers.timer": _render("peers.timer.j2"),
         "agent.service": _render(
-            "agent.service.j2", user=site.ssh.user, agent=GUEST_FILES["agent"][0]
+            "agent.service.j2",
+            user=site.ssh.user,
+            agent=GUEST_FILES["agent"][0],
+            socket=guest_agent.SERVE_UNIT,
         ),
         "agent.socket": _render(
             "agent.socket.j2", user=site.ssh.user, path=guest_agent.SERVE_SOCKET
