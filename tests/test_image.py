@@ -31,7 +31,10 @@ from builder.image.build import (
     RECIPE,
     Image,
     build_image,
+    clear,
+    clear_stale,
     default_cache_dir,
+    mounts_under,
     read_list,
     recipe_digest,
     sources,
@@ -119,6 +122,59 @@ def test_klibc_interpreter_follows_the_programs(tmp_path: Path) -> None:
     for prefix, expected in ((b"/usr/lib/", "usr/lib/" + lib), (b"/lib/", "lib/" + lib)):
         (tmp_path / "sh").write_bytes(b"\x7fELF\0" + prefix + lib.encode() + b"\0rest")
         assert klibc_interpreter(tmp_path / "sh", lib) == expected
+
+
+@pytest.fixture
+def mounted(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """A build folder as a killed mmdebstrap leaves it: a tmpfs and a bind of a folder
+    outside (the host's /dev, say, here a folder with a file) still mounted in its chroot.
+    Whatever the test leaves mounted is unmounted after it."""
+    host = tmp_path / "host files"
+    host.mkdir()
+    (host / "keep").write_text("the host's\n")
+    work = tmp_path / "cache" / "build-0123456789abcdef-x"
+    (work / "root/dev/shm").mkdir(parents=True)
+    (work / "root/run").mkdir()
+    subprocess.run(["mount", "--bind", host, work / "root/dev"], check=True)
+    (work / "root/dev/shm").mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", work / "root/dev/shm"], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", work / "root/run"], check=True)
+    (work / "root/run/in-tmpfs").write_text("x")
+    try:
+        yield work, host
+    finally:
+        for point in mounts_under(tmp_path):
+            subprocess.run(["umount", "--lazy", point], check=False)
+
+
+def test_mounts_under_reads_escaped_paths_deepest_first(mounted) -> None:
+    work, host = mounted
+    points = mounts_under(work)
+    assert points[0] == str(work / "root/dev/shm")  # inside the bind: goes first
+    assert sorted(points[1:]) == [str(work / "root/dev"), str(work / "root/run")]
+    spaced = host.parent / "a b\\c"
+    spaced.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", spaced], check=True)
+    assert mounts_under(spaced) == [str(spaced)]
+
+
+def test_a_killed_builds_folder_is_unmounted_before_it_goes(mounted) -> None:
+    work, host = mounted
+    clear_stale(work.parent)
+    assert not work.exists()
+    assert mounts_under(work.parent) == []
+    assert (host / "keep").read_text() == "the host's\n"  # not removed through the bind
+
+
+def test_a_mount_that_stays_stops_the_removal(mounted, monkeypatch) -> None:
+    work, host = mounted
+    monkeypatch.setattr(
+        "builder.image.build.run",
+        lambda argv, **kw: subprocess.CompletedProcess(argv, 32, "", "busy"),
+    )
+    with pytest.raises(HostError, match="cannot unmount .*root/dev"):
+        clear(work)
+    assert (work / "root/run/in-tmpfs").exists() and (host / "keep").exists()
 
 
 def test_trim_modules_keeps_dependency_closure(tmp_path: Path) -> None:

@@ -394,6 +394,44 @@ def remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _unescaped(field: str) -> str:
+    """A mountinfo path field as the path: the kernel writes space, tab, newline and
+    backslash as octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mounts_under(path: Path) -> list[str]:
+    """Mount points at or below `path`, deepest first."""
+    top = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        points = [_unescaped(line.split()[4]) for line in f]
+    inside = [p for p in points if p == top or p.startswith(top + "/")]
+    return sorted(set(inside), key=lambda p: p.count("/"), reverse=True)
+
+
+def clear(work: Path) -> None:
+    """Remove a build folder, first unmounting what a killed build left mounted in it
+    (mmdebstrap's /proc, /sys and /dev in the chroot, the bootloader's loop mount): a
+    removal through a live mount would delete what it shows, the host's own files."""
+    for point in mounts_under(work):
+        if run(["umount", point], check=False).returncode != 0:
+            run(["umount", "--lazy", point], check=False)
+    left = mounts_under(work)
+    if left:
+        raise HostError(
+            f"cannot unmount {left[0]} in the build folder {work}",
+            f"unmount it by hand (`umount {left[0]}`), then run the build again",
+        )
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def clear_stale(cache: Path) -> None:
+    """The build folders of earlier builds that were killed; called with the cache's lock
+    held, so no build is using them."""
+    for stale in sorted(cache.glob("build-*")):
+        clear(stale)
+
+
 def round_up(n: int, step: int) -> int:
     return -(-n // step) * step
 
@@ -523,6 +561,7 @@ def _build(
 ) -> Image:
     t0 = time.monotonic()
     cache.mkdir(parents=True, exist_ok=True)
+    clear_stale(cache)
     work = Path(tempfile.mkdtemp(prefix=f"build-{digest[:16]}-", dir=cache))
     try:
         ctx = BuildContext(recipe, work, digest, mirror, progress)
@@ -566,7 +605,7 @@ def _build(
             shutil.rmtree(entry)
         result.rename(entry)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        clear(work)
     prune(cache, entry)
     image = load_cached(entry)
     assert image is not None
