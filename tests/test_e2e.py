@@ -220,6 +220,24 @@ def test_the_appliance_grew_its_root_by_its_own_unit(net, site):
     assert int(lines[1]) > 1500, f"root not grown: {r.stdout}"
 
 
+def test_the_first_boot_started_every_unit_without_reloading_systemd(net, site):
+    """The seed's units run from the first boot on, enabled for the next, and systemd was
+    never asked to reload (seconds under TCG): its first start read them from disk."""
+    units = "nftables wg-quick@wg0 wg-appliance-peers.timer wg-appliance-agent.socket"
+    r = _ssh(
+        net,
+        site,
+        f"systemctl is-active {units}; systemctl is-enabled {units}; "
+        "sudo -n journalctl --list-boots --no-pager | grep -cv '^ *IDX'; "
+        "sudo -n journalctl -b -o cat _PID=1 --no-pager | grep -c '^Reloading' || true",
+        check=False,
+    )
+    lines = r.stdout.split("\n")
+    assert lines[:8] == ["active"] * 4 + ["enabled"] * 4, r.stdout + r.stderr
+    assert lines[8] == "1", f"not the first boot: {r.stdout}"
+    assert lines[9] == "0", f"systemd reloaded during the first boot: {r.stdout}"
+
+
 def test_an_emulated_appliance_maps_its_programs_at_fixed_addresses(net, site):
     """Under TCG (this lab has no KVM) the initramfs turned address-space randomization off,
     so two processes find libc at one address; the domain really is emulated."""

@@ -95,14 +95,15 @@ def test_user_data_content(site, keys):
     assert (
         "net.ipv6.conf.all.forwarding = 1" in files["/etc/sysctl.d/90-wg-appliance.conf"]["content"]
     )
-    # The ruleset first, then every unit in one systemctl (one reload of systemd).
-    nft, (systemctl, *units) = data["runcmd"][1], data["runcmd"][2:]
+    # The ruleset first, then every unit enabled without a reload of systemd and started in
+    # one transaction.
+    nft, enable, start, *more = data["runcmd"][1:]
     assert nft == ["nft", "--file", "/etc/nftables.conf"], data["runcmd"]
-    assert systemctl[:3] == ["systemctl", "enable", "--now"] and not units, data["runcmd"]
-    assert {"nftables.service", "wg-quick@wg0.service", "wg-appliance-peers.timer"} <= set(
-        systemctl
-    )
-    assert {"wg-appliance-agent.socket", "wg-appliance-peers.service"} <= set(systemctl)
+    assert enable[:4] == ["systemctl", "enable", "--no-reload", "--quiet"], data["runcmd"]
+    assert start[:2] == ["systemctl", "start"] and not more, data["runcmd"]
+    assert enable[4:] == start[2:]
+    assert {"nftables.service", "wg-quick@wg0.service", "wg-appliance-peers.timer"} <= set(start)
+    assert {"wg-appliance-agent.socket", "wg-appliance-peers.service"} <= set(start)
     assert "packages" not in data and "package_update" not in data
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+import shlex
 import socket
 import subprocess
 import time
@@ -36,10 +37,13 @@ class BootTiming:
 
 
 def qemu_command(serial: Path, *boot: str, memory_mib: int = 512, vcpus: int = 1) -> list[str]:
-    """qemu as libvirt runs the appliance here: `pc` machine, TCG (nested KVM does not work in
-    the lab), serial console to a file; `boot` says what to boot (a disk or a kernel)."""
+    """qemu as libvirt runs the appliance here: `pc` machine with no default devices (no VGA,
+    whose console would cost the guest what the appliance never pays), TCG (nested KVM does
+    not work in the lab), serial console to a file; `boot` says what to boot (a disk or a
+    kernel)."""
     return [
-        "qemu-system-x86_64", "-machine", "pc", "-accel", "tcg", "-m", str(memory_mib),
+        "qemu-system-x86_64", "-nodefaults", "-machine", "pc", "-accel", "tcg",
+        "-m", str(memory_mib),
         "-smp", str(vcpus), "-display", "none", "-monitor", "none", "-no-reboot",
         "-serial", f"file:{serial}", *boot,
     ]  # fmt: skip
@@ -147,16 +151,44 @@ def _wait_for_done(serial: Path, qemu: subprocess.Popen, t0: float, timeout: flo
     raise GuestError(f"cloud-init did not finish; see {serial}")
 
 
-def measure_boot(image: Image, workdir: Path, timeout: float = 900, vcpus: int = 1) -> BootTiming:
-    """A first boot from a minimal NoCloud seed; the guest reports its blame lists and powers
-    off when boot is done. The NIC is user-mode with restrict=on: the guest reaches nothing
-    outside, only a loopback forward reaches its sshd."""
-    user_data = (
-        "#cloud-config\nhostname: measure\nmanage_etc_hosts: true\nssh_genkeytypes: [ed25519]\n"
-        f"runcmd:\n  - [systemd-run, --no-block, --unit=boot-report, sh, -c, {REPORT!r}]\n"
-    )
-    seed = workdir / "seed.iso"
-    seed.write_bytes(make_iso({"user-data": user_data, "meta-data": "instance-id: measure\n"}))
+# qemu's user-mode network as the appliance's LAN: the guest's NIC, address and gateway.
+GUEST_MAC = "52:54:00:12:34:56"
+GUEST_ADDRESS, GUEST_GATEWAY, GUEST_DNS = "10.0.2.15/24", "10.0.2.2", "10.0.2.3"
+
+
+def minimal_seed() -> dict[str, str]:
+    """A seed that sets only a host name, the SSH host key type and the LAN as every appliance
+    has it (static, matched by MAC: no DHCP, which the appliance never does and whose wait
+    for a lease and IPv6 link-local address would be timed with it)."""
+    return {
+        "user-data": "#cloud-config\nhostname: measure\nmanage_etc_hosts: true\n"
+        "ssh_genkeytypes: [ed25519]\n",
+        "meta-data": "instance-id: measure\n",
+        "network-config": (
+            "version: 2\nethernets:\n  lan0:\n"
+            f'    match: {{macaddress: "{GUEST_MAC}"}}\n    set-name: lan0\n'
+            f'    addresses: ["{GUEST_ADDRESS}"]\n'
+            f'    routes: [{{to: "0.0.0.0/0", via: "{GUEST_GATEWAY}"}}]\n'
+        ),
+    }
+
+
+def measure_boot(
+    image: Image,
+    workdir: Path,
+    timeout: float = 900,
+    vcpus: int = 1,
+    seed: dict[str, str] | None = None,
+) -> BootTiming:
+    """A first boot from `seed` (NoCloud files; minimal_seed() when None); a vendor-data script
+    has the guest report its blame lists and power off once boot is done. The NIC is
+    user-mode with restrict=on: the guest reaches nothing outside, only a loopback forward
+    reaches its sshd."""
+    run_report = "systemd-run --no-block --unit=boot-report sh -c " + shlex.quote(REPORT)
+    report = f"#!/bin/sh\nexec {run_report}\n"
+    files = {**(minimal_seed() if seed is None else seed), "vendor-data": report}
+    seed_iso = workdir / "seed.iso"
+    seed_iso.write_bytes(make_iso(files))
     disk = workdir / "boot.qcow2"
     run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", image.path, "-F", "qcow2", disk, "2G"])
     serial = workdir / "boot.log"
@@ -164,8 +196,9 @@ def measure_boot(image: Image, workdir: Path, timeout: float = 900, vcpus: int =
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     argv = qemu_command(
-        serial, *disk_args(disk), "-cdrom", str(seed),
-        "-nic", f"user,restrict=on,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{port}-:22",
+        serial, *disk_args(disk), "-cdrom", str(seed_iso),
+        "-nic", f"user,restrict=on,model=virtio-net-pci,mac={GUEST_MAC},"
+        f"hostfwd=tcp:127.0.0.1:{port}-:22",
         vcpus=vcpus,
     )  # fmt: skip
     t0 = time.monotonic()
