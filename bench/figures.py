@@ -16,8 +16,16 @@ from pathlib import Path
 
 from builder.image.build import build_image, default_cache_dir
 from builder.progress import Progress
-from tests.lab import boot as B
-from tests.lab.boot import CLOUD_INIT_DONE, measure_bare, measure_boot, measure_kernel_to_init
+from tests.lab.boot import (
+    CLOUD_INIT_DONE,
+    GUEST_ADDRESS,
+    GUEST_DNS,
+    GUEST_GATEWAY,
+    GUEST_MAC,
+    measure_bare,
+    measure_boot,
+    measure_kernel_to_init,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -90,10 +98,10 @@ def appliance_seed(folder: Path) -> dict[str, str]:
 
     text = (ROOT / "examples" / "site.toml").read_text()
     for old, new in [
-        ('["192.168.77.50/24", "fd77:77::50/64"]', f'["{B.GUEST_ADDRESS}"]'),
-        ('["192.168.77.1", "fd77:77::1"]', f'["{B.GUEST_GATEWAY}"]'),
-        ('dns = ["192.168.77.1"]', f'dns = ["{B.GUEST_DNS}"]'),
-        ('# mac = "02:00:00:00:00:01"', f'mac = "{B.GUEST_MAC}"'),
+        ('["192.168.77.50/24", "fd77:77::50/64"]', f'["{GUEST_ADDRESS}"]'),
+        ('["192.168.77.1", "fd77:77::1"]', f'["{GUEST_GATEWAY}"]'),
+        ('dns = ["192.168.77.1"]', f'dns = ["{GUEST_DNS}"]'),
+        ('# mac = "02:00:00:00:00:01"', f'mac = "{GUEST_MAC}"'),
     ]:
         assert old in text, old
         text = text.replace(old, new)

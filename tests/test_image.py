@@ -45,9 +45,15 @@ from builder.image.initramfs import klibc_interpreter, module_bytes
 from builder.image.kmod import module_load_order, trim_modules
 from builder.progress import Progress
 from builder.render.seed import make_iso
-from tests.lab.boot import CLOUD_INIT_DONE, disk_args, qemu_command
+from tests.lab.boot import (
+    CLOUD_INIT_DONE,
+    GUEST_ADDRESS,
+    GUEST_GATEWAY,
+    GUEST_MAC,
+    disk_args,
+    qemu_command,
+)
 
-MAC = "52:54:00:12:34:56"
 USER = "netadmin"
 HOSTNAME = "wg-test"
 SIZE_GOAL = 64_000_000
@@ -499,10 +505,10 @@ def seed_files(host: ed25519.Ed25519PrivateKey, user: ed25519.Ed25519PrivateKey)
         "version": 2,
         "ethernets": {
             "lan0": {
-                "match": {"macaddress": MAC},
+                "match": {"macaddress": GUEST_MAC},
                 "set-name": "lan0",
-                "addresses": ["10.0.2.15/24"],
-                "routes": [{"to": "0.0.0.0/0", "via": "10.0.2.2"}],
+                "addresses": [GUEST_ADDRESS],
+                "routes": [{"to": "0.0.0.0/0", "via": GUEST_GATEWAY}],
             }
         },
     }
@@ -534,7 +540,7 @@ def guest(appliance_image: Image, tmp_path_factory: pytest.TempPathFactory) -> I
     serial, port = work / "serial.log", free_port()
     argv = qemu_command(serial, *disk_args(disk)) + [
         "-cdrom", str(work / "seed.iso"),
-        "-nic", f"user,restrict=on,model=virtio-net-pci,mac={MAC},"
+        "-nic", f"user,restrict=on,model=virtio-net-pci,mac={GUEST_MAC},"
         f"hostfwd=tcp:127.0.0.1:{port}-:22",
     ]  # fmt: skip
     t0 = time.monotonic()
@@ -614,7 +620,7 @@ def test_guest_is_configured(guest: Guest) -> None:
         "sudo -n nft list table ip nat | grep -c masquerade": "1",
         "cat /proc/sys/net/ipv4/ip_forward": "1",
         "ls /etc/ssh | grep -c ssh_host_": "2",
-        "ip -br addr show lan0 | awk '{print $3}'": "10.0.2.15/24",
+        "ip -br addr show lan0 | awk '{print $3}'": GUEST_ADDRESS,
         # udev's rule for the block module turns on media polling, or an eject of the seed's
         # cdrom is never seen (the coldplug is cut down to what the appliance uses)
         "cat /sys/module/block/parameters/events_dfl_poll_msecs": "2000",
