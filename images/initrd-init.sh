@@ -25,11 +25,14 @@ done < /lib/modules/load-order
 
 uuid=
 init=/sbin/init
+rw=
 read -r cmdline < /proc/cmdline
 for arg in $cmdline; do
     case "$arg" in
         root=UUID=*) uuid="${arg#root=UUID=}" ;;
         init=*) init="${arg#init=}" ;;
+        rw) rw=1 ;;
+        ro) rw= ;;
     esac
 done
 
@@ -57,6 +60,12 @@ done
 if ! is_root; then
     echo "initramfs: no root filesystem with UUID=$uuid; dropping to a shell" > /dev/console
     exec sh < /dev/console > /dev/console 2>&1
+fi
+
+# `rw`: the root goes read-write here (the filesystem's default is errors=remount-ro), so
+# systemd has no remount to do.
+if [ -n "$rw" ] && ! mount -o remount,rw "$dev" /root; then
+    echo "initramfs: cannot mount the root read-write; booting it read-only" > /dev/console
 fi
 
 mount -o move /dev /root/dev

@@ -236,6 +236,15 @@ def test_the_first_boot_started_every_unit_without_reloading_systemd(net, site):
     assert lines[:8] == ["active"] * 4 + ["enabled"] * 4, r.stdout + r.stderr
     assert lines[8] == "1", f"not the first boot: {r.stdout}"
     assert lines[9] == "0", f"systemd reloaded during the first boot: {r.stdout}"
+    # The ruleset was in before wg0 began to start (no separate nft run in the seed).
+    r = _ssh(
+        net,
+        site,
+        "systemctl show -P ActiveEnterTimestampMonotonic nftables; "
+        "systemctl show -P InactiveExitTimestampMonotonic wg-quick@wg0",
+    )
+    ruleset, wg0 = (int(x) for x in r.stdout.split())
+    assert 0 < ruleset <= wg0, r.stdout
 
 
 def test_an_emulated_appliance_maps_its_programs_at_fixed_addresses(net, site):

@@ -341,6 +341,15 @@ def test_the_guest_knows_its_recipe_digest(appliance_image: Image, disk: Disk) -
 
 @pytest.mark.slow
 @pytest.mark.root
+def test_root_goes_read_only_on_errors(disk: Disk) -> None:
+    """The initramfs mounts the root read-write with no options: the superblock's default
+    keeps a damaged filesystem from being written on."""
+    out = subprocess.run(["dumpe2fs", "-h", disk.fs], capture_output=True, text=True, check=True)
+    assert re.search(r"^Errors behavior: +Remount read-only$", out.stdout, re.M), out.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.root
 def test_nothing_unique_baked_in(disk: Disk) -> None:
     assert not [n for n in disk.ls("/etc/ssh") if n.startswith("ssh_host_")]
     assert disk.size("/etc/machine-id") == 0
@@ -624,6 +633,17 @@ def test_guest_is_configured(guest: Guest) -> None:
         # udev's rule for the block module turns on media polling, or an eject of the seed's
         # cdrom is never seen (the coldplug is cut down to what the appliance uses)
         "cat /sys/module/block/parameters/events_dfl_poll_msecs": "2000",
+        # The initramfs mounted the root read-write (errors=remount-ro is the filesystem's
+        # own default: test_root_goes_read_only_on_errors), so systemd remounted nothing and
+        # wrote the machine ID to /etc, not a bind mount.
+        "findmnt -no OPTIONS / | cut -d, -f1": "rw",
+        "findmnt -n /etc/machine-id || echo none": "none",
+        # cloud-init enabled by the image itself: its generator (ds-identify) did not run.
+        "cloud-init status --long | grep -x 'boot_status_code: enabled-by-generator'": (
+            "boot_status_code: enabled-by-generator"
+        ),
+        "test -e /run/cloud-init/ds-identify.log || echo skipped": "skipped",
+        "test -e /run/nologin || echo none": "none",
     }
     for command, expected in checks.items():
         rc, out = guest.run(command)

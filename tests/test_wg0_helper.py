@@ -60,6 +60,8 @@ def test_the_seed_installs_the_helper_and_its_drop_in() -> None:
     text = drop_in.read_text()
     assert "ExecStart=\n" in text and "/usr/local/lib/wg-appliance/wg0.py up wg0" in text
     assert "/usr/local/lib/wg-appliance/wg0.py reload wg0" in text
+    # The ruleset is in before wg0 starts (the seed starts both in one transaction).
+    assert "[Unit]\nAfter=nftables.service\n" in text
     # The peer timer's work once more on a live wg0, so endpoint names resolve at once.
     assert f"ExecStartPost=-/usr/bin/systemctl --no-block start {PEERS_UNIT}\n" in text
 

@@ -42,7 +42,7 @@ from builder.resources import checkout, data_dir
 RECIPE = data_dir("images")
 NAME = "wg-appliance"
 # Bump when a stage changes what it produces, so cached images built by older code go stale.
-BUILD_FORMAT = "7"
+BUILD_FORMAT = "8"
 # Files in images/ that do not change the image, so they stay out of the digest.
 NOT_RECIPE = {"README-section.md", "host-packages.txt"}
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
@@ -355,7 +355,7 @@ def make_filesystem(ctx: BuildContext) -> None:
     run(
         [
             "mke2fs", "-q", "-F", "-t", "ext4", "-O", "^64bit", "-b", "4096", "-i", "8192",
-            "-L", "root", "-U", ctx.root_uuid, "-E", f"offset={PART_OFFSET}",
+            "-L", "root", "-U", ctx.root_uuid, "-e", "remount-ro", "-E", f"offset={PART_OFFSET}",
             "-d", ctx.root, ctx.raw, f"{fs_bytes // 1024}k",
         ]
     )  # fmt: skip
