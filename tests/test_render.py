@@ -95,13 +95,12 @@ def test_user_data_content(site, keys):
     assert (
         "net.ipv6.conf.all.forwarding = 1" in files["/etc/sysctl.d/90-wg-appliance.conf"]["content"]
     )
-    # Every unit enabled without a reload of systemd; the serving ones started in one
-    # transaction (their units order the ruleset before wg0), the exporter queued after.
-    enable, start, queue = data["runcmd"][1:]
+    # Every unit enabled without a reload of systemd and started in one transaction (their
+    # units order the ruleset before wg0).
+    enable, start = data["runcmd"][1:]
     assert enable[:4] == ["systemctl", "enable", "--no-reload", "--quiet"], data["runcmd"]
     assert start[:2] == ["systemctl", "start"], data["runcmd"]
-    assert queue == ["systemctl", "start", "--no-block", "wg-appliance-metrics.service"]
-    assert enable[4:] == start[2:] + queue[3:]
+    assert enable[4:] == start[2:]
     assert {"nftables.service", "wg-quick@wg0.service", "wg-appliance-peers.timer"} <= set(start)
     assert {"wg-appliance-agent.socket", "wg-appliance-peers.service"} <= set(start)
     assert not [c for c in data["runcmd"] if c[0] == "nft"], "nftables.service loads the ruleset"
