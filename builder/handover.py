@@ -317,7 +317,10 @@ def _take_over(
     """The staged `new` checked through its guest agent, then the switch, then the checks
     over SSH; the old one serves again whenever a step fails."""
     site, new, progress = sw.site, sw.new, sw.progress
-    first_boot = provision.wait_ready_agent(new, timeout, progress)
+    try:
+        first_boot = provision.wait_ready_agent(new, timeout, progress)
+    except provision.NotProvisioned as e:
+        raise _abandon(new, e.what, sw.keep_new) from None
     sw.clock.mark("booted")
     if not first_boot:
         raise _abandon(new, "cloud-init reported errors on it", sw.keep_new)

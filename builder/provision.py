@@ -55,9 +55,20 @@ SWITCH_OFF = (
     f"cp /run/cloud-init/result.json {KEPT_RESULT}; fi; "
     "touch /etc/cloud/cloud-init.disabled"
 )
-WAIT_RESULT = f"until [ -e {CLOUD_INIT_RESULT} ] || [ -e {KEPT_RESULT} ]; do sleep 1; done"
+HAS_RESULT = f"[ -e {CLOUD_INIT_RESULT} ] || [ -e {KEPT_RESULT} ]"
+WAIT_RESULT = f"until {HAS_RESULT}; do sleep 1; done"
+# Through the guest agent: the boot's end (cloud-init's units are part of it, and on a later
+# boot, a rollback's, wg0's routes and the exporter still start), then cloud-init's result.
+# None then means cloud-init never ran: a broken image, not a slow one.
+NEVER_RAN = 3
+WAIT_BOOT = f"systemctl is-system-running --wait >/dev/null; {HAS_RESULT} || exit {NEVER_RAN}"
 
 BASE_PREFIX = "wg-appliance-base-"
+
+
+class NotProvisioned(GuestError):
+    """A domain booted to its end without cloud-init: waiting longer cannot help."""
+
 
 Run = Callable[[str], Result]  # a shell command in the guest, as root or through sudo
 
@@ -242,10 +253,12 @@ def wait_ready_agent(dom: libvirt.virDomain, timeout: float, progress: Progress)
         guest_agent.wait(dom, deadline)
     with progress.stage(f"waiting for cloud-init on {dom.name()} to finish"):
         left = max(1, int(deadline - time.monotonic()))
-        # Then the boot's end: on a later boot (a rollback's) cloud-init's result is there at
-        # once, while wg0's routes and the exporter still start.
-        wait = f"{WAIT_RESULT} && {{ systemctl is-system-running --wait >/dev/null; true; }}"
-        r = guest_agent.run(dom, f"timeout {left} sh -c '{wait}'", timeout=left + 10)
+        r = guest_agent.run(dom, f"timeout {left} sh -c '{WAIT_BOOT}'", timeout=left + 10)
+        if r.rc == NEVER_RAN:
+            raise NotProvisioned(
+                f"cloud-init did not run on {dom.name()}: its boot finished without it",
+                "the image does not start cloud-init; rebuild it with `wg-appliance image`",
+            )
         if r.rc != 0:
             raise HostError(
                 f"cloud-init on {dom.name()} did not finish within {timeout:.0f}s",

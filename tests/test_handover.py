@@ -580,6 +580,23 @@ def test_a_new_appliance_that_never_answers_ssh_is_rolled_back(
     assert _up(host.conn) == [host.old.name()] and host.most_up == 1
 
 
+def test_a_new_appliance_that_booted_without_cloud_init_is_removed_at_once(
+    monkeypatch, site_keys, facts
+) -> None:
+    """No wait to the boot timeout: the boot's end without a result is the image's fault."""
+    host = Host(monkeypatch, *site_keys, facts)
+
+    def unprovisioned(dom, timeout, progress):
+        raise host.H.provision.NotProvisioned(f"cloud-init did not run on {dom.name()}")
+
+    monkeypatch.setattr(host.H.provision, "wait_ready_agent", unprovisioned)
+    with pytest.raises(host.H.TakeoverFailed, match="cloud-init did not run") as failed:
+        host.upgrade()
+    assert "the old one still serves" in str(failed.value)
+    assert host.destroyed == [host.old.name() + "_2"] and list(host.conn.doms) == [host.old.name()]
+    assert _up(host.conn) == [host.old.name()] and host.old.meta[META_ROLE] == ROLE_ACTIVE
+
+
 def test_upgrade_of_a_site_that_is_not_deployed_is_exit_1_with_the_fix(
     site_dir, monkeypatch, capsys
 ) -> None:

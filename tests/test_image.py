@@ -36,6 +36,7 @@ from builder.image.build import (
     default_cache_dir,
     mounts_under,
     read_list,
+    read_units,
     recipe_digest,
     sources,
     suite,
@@ -70,6 +71,23 @@ def test_recipe_lists_parse() -> None:
     assert all(" " not in p and not p.startswith("#") for p in packages)
     for pattern in read_list(RECIPE / "modules.txt"):
         re.compile(pattern)
+
+
+def test_units_list_parses_and_a_bad_line_names_itself(tmp_path: Path) -> None:
+    units = read_units(RECIPE / "units.txt")
+    assert ("multi-user.target", "cloud-init.target") in units["add-wants"]
+    assert "cloud-init-generator" in units["mask-generator"]
+    assert all(isinstance(u, str) for v in ("enable", "disable", "mask") for u in units[v])
+    for bad in ("add-wants cloud-init.target", "enable a b", "start ssh.service"):
+        (tmp_path / "units.txt").write_text(f"mask tmp.mount\n{bad}\n")
+        with pytest.raises(HostError, match=re.escape(f"units.txt: cannot read {bad!r}")):
+            read_units(tmp_path / "units.txt")
+
+
+def test_the_recipe_holds_no_symlink() -> None:
+    """A copy of the recipe or the installed package turns a link into a plain file, which
+    systemd ignores in a .wants folder: links are made by units.txt at build time."""
+    assert [p for p in RECIPE.rglob("*") if p.is_symlink()] == []
 
 
 def test_digest_covers_recipe_and_mirror(tmp_path: Path) -> None:
@@ -242,6 +260,12 @@ class Disk:
         assert mode and uid, path
         return int(mode.group(1), 8) & 0o7777, int(uid.group(1))
 
+    def link(self, path: str) -> str | None:
+        """Where a symlink points; None when the path is no symlink."""
+        out = self._debugfs(f"stat {path}").stdout
+        found = re.search(r"Fast link dest: \"(.*)\"", out)
+        return found.group(1) if "Type: symlink" in out and found else None
+
     def size(self, path: str) -> int:
         found = re.search(r"Size: (\d+)", self._debugfs(f"stat {path}").stdout)
         assert found, path
@@ -337,6 +361,15 @@ def test_required_programs_present(disk: Disk) -> None:
 def test_the_guest_knows_its_recipe_digest(appliance_image: Image, disk: Disk) -> None:
     """status and the metrics exporter show it: the same digest the manifest and cache use."""
     assert disk.read("/etc/wg-appliance/image") == appliance_image.digest + "\n"
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_cloud_init_is_wanted_by_a_link(disk: Disk) -> None:
+    """Its generator is masked, so this link alone starts cloud-init at boot."""
+    wants = "/etc/systemd/system/multi-user.target.wants/cloud-init.target"
+    assert disk.link(wants) == "/usr/lib/systemd/system/cloud-init.target"
+    assert disk.link("/etc/systemd/system-generators/cloud-init-generator") == "/dev/null"
 
 
 @pytest.mark.slow

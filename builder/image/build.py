@@ -187,12 +187,11 @@ def configure(ctx: BuildContext) -> None:
         run(["chroot", ctx.root, "dpkg", "--purge", *purge])
     out = run(["chroot", ctx.root, "dpkg-query", "-W", "-f=${Package}\t${Version}\n"]).stdout
     ctx.packages = dict(sorted(line.split("\t", 1) for line in out.splitlines() if line))
-    units: dict[str, list[str]] = {"enable": [], "disable": [], "mask": [], "mask-generator": []}
-    for line in read_list(ctx.recipe / "units.txt"):
-        verb, unit = line.split()
-        units[verb].append(unit)
+    units = read_units(ctx.recipe / "units.txt")
     for name in units.pop("mask-generator"):
         mask_generator(ctx.root, name)
+    for target, unit in units.pop("add-wants"):
+        run(["chroot", ctx.root, "systemctl", "add-wants", "--quiet", target, unit])
     for verb, names in units.items():
         if names:
             run(["chroot", ctx.root, "systemctl", verb, "--quiet", *names])
@@ -223,6 +222,21 @@ def configure(ctx: BuildContext) -> None:
             root_uuid=ctx.root_uuid,
         )
     )
+
+
+UNIT_VERBS = {"enable": 1, "disable": 1, "mask": 1, "mask-generator": 1, "add-wants": 2}
+
+
+def read_units(path: Path) -> dict[str, list]:
+    """units.txt by verb: unit names, or (target, unit) pairs for add-wants. A line of any
+    other shape is a recipe error named with its line, not a crash in the middle of a build."""
+    units: dict[str, list] = {verb: [] for verb in UNIT_VERBS}
+    for line in read_list(path):
+        verb, *args = line.split()
+        if UNIT_VERBS.get(verb) != len(args):
+            raise HostError(f"{path.name}: cannot read {line!r}")
+        units[verb].append(args[0] if len(args) == 1 else tuple(args))
+    return units
 
 
 def mask_generator(root: Path, name: str) -> None:
