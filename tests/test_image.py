@@ -11,6 +11,7 @@ import io
 import json
 import lzma
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -45,6 +46,7 @@ from builder.image.edits import Edit, apply_edits, read_edits
 from builder.image.initramfs import klibc_interpreter, module_bytes
 from builder.image.kmod import module_load_order, trim_modules
 from builder.progress import Progress
+from builder.provision import CLOUD_INIT_RESULT, NEVER_RAN, WAIT_BOOT
 from builder.render.seed import make_iso
 from tests.lab.boot import (
     CLOUD_INIT_DONE,
@@ -683,3 +685,20 @@ def test_guest_is_configured(guest: Guest) -> None:
         assert (rc, out.strip()) == (0, expected), command
     rc, out = guest.run("df --output=size -B1M / | tail -1")
     assert rc == 0 and int(out) > 1500, f"root not grown: {out}"
+
+
+@pytest.mark.slow
+@pytest.mark.root
+@pytest.mark.vm
+def test_the_boot_wait_tells_a_boot_without_cloud_init(guest: Guest) -> None:
+    """The wait an upgrade runs through the guest agent: done once the boot has ended with
+    cloud-init's result; NEVER_RAN, not a wait to the timeout, when there is none."""
+    wait = f"sudo -n timeout 300 sh -c {shlex.quote(WAIT_BOOT)}"
+    assert guest.run(wait) == (0, "")
+    aside = f"{CLOUD_INIT_RESULT}.aside"
+    rc, out = guest.run(
+        f"sudo -n mv {CLOUD_INIT_RESULT} {aside} && {{ {wait}; rc=$?; "
+        f"sudo -n mv {aside} {CLOUD_INIT_RESULT}; exit $rc; }}"
+    )
+    assert rc == NEVER_RAN, out
+    assert guest.run(f"test -e {CLOUD_INIT_RESULT} && echo back") == (0, "back\n")
