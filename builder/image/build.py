@@ -229,7 +229,7 @@ UNIT_VERBS = {"enable": 1, "disable": 1, "mask": 1, "mask-generator": 1, "add-wa
 
 def read_units(path: Path) -> dict[str, list]:
     """units.txt by verb: unit names, or (target, unit) pairs for add-wants. A line of any
-    other shape is a recipe error named with its line, not a crash in the middle of a build."""
+    other shape is a recipe error that names the line, raised before the build starts."""
     units: dict[str, list] = {verb: [] for verb in UNIT_VERBS}
     for line in read_list(path):
         verb, *args = line.split()
@@ -574,6 +574,7 @@ def _build(
     cache: Path, entry: Path, digest: str, mirror: str | None, progress: Progress, recipe: Path
 ) -> Image:
     t0 = time.monotonic()
+    read_units(recipe / "units.txt")  # a bad line fails here, not after the bootstrap
     cache.mkdir(parents=True, exist_ok=True)
     clear_stale(cache)
     work = Path(tempfile.mkdtemp(prefix=f"build-{digest[:16]}-", dir=cache))
