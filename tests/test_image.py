@@ -86,6 +86,22 @@ def test_units_list_parses_and_a_bad_line_names_itself(tmp_path: Path) -> None:
             read_units(tmp_path / "units.txt")
 
 
+def test_a_bad_units_line_fails_the_build_before_the_bootstrap(tmp_path: Path) -> None:
+    """The recipe error comes before minutes of mmdebstrap, and leaves no work folder or
+    cache entry behind for the next build to trip over."""
+    recipe = tmp_path / "images"
+    shutil.copytree(RECIPE, recipe, symlinks=True)
+    with open(recipe / "units.txt", "a") as f:
+        f.write("start ssh.service\n")
+    cache = tmp_path / "cache"
+    t0 = time.monotonic()
+    with pytest.raises(HostError, match=re.escape("units.txt: cannot read 'start ssh.service'")):
+        build_image(cache=cache, recipe=recipe, progress=Progress(quiet=True), force=True)
+    assert time.monotonic() - t0 < 30, "failed only after a bootstrap"
+    left = sorted(p.name for p in cache.iterdir()) if cache.exists() else []
+    assert left in ([], [".lock"]), f"left behind: {left}"
+
+
 def test_the_recipe_holds_no_symlink() -> None:
     """A copy of the recipe or the installed package turns a link into a plain file, which
     systemd ignores in a .wants folder: links are made by units.txt at build time."""

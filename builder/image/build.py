@@ -67,13 +67,15 @@ class Image:
 
 @dataclass
 class BuildContext:
-    """What every stage reads; `kernel` and `packages` are filled in as the build learns them."""
+    """What every stage reads; `kernel` and `packages` are filled in as the build learns them.
+    `units` is units.txt, read before the bootstrap so that a bad line costs no build."""
 
     recipe: Path
     work: Path
     digest: str
     mirror: str | None
     progress: Progress
+    units: dict[str, list]
     kernel: str = ""
     packages: dict[str, str] = field(default_factory=dict)
 
@@ -187,13 +189,12 @@ def configure(ctx: BuildContext) -> None:
         run(["chroot", ctx.root, "dpkg", "--purge", *purge])
     out = run(["chroot", ctx.root, "dpkg-query", "-W", "-f=${Package}\t${Version}\n"]).stdout
     ctx.packages = dict(sorted(line.split("\t", 1) for line in out.splitlines() if line))
-    units = read_units(ctx.recipe / "units.txt")
-    for name in units.pop("mask-generator"):
+    for name in ctx.units["mask-generator"]:
         mask_generator(ctx.root, name)
-    for target, unit in units.pop("add-wants"):
+    for target, unit in ctx.units["add-wants"]:
         run(["chroot", ctx.root, "systemctl", "add-wants", "--quiet", target, unit])
-    for verb, names in units.items():
-        if names:
+    for verb in ("enable", "disable", "mask"):
+        if names := ctx.units[verb]:
             run(["chroot", ctx.root, "systemctl", verb, "--quiet", *names])
     # sudo ignores (and complains about) a sudoers file that is not root's, whoever owns the
     # checkout the recipe came from; a file it cannot parse would lock the tool out.
@@ -574,12 +575,12 @@ def _build(
     cache: Path, entry: Path, digest: str, mirror: str | None, progress: Progress, recipe: Path
 ) -> Image:
     t0 = time.monotonic()
-    read_units(recipe / "units.txt")  # a bad line fails here, not after the bootstrap
+    units = read_units(recipe / "units.txt")
     cache.mkdir(parents=True, exist_ok=True)
     clear_stale(cache)
     work = Path(tempfile.mkdtemp(prefix=f"build-{digest[:16]}-", dir=cache))
     try:
-        ctx = BuildContext(recipe, work, digest, mirror, progress)
+        ctx = BuildContext(recipe, work, digest, mirror, progress, units)
         result = work / "result"
         result.mkdir()
         qcow = result / f"{NAME}.qcow2"
