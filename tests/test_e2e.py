@@ -30,6 +30,7 @@ from builder.model.keys import ssh_genkey
 from builder.render.libvirt_xml import seed_source
 from tests.conftest import EXAMPLE
 from tests.lab import lab as L
+from tests.lab.boot import image_with_files
 from tests.lab.clients import PeerAddressServer, Pinger, TcpStream, WgClient, ping, tcp_source_seen
 from tests.lab.host_sshd import URI as HOST_URI
 from tests.lab.host_sshd import HostSshd, hidden_libvirt, host_flags, workstation
@@ -206,18 +207,20 @@ def test_ssh_from_lan_host_with_pinned_key(net, site):
     assert r.stdout.split() == ["wg-gw", "51820"]
 
 
-def test_the_appliance_grew_its_root_by_its_own_unit(net, site):
-    """The root filesystem grew to the volume by the image's own unit, not cloud-init's
-    growpart, and the unit did not fail."""
+def test_the_appliance_resolves_through_the_sites_dns_and_grew_its_root(net, site):
+    """No resolver daemon: the seed wrote lan.dns into resolv.conf, glibc asks it directly;
+    the root filesystem grew to the volume by the image's own unit, not cloud-init's."""
     r = _ssh(
         net,
         site,
-        "systemctl is-active wg-appliance-growroot; df --output=size -B1M / | tail -1",
+        "grep '^nameserver' /etc/resolv.conf; systemctl is-active systemd-resolved;"
+        " systemctl is-active wg-appliance-growroot; df --output=size -B1M / | tail -1",
         check=False,
     )
     lines = r.stdout.split("\n")
-    assert lines[0] == "active", r.stdout
-    assert int(lines[1]) > 1500, f"root not grown: {r.stdout}"
+    assert lines[0] == "nameserver 192.168.77.1", r.stdout
+    assert lines[1:3] == ["inactive", "active"], r.stdout
+    assert int(lines[3]) > 1500, f"root not grown: {r.stdout}"
 
 
 def test_the_first_boot_started_every_unit_without_reloading_systemd(net, site):
@@ -973,6 +976,8 @@ def test_synced_state_survives_reboot(net, appliance_image, site):
 # --- upgrade and rollback by handover -------------------------------------------------------
 
 LAN_HOST = "192.168.77.10"
+# What makes the new appliance of the failing upgrade fail: its wg0 unit, in its image.
+BROKEN_WG0 = "[Service]\nExecStartPre=/bin/false\n"
 OUTAGE_LIMIT_S = 10.0  # generous for TCG on a busy machine; `make bench` judges the 3 s goal
 
 
@@ -1115,13 +1120,16 @@ def test_rollback_returns_to_the_previous_image_locally(net, site, appliance_ima
     assert cli(net, "verify", "--site", str(site)).returncode == 0
 
 
-def test_a_new_appliance_that_fails_rolls_back(net, site, appliance_image):
-    """Listen port 53 is taken in the guest (the resolver's stub), so wg0 cannot come up on
-    the new appliance: the upgrade stops before the takeover and nothing changes."""
-    broken = site.with_name("broken-site.toml")
-    broken.write_text(site.read_text().replace("listen_port = 51820", "listen_port = 53"))
+def test_a_new_appliance_that_fails_rolls_back(net, site, appliance_image, tmp_path):
+    """The new image's wg0 cannot come up (a drop-in makes its unit fail before it starts):
+    the upgrade stops before the takeover and nothing changes."""
+    broken = image_with_files(
+        appliance_image,
+        tmp_path,
+        {"/etc/systemd/system/wg-quick@wg0.service.d/zz-broken.conf": BROKEN_WG0},
+    )
     before = _domains()
-    r = cli(net, "upgrade", "--site", str(broken), "--image", str(appliance_image.path))
+    r = cli(net, "upgrade", "--site", str(site), "--image", str(broken))
     assert r.returncode == 1, r.stdout + r.stderr
     assert "failed before the takeover, the old one still serves" in r.stderr, r.stderr
     assert "wg0" in r.stderr, r.stderr

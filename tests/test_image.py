@@ -336,7 +336,7 @@ def test_manifest_describes_image(appliance_image: Image) -> None:
                  "iproute2", "systemd", "fdisk", "dbus", "usr-is-merged"):  # fmt: skip
         assert m["packages"].get(name), name
     for name in ("usrmerge", "perl", "ifupdown", "locales-all", "gcc", "man-db",
-                 "cloud-guest-utils"):  # fmt: skip
+                 "systemd-resolved", "cloud-guest-utils"):  # fmt: skip
         assert name not in m["packages"], name
 
 
@@ -695,6 +695,13 @@ def test_guest_is_configured(guest: Guest) -> None:
         ),
         "test -e /run/cloud-init/ds-identify.log || echo skipped": "skipped",
         "test -e /run/nologin || echo none": "none",
+        # No resolver daemon; the ruleset's modules and WireGuard's came from modules-load.d
+        # (a module it could not load would have failed the unit: --failed above).
+        "test -e /usr/lib/systemd/systemd-resolved || echo none": "none",
+        "systemctl is-active systemd-modules-load": "active",
+        "grep -c '^nft_ct \\|^nft_masq \\|^nft_chain_nat \\|^wireguard ' /proc/modules": "4",
+        # The edited entry-point script still runs cloud-init's command.
+        "cloud-init --version 2>&1 | cut -d' ' -f1": "/usr/bin/cloud-init",
     }
     for command, expected in checks.items():
         rc, out = guest.run(command)

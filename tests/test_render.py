@@ -95,6 +95,9 @@ def test_user_data_content(site, keys):
     assert (
         "net.ipv6.conf.all.forwarding = 1" in files["/etc/sysctl.d/90-wg-appliance.conf"]["content"]
     )
+    # No resolver daemon in the image: glibc asks lan.dns from this file.
+    resolv = files["/etc/resolv.conf"]["content"].splitlines()
+    assert [ln for ln in resolv if not ln.startswith("#")] == ["nameserver 192.168.77.1"]
     # Every unit enabled without a reload of systemd and started in one transaction (their
     # units order the ruleset before wg0).
     enable, start = data["runcmd"][1:]
@@ -151,6 +154,8 @@ def test_ipv6_only_lan_renders_ipv6_everywhere(tmp_path, keys):
     assert eth["addresses"] == ["fd77:77::50/64"]
     assert eth["routes"] == [{"to": "::/0", "via": "fd77:77::1"}]
     assert eth["nameservers"]["addresses"] == ["fd77:77::1"]
+    files = written_files(yaml.safe_load(render_seed(site, keys)["user-data"]))
+    assert "nameserver fd77:77::1\n" in files["/etc/resolv.conf"]["content"]
     nft = render_nftables(site)
     assert "ip6 saddr fd77:77::/64 tcp dport 22 accept" in nft
     assert "ip6 saddr { fd77:77::/64 } ip6 daddr fd77:77::50 tcp dport 9586 accept" in nft

@@ -210,9 +210,10 @@ def configure(ctx: BuildContext) -> None:
     )
     (ctx.root / "etc/wg-appliance").mkdir(mode=0o755, exist_ok=True)
     (ctx.root / "etc/wg-appliance/image").write_text(ctx.digest + "\n")
+    # No resolver daemon: each appliance's seed writes its servers (lan.dns) here.
     resolv = ctx.root / "etc/resolv.conf"
     resolv.unlink(missing_ok=True)
-    resolv.symlink_to("../run/systemd/resolve/stub-resolv.conf")
+    resolv.write_text("# No DNS servers: the seed writes the site's lan.dns here.\n")
     template = (ctx.recipe / "extlinux.conf").read_text()
     conf = ctx.root / "boot/extlinux/extlinux.conf"
     conf.parent.mkdir(parents=True, exist_ok=True)

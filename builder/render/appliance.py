@@ -195,6 +195,12 @@ def appliance_files(site: Site, keys: Keys) -> dict[str, str]:
     }
 
 
+def render_resolv_conf(site: Site) -> str:
+    """/etc/resolv.conf with the site's lan.dns (glibc reads the first three)."""
+    head = "# Written by wg-appliance from the site's lan.dns.\n"
+    return head + "".join(f"nameserver {a}\n" for a in site.lan.dns)
+
+
 def render_seed(site: Site, keys: Keys, files: dict[str, str] | None = None) -> dict[str, str]:
     """The three NoCloud files. instance-id follows the content, so a changed
     seed makes cloud-init apply it again on the next boot. `files`: appliance_files(site,
@@ -208,6 +214,7 @@ def render_seed(site: Site, keys: Keys, files: dict[str, str] | None = None) -> 
         files=appliance_files(site, keys) if files is None else files,
         static_files={path: (src.read_text(), mode) for path, (src, mode) in STATIC_FILES.items()},
         metrics_unit=METRICS_UNIT,
+        resolv_conf=render_resolv_conf(site),
     )
     network_config = _render("network-config.j2", site=site)
     digest = hashlib.sha256((user_data + "\0" + network_config).encode()).hexdigest()[:16]

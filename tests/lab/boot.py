@@ -73,6 +73,27 @@ def extract_boot_files(image: Image, workdir: Path) -> tuple[Path, Path, str]:
     return files[0], files[1], appends[0].strip()
 
 
+def image_with_files(image: Image, workdir: Path, files: dict[str, str]) -> Path:
+    """A copy of the image with `files` (guest path -> text, mode 0644, folders made as
+    needed) written into its root filesystem by debugfs: an image that differs from the
+    built one in a known way, without a build."""
+    raw, out = workdir / "edit.raw", workdir / f"edited-{image.path.name}"
+    run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", image.path, raw])
+    cmds = []
+    for i, (guest, text) in enumerate(files.items()):
+        local = workdir / f"edit-{i}"
+        local.write_text(text)
+        local.chmod(0o644)
+        parts = Path(guest).parent.parts
+        cmds += [f"mkdir {Path(*parts[: j + 1])}" for j in range(1, len(parts))]
+        cmds += [f"rm {guest}", f"write {local} {guest}"]
+    (workdir / "edit.cmds").write_text("\n".join(cmds) + "\n")
+    run(["debugfs", "-w", "-f", workdir / "edit.cmds", f"{raw}?offset={PART_OFFSET}"])
+    run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, out])
+    raw.unlink()
+    return out
+
+
 def measure_kernel_to_init(image: Image, workdir: Path, vcpus: int = 1) -> float:
     """Guest seconds from kernel start until it runs the initramfs' init, with `/bin/true` as
     that init so the guest stops right there (panic, then qemu exits on -no-reboot)."""
