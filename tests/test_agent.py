@@ -41,6 +41,7 @@ NEW = {
     "peers.timer": "[Timer]\n",
     "agent.service": "[Service]\nExecStart=agent serve\n",
     "agent.socket": "[Socket]\n",
+    "resolv.conf": "nameserver 192.168.88.1\n",
     "mtu": 1380,
     "metrics": True,
 }

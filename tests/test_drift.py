@@ -53,6 +53,16 @@ def test_added_and_changed_peers_and_mode(site_dir, facts):
     assert "firewall: ruleset for routed mode" in changes
 
 
+def test_a_changed_lan_dns_is_a_sync_not_a_new_vm(site_dir, facts):
+    path = site_dir / "site.toml"
+    path.write_text(path.read_text().replace('dns = ["192.168.77.1"]', 'dns = ["192.168.77.2"]'))
+    site = load_site(path)
+    keys = State.for_site(site).keys_for(site)
+    assert "DNS servers (lan.dns)" in plan(site, keys, facts)
+    assert vm_changes(site, facts, None) == []
+    assert appliance_files(site, keys)["resolv.conf"].endswith("nameserver 192.168.77.2\n")
+
+
 def test_vm_changes_are_named(site_dir, facts):
     path = site_dir / "site.toml"
     text = path.read_text().replace("192.168.77.50/24", "192.168.77.51/24")

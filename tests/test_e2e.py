@@ -941,6 +941,26 @@ def test_failed_sync_removes_a_file_that_was_not_there(net, site):
     assert json.loads(v.stdout)["ok"], v.stdout
 
 
+def test_sync_applies_a_changed_lan_dns(net, site):
+    """No resolver daemon: lan.dns is the appliance's resolv.conf, which sync replaces live
+    (and puts back when the site does)."""
+    original = site.read_text()
+    site.write_text(original.replace('dns = ["192.168.77.1"]', f'dns = ["{LAN_HOST}"]', 1))
+    try:
+        r = cli(net, "sync", "--site", str(site))
+        resolv = _ssh(net, site, "grep '^nameserver' /etc/resolv.conf").stdout
+    finally:
+        site.write_text(original)
+    assert r.returncode == 0 and "DNS servers (lan.dns)" in r.stdout, r.stdout + r.stderr
+    assert resolv == f"nameserver {LAN_HOST}\n", resolv
+    assert cli(net, "sync", "--site", str(site)).returncode == 0
+    assert _ssh(net, site, "grep '^nameserver' /etc/resolv.conf").stdout == (
+        "nameserver 192.168.77.1\n"
+    )
+    v = cli(net, "verify", "--site", str(site), "--json")
+    assert json.loads(v.stdout)["ok"], v.stdout
+
+
 def reboot(net, site: Path) -> subprocess.CompletedProcess:
     """Reboot the appliance and wait until verify passes again, from a fresh boot."""
     _ssh(net, site, "sudo systemctl reboot", check=False)

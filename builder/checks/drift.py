@@ -112,6 +112,8 @@ def changes(site: Site, keys: Keys, facts: dict, files: dict[str, str] | None = 
         changes.append("forwarding settings")
     if have.get("peers.json") != _sha(files["peers.json"]):
         changes.append("peer expiry and endpoint names")
+    if have.get("resolv.conf") != _sha(files["resolv.conf"]):
+        changes.append("DNS servers (lan.dns)")
     if any(have.get(k) != _sha(files[k]) for k in ("agent", "peers.service", "peers.timer")):
         changes.append("the appliance's agent and its timer")
     if have.get("wg0.conf") != _sha(files["wg0.conf"]) and not changes:

@@ -78,6 +78,8 @@ FILES = {
     "peers.timer": ("/etc/systemd/system/wg-appliance-peers.timer", "root:root", 0o644),
     "agent.service": ("/etc/systemd/system/wg-appliance-agent.service", "root:root", 0o644),
     "agent.socket": ("/etc/systemd/system/wg-appliance-agent.socket", "root:root", 0o644),
+    # lan.dns: no resolver daemon runs, glibc reads this.
+    "resolv.conf": ("/etc/resolv.conf", "root:root", 0o644),
 }
 # The exporter's unit; enabled means its link in multi-user.target.wants exists.
 METRICS_UNIT = "wg-appliance-metrics.service"

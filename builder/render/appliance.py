@@ -192,6 +192,7 @@ def appliance_files(site: Site, keys: Keys) -> dict[str, str]:
         "agent.socket": _render(
             "agent.socket.j2", user=site.ssh.user, path=guest_agent.SERVE_SOCKET
         ),
+        "resolv.conf": render_resolv_conf(site),
     }
 
 
@@ -214,7 +215,6 @@ def render_seed(site: Site, keys: Keys, files: dict[str, str] | None = None) -> 
         files=appliance_files(site, keys) if files is None else files,
         static_files={path: (src.read_text(), mode) for path, (src, mode) in STATIC_FILES.items()},
         metrics_unit=METRICS_UNIT,
-        resolv_conf=render_resolv_conf(site),
     )
     network_config = _render("network-config.j2", site=site)
     digest = hashlib.sha256((user_data + "\0" + network_config).encode()).hexdigest()[:16]
