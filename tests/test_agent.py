@@ -559,7 +559,10 @@ def test_the_program_sync_sends_runs_without_site_packages():
     )
     assert p.returncode == 0, p.stderr
     facts = json.loads(p.stdout)
-    assert set(facts) == {"wg", "files", "addresses", "metrics"} and p.stdout.count("\n") == 1
+    assert set(facts) == {"wg", "files", "addresses", "routes", "metrics"}
+    assert p.stdout.count("\n") == 1
+    # Only the default routes (this machine's own, of either family): what lan.gateway becomes.
+    assert all(r["dst"] == "default" and "table" not in r for r in facts["routes"]), facts
     assert set(facts["files"]) == set(ga.FILES) and type(facts["metrics"]["enabled"]) is bool
 
 

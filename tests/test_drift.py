@@ -63,6 +63,28 @@ def test_a_changed_lan_dns_is_a_sync_not_a_new_vm(site_dir, facts):
     assert appliance_files(site, keys)["resolv.conf"].endswith("nameserver 192.168.77.2\n")
 
 
+def test_a_changed_lan_gateway_needs_a_new_vm(site_dir, facts):
+    """The gateway is in the seed's network-config, which only a first boot applies: sync
+    refuses it instead of recording the new seed as applied."""
+    path = site_dir / "site.toml"
+    path.write_text(path.read_text().replace('"192.168.77.1", "fd77', '"192.168.77.2", "fd77'))
+    site = load_site(path)
+    refused = vm_changes(site, facts, None)
+    assert refused == [
+        "lan.gateway: appliance routes via 192.168.77.1, fd77:77::1, "
+        "site says 192.168.77.2, fd77:77::1"
+    ], refused
+    # A router's link-local default route (an advertisement) is not a gateway change.
+    ra = {"dst": "default", "gateway": "fe80::1", "dev": "lan0"}
+    moved = [r if r.get("gateway") != "192.168.77.1" else {**r, "gateway": "192.168.77.2"}
+             for r in facts["routes"]]  # fmt: skip
+    assert vm_changes(site, {**facts, "routes": [*moved, ra]}, None) == []
+    gone = [r for r in facts["routes"] if r.get("dst") != "default"]
+    assert vm_changes(site, {**facts, "routes": gone}, None) == [
+        "lan.gateway: appliance routes via none, site says 192.168.77.2, fd77:77::1"
+    ]
+
+
 def test_vm_changes_are_named(site_dir, facts):
     path = site_dir / "site.toml"
     text = path.read_text().replace("192.168.77.50/24", "192.168.77.51/24")

@@ -961,6 +961,27 @@ def test_sync_applies_a_changed_lan_dns(net, site):
     assert json.loads(v.stdout)["ok"], v.stdout
 
 
+def test_sync_refuses_a_changed_lan_gateway_and_changes_nothing(net, site):
+    """The gateway lives in the seed's network-config, which only a first boot applies: sync
+    names it and the command that brings it, and leaves the appliance and its record alone."""
+    original = site.read_text()
+    before = _ssh(net, site, "ip -j route show default dev lan0").stdout
+    site.write_text(original.replace('"192.168.77.1", "fd77', '"192.168.77.2", "fd77', 1))
+    try:
+        r = cli(net, "sync", "--site", str(site))
+        after = _ssh(net, site, "ip -j route show default dev lan0").stdout
+    finally:
+        site.write_text(original)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "lan.gateway: appliance routes via 192.168.77.1, fd77:77::1" in r.stderr, r.stderr
+    assert "--replace" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert after == before and "192.168.77.1" in before, (before, after)
+    s = cli(net, "sync", "--site", str(site), "--dry-run")
+    assert s.returncode == 0 and "lan.gateway" not in s.stdout + s.stderr, s.stdout + s.stderr
+    v = cli(net, "verify", "--site", str(site), "--json")
+    assert json.loads(v.stdout)["ok"], v.stdout
+
+
 def reboot(net, site: Path) -> subprocess.CompletedProcess:
     """Reboot the appliance and wait until verify passes again, from a fresh boot."""
     _ssh(net, site, "sudo systemctl reboot", check=False)

@@ -82,6 +82,12 @@ def vm_changes(site: Site, facts: dict, metadata: dict[str, str] | None) -> list
     if not set(want) <= set(lan):
         have = _shown(", ".join(lan)) or "none"
         out.append(f"lan.address: appliance has {have}, site says {', '.join(want)}")
+    if "routes" in facts:
+        gw_have = lan_gateways(facts["routes"])
+        gw_want = sorted(str(g) for g in site.lan.gateways)
+        if gw_have != gw_want:
+            have = _shown(", ".join(gw_have)) or "none"
+            out.append(f"lan.gateway: appliance routes via {have}, site says {', '.join(gw_want)}")
     wg_have = set(facts["addresses"].get("wg0", []))
     wg_want = {str(a) for a in site.wireguard.addresses}
     if wg_have and wg_have != wg_want:
@@ -95,6 +101,17 @@ def vm_changes(site: Site, facts: dict, metadata: dict[str, str] | None) -> list
             if meta_key in metadata and metadata[meta_key] != want:
                 out.append(f"appliance.{attr}: {_shown(metadata[meta_key])} -> {want}")
     return out
+
+
+def lan_gateways(routes: list[dict[str, Any]]) -> list[str]:
+    """The default routes' gateways on lan0, as the seed's network-config made them (a
+    router's link-local one, from an advertisement, is not the site's to name)."""
+    gateways = {
+        str(r.get("gateway"))
+        for r in routes
+        if r.get("dst") == "default" and r.get("dev") == "lan0" and r.get("gateway")
+    }
+    return sorted(g for g in gateways if not g.lower().startswith("fe80:"))
 
 
 def changes(site: Site, keys: Keys, facts: dict, files: dict[str, str] | None = None) -> list[str]:

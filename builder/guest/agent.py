@@ -22,11 +22,11 @@ each peer's endpoint as the old appliance saw it, waits for the carrier, then st
 handshake at once and announces the LAN address with gratuitous ARP; prints {"kicked",
 "garp", "carrier_after_s"?, "error"?}.
 
-`sync` (sync): prints the light facts (peers, file digests, addresses, whether the metrics
-exporter is enabled) as one JSON line, then reads one line from stdin: empty means nothing to
-do; otherwise one text per FILES key, "mtu": int and "metrics": bool (the exporter enabled
-and running, or disabled and stopped), applied without restarting the tunnel or
-rolled back as a whole, and the outcome printed as one JSON line: {"ok", "rolled_back",
+`sync` (sync): prints the light facts (peers, file digests, addresses, default routes,
+whether the metrics exporter is enabled) as one JSON line, then reads one line from stdin:
+empty means nothing to do; otherwise one text per FILES key, "mtu": int and "metrics": bool
+(the exporter enabled and running, or disabled and stopped), applied without restarting the
+tunnel or rolled back as a whole, and the outcome printed as one JSON line: {"ok", "rolled_back",
 "untouched", "error", "not_restored", "routes_added", "routes_removed"}.
 
 `serve` (its own unit, started by wg-appliance-agent.socket): the agent kept loaded as root
@@ -151,11 +151,13 @@ def read(path, default=""):
 
 
 WG_DUMP = ("wg", "show", "wg0", "dump")
-IP_ADDR = ("ip", "-j", "addr", "show")
 # The routes of the main table in both families and every interface with its addresses, from
 # one `ip` instead of four: `table all` is the only route dump of both families, and it names
 # the table of every route outside main. `addr show` carries each link's flags and MTU too.
 IP_BATCH = (("ip", "-j", "-batch", "-"), "route show table all\naddr show\n")
+# sync's share of it: the default routes of both families (lan.gateway, which only a new VM
+# changes, as lan.address) and the addresses, without the peer networks' routes.
+IP_SYNC = (("ip", "-j", "-batch", "-"), "route show table all default\naddr show\n")
 
 
 def ip_batch(r):
@@ -254,12 +256,6 @@ def file_sha256(path):
 
 def files():
     return {key: file_sha256(path) for key, (path, _, _) in FILES.items()}
-
-
-def addresses(r=None):
-    """Global addresses by interface, from `ip -j addr show` (run here unless `r` is its result)."""
-    r = sh(*IP_ADDR) if r is None else r
-    return interface_addresses(json.loads(r["out"])) if r["rc"] == 0 else {}
 
 
 def interface_addresses(interfaces):
@@ -1032,11 +1028,13 @@ def outcome(line, system):
 
 
 def sync():
-    dump, addrs, names = sh_all(WG_DUMP, IP_ADDR, meanwhile=files)
+    dump, ip, names = sh_all(WG_DUMP, IP_SYNC, meanwhile=files)
+    routes, addrs = ip_batch(ip)
     light = {
         "wg": wg_dump(dump),
         "files": names,
-        "addresses": addresses(addrs),
+        "addresses": interface_addresses(addrs),
+        "routes": routes,
         "metrics": metrics_facts(None),
     }
     print(json.dumps(light), flush=True)
