@@ -94,7 +94,7 @@ def test_healthy_appliance_passes(site_keys, facts):
         (
             "LAN",
             lambda f: f.update(routes=[r for r in f["routes"] if r.get("gateway") != "fd77:77::1"]),
-            "IPv6 default route via fd77:77::1",
+            "IPv6 default route via fd77:77::1; a new VM brings it: upgrade or deploy --replace",
         ),
         (
             "gateway IPv6",

@@ -181,7 +181,8 @@ def _lan(site: Site, facts: dict[str, Any]) -> Check:
         if (str(g), "lan0") not in defaults
     ]
     if missing:
-        return Check("LAN", False, "lan0 has no " + ", no ".join(missing) + "; run deploy")
+        why = "lan0 has no " + ", no ".join(missing)
+        return Check("LAN", False, why + "; a new VM brings it: upgrade or deploy --replace")
     via = ", ".join(str(g) for g in site.lan.gateways)
     return Check("LAN", True, f"lan0 {', '.join(map(str, site.lan.addresses))}, default via {via}")
 
