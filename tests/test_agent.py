@@ -19,6 +19,7 @@ NFT = ga.FILES["nftables.conf"][0]
 SYSCTL = ga.FILES["sysctl"][0]
 EXPORTER = ga.FILES["metrics.py"][0]
 UNIT = ga.FILES["metrics.service"][0]
+SOCKET = ga.FILES["metrics.socket"][0]
 NAMES = ga.FILES["names.json"][0]
 FWD4 = "/proc/sys/net/ipv4/ip_forward"
 FWD6 = "/proc/sys/net/ipv6/conf/all/forwarding"
@@ -34,6 +35,7 @@ NEW = {
     "sysctl": "# forwarding\nnet.ipv4.ip_forward = 1\nnet.ipv6.conf.all.forwarding = 1\n",
     "metrics.py": "print('new exporter')\n",
     "metrics.service": "[Service]\nExecStart=new\n",
+    "metrics.socket": "[Socket]\nListenStream=new\n",
     "names.json": '{"branch=": "branch"}\n',
     "peers.json": '{"dns": [], "peers": []}\n',
     "agent": "# the agent\n",
@@ -61,8 +63,11 @@ class FakeSystem:
         self.files = files
         self.live = {"ruleset": "table inet old {}\n", "peers": "[Interface]\nold\n"}
         self.routes = {"192.168.99.0/24"}
-        # The exporter: enabled, and which program and unit file it runs (None: stopped).
-        self.exporter = {"enabled": False, "running": None}
+        # The exporter's socket: enabled, and the unit file it listens by (None: stopped).
+        self.exporter = {"enabled": False, "listening": None}
+        # The exporter itself, started by a scrape: the unit and program it runs, or None.
+        # Not part of state(): a rollback may leave it for the next scrape to start.
+        self.process = None
         # The unit files systemd has loaded: what was on disk at its last reload.
         self.loaded = self._unit_files()
         self.fail_at, self.fail_on = fail_at, tuple(fail_on)
@@ -93,10 +98,6 @@ class FakeSystem:
     def enabled(self, unit):
         assert unit == ga.METRICS_UNIT
         return self.exporter["enabled"]
-
-    def running(self, unit):
-        assert unit == ga.METRICS_UNIT
-        return self.exporter["running"] is not None
 
     def run(self, *argv, input=None):
         self._op(*argv)
@@ -151,9 +152,10 @@ class FakeSystem:
         return json.dumps(shown)
 
     def _unit_file(self, args):
-        assert args[-1] == ga.METRICS_UNIT, args
-        if UNIT not in self.files:
-            raise ga.Failed(f"Unit file {ga.METRICS_UNIT} does not exist.")
+        for unit in (a for a in args if not a.startswith("-")):
+            assert unit in (ga.METRICS_UNIT, ga.METRICS_SERVICE), args
+            if "/etc/systemd/system/" + unit not in self.files:
+                raise ga.Failed(f"Unit file {unit} does not exist.")
 
     def _unit_files(self) -> dict:
         return {p: f["data"] for p, f in self.files.items() if p.startswith("/etc/systemd/")}
@@ -173,24 +175,39 @@ class FakeSystem:
         if args[-1] != ga.METRICS_UNIT:
             return  # the peer timer's units
         self._unit_file(args)
+        assert self.exporter["listening"], "an enabled socket is one that was started"
         self.exporter["enabled"] = True
 
     def _systemctl_disable(self, args, _):
         self._unit_file(args)
-        assert "--now" in args
-        self.exporter = {"enabled": False, "running": None}
+        assert "--now" in args, args
+        self.exporter = {"enabled": False, "listening": None}
+        self.process = None
+
+    def _systemctl_stop(self, args, _):
+        assert args == [ga.METRICS_SERVICE], args
+        self._unit_file(args)
+        self.process = None
 
     def _systemctl_restart(self, args, _):
         self._stale(args)
+        assert args == [ga.METRICS_UNIT], args
         self._unit_file(args)
-        self.exporter["running"] = (self.files[UNIT]["data"], self.files[EXPORTER]["data"])
+        assert self.process is None, "the exporter holds the old program or the port"
+        self.exporter["listening"] = self.files[SOCKET]["data"]
 
     def _systemctl_start(self, args, _):
         self._stale(args)
         if args[-1] != ga.METRICS_UNIT:
             return  # the peer timer and the agent's socket
-        if self.exporter["running"] is None:
-            self._systemctl_restart(args, _)
+        self._unit_file(args)
+        if self.exporter["listening"] is None:
+            self.exporter["listening"] = self.files[SOCKET]["data"]
+
+    def scrape(self):
+        """A scrape of a listening socket starts the exporter with the files on disk."""
+        if self.exporter["listening"] is not None and self.process is None:
+            self.process = (self.files[UNIT]["data"], self.files[EXPORTER]["data"])
 
     def _ip_link(self, args, _):
         self.files[ga.MTU_PATH] = entry(args[-1] + "\n")
@@ -212,6 +229,7 @@ def guest(absent=(), exporter_on=False, **kwargs) -> FakeSystem:
         ga.MTU_PATH: entry("1420\n"),
         EXPORTER: entry("print('old exporter')\n"),
         UNIT: entry("[Service]\nExecStart=old\n"),
+        SOCKET: entry("[Socket]\nListenStream=old\n"),
         NAMES: entry("{}\n"),
         # The timer's and the agent's units as NEW has them: a sync that leaves them reloads
         # nothing.
@@ -223,11 +241,9 @@ def guest(absent=(), exporter_on=False, **kwargs) -> FakeSystem:
     if WG in files:
         system.live["peers"] = ga.strip(OLD_WG)
     if exporter_on:
-        assert UNIT in files and EXPORTER in files
-        system.exporter = {
-            "enabled": True,
-            "running": (files[UNIT]["data"], files[EXPORTER]["data"]),
-        }
+        assert UNIT in files and EXPORTER in files and SOCKET in files
+        system.exporter = {"enabled": True, "listening": files[SOCKET]["data"]}
+        system.scrape()
     return system
 
 
@@ -253,31 +269,56 @@ def test_apply_changes_all_of_it():
     assert system.live["ruleset"] == "table inet new {}\n"
     assert system.live["peers"] == ga.strip(NEW_WG)
     assert system.routes == {"192.168.88.0/24"}
-    assert system.exporter == {
-        "enabled": True,
-        "running": (NEW["metrics.service"].encode(), NEW["metrics.py"].encode()),
-    }
+    assert system.exporter == {"enabled": True, "listening": NEW["metrics.socket"].encode()}
+    assert system.process is None, "the exporter starts at the first scrape"
+    system.scrape()
+    assert system.process == (NEW["metrics.service"].encode(), NEW["metrics.py"].encode())
 
 
 def test_metrics_off_stops_and_disables_the_exporter():
     system = guest(exporter_on=True)
     assert run(system, {**NEW, "metrics": False})["ok"]
-    assert system.exporter == {"enabled": False, "running": None}
+    assert system.exporter == {"enabled": False, "listening": None} and system.process is None
     assert ("systemctl", "daemon-reload") in system.ops
 
 
-def test_an_unchanged_exporter_is_started_not_restarted():
-    system = guest(exporter_on=True)
-    same = {
+def unchanged_exporter(system: FakeSystem) -> dict:
+    return {
         **NEW,
         "metrics.py": system.files[EXPORTER]["data"].decode(),
         "metrics.service": system.files[UNIT]["data"].decode(),
+        "metrics.socket": system.files[SOCKET]["data"].decode(),
     }
+
+
+def test_an_unchanged_enabled_exporter_costs_no_systemctl():
+    """A peer change: the exporter keeps running (it reads the names again itself)."""
+    system = guest(exporter_on=True)
+    running = system.process
+    assert run(system, unchanged_exporter(system))["ok"]
+    assert not [op for op in system.ops if op[0] == "systemctl"], system.ops
+    assert system.exporter["enabled"] and system.process == running
+
+
+def test_an_unchanged_exporter_turned_on_is_started_then_enabled():
+    system = guest()
+    same = unchanged_exporter(system)
     assert run(system, same)["ok"]
-    assert ("systemctl", "restart", ga.METRICS_UNIT) not in system.ops
-    assert ("systemctl", "daemon-reload") not in system.ops
-    assert system.exporter["enabled"] and system.exporter["running"]
-    assert ("systemctl", "start", ga.METRICS_UNIT) not in system.ops, "it runs already"
+    metrics = [op for op in system.ops if op[0] == "systemctl" and ga.METRICS_UNIT in op]
+    assert metrics == [
+        ("systemctl", "start", ga.METRICS_UNIT),
+        ("systemctl", "enable", "--no-reload", "--quiet", ga.METRICS_UNIT),
+    ]
+    assert system.exporter == {"enabled": True, "listening": same["metrics.socket"].encode()}
+
+
+def test_a_changed_exporter_is_stopped_and_its_socket_restarted():
+    system = guest(exporter_on=True)
+    assert run(system)["ok"]
+    assert system.ops.index(("systemctl", "stop", ga.METRICS_SERVICE)) < system.ops.index(
+        ("systemctl", "restart", ga.METRICS_UNIT)
+    )
+    assert system.process is None and system.exporter["listening"] == NEW["metrics.socket"].encode()
 
 
 def test_the_agents_units_new_to_an_appliance_are_loaded_and_its_socket_enabled():
@@ -292,27 +333,15 @@ def test_the_agents_units_new_to_an_appliance_are_loaded_and_its_socket_enabled(
     assert system.files[ga.FILES["agent.socket"][0]]["data"] == NEW["agent.socket"].encode()
 
 
-def test_an_unchanged_exporter_that_stopped_is_started():
-    system = guest(exporter_on=True)
-    system.exporter["running"] = None
-    same = {
-        **NEW,
-        "metrics.py": system.files[EXPORTER]["data"].decode(),
-        "metrics.service": system.files[UNIT]["data"].decode(),
-    }
-    assert run(system, same)["ok"]
-    assert ("systemctl", "start", ga.METRICS_UNIT) in system.ops
-    assert ("systemctl", "restart", ga.METRICS_UNIT) not in system.ops
-    assert system.exporter["running"]
-
-
-def test_the_real_running_check_reads_the_units_cgroup(monkeypatch):
+def test_the_real_enabled_check_looks_in_the_units_target(monkeypatch):
     seen = []
-    monkeypatch.setattr(ga, "read", lambda path, default="": seen.append(path) or "123\n")
-    assert ga.System().running(ga.METRICS_UNIT)
-    monkeypatch.setattr(ga, "read", lambda path, default="": "")
-    assert not ga.System().running(ga.METRICS_UNIT)
-    assert seen == [f"/sys/fs/cgroup/system.slice/{ga.METRICS_UNIT}/cgroup.procs"]
+    monkeypatch.setattr(ga.os.path, "lexists", lambda path: seen.append(path) or True)
+    assert ga.System().enabled(ga.METRICS_UNIT) and ga.System().enabled(ga.PEERS_UNIT)
+    assert seen == [
+        f"/etc/systemd/system/sockets.target.wants/{ga.METRICS_UNIT}",
+        f"/etc/systemd/system/multi-user.target.wants/{ga.PEERS_UNIT}",
+    ]
+    assert seen[0] == ga.METRICS_WANTS
 
 
 def test_an_unchanged_mtu_is_not_set_again():
@@ -328,7 +357,7 @@ def apply_ops(absent=(), exporter_on=False, request=NEW) -> int:
     return len(system.ops)
 
 
-OPTIONAL = [WG, NFT, SYSCTL, EXPORTER, UNIT, NAMES]
+OPTIONAL = [WG, NFT, SYSCTL, EXPORTER, UNIT, SOCKET, NAMES]
 
 
 @settings(max_examples=150, deadline=None)
@@ -340,7 +369,7 @@ OPTIONAL = [WG, NFT, SYSCTL, EXPORTER, UNIT, NAMES]
     ),
 )
 def test_a_failure_at_any_step_leaves_the_guest_as_it_was(absent, data, error):
-    on = UNIT not in absent and EXPORTER not in absent and data.draw(st.booleans(), "was on")
+    on = not {UNIT, EXPORTER, SOCKET} & absent and data.draw(st.booleans(), "was on")
     request = {**NEW, "metrics": data.draw(st.booleans(), label="metrics wanted")}
     step = data.draw(st.integers(0, apply_ops(absent, on, request) - 1), label="failing step")
     system = guest(absent, on, fail_at=step, error=error)

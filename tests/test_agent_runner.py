@@ -267,8 +267,8 @@ def test_a_scrape_of_something_else_is_an_error():
 
 
 def test_a_refused_scrape_is_the_answer_at_once(tmp_path, monkeypatch):
-    """Enabled or not: the exporter's unit is ready only once it listens (Type=notify), so a
-    refusal is a failure to report, not a start to wait for."""
+    """Enabled or not: systemd holds the exporter's port from early boot (its socket unit), so
+    a refusal is a failure to report, not a start to wait for."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

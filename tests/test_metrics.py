@@ -7,12 +7,12 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import re
 import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -105,7 +105,7 @@ def test_seed_ships_exporter_unit_and_names_and_starts_it_only_when_on(site_keys
     doc = yaml.safe_load(render_seed(site, keys)["user-data"])
     written = written_files(doc)
     files = appliance_files(site, keys)
-    for name in ("metrics.py", "metrics.service", "names.json"):
+    for name in ("metrics.py", "metrics.service", "metrics.socket", "names.json"):
         path, owner, mode = FILES[name]
         assert written[path]["content"] == files[name]
         assert written[path]["permissions"] == f"{mode:04o}" and written[path]["owner"] == owner
@@ -134,9 +134,26 @@ def test_unit_is_unprivileged_with_net_admin_only_and_listens_on_the_lan(site_ke
     assert settings["DynamicUser"] == "yes" and settings["NoNewPrivileges"] == "yes"
     assert settings["AmbientCapabilities"] == settings["CapabilityBoundingSet"] == "CAP_NET_ADMIN"
     assert settings["ProtectSystem"] == "strict"
-    assert settings["Type"] == "notify"  # started means listening: see notify_ready
+    # Started by its socket, never by a target: no boot runs it before the first scrape.
+    assert settings["Requires"] == METRICS_UNIT and METRICS_UNIT in settings["After"].split()
+    assert "[Install]" not in unit and "Type" not in settings
     assert "--listen 192.168.77.50 --port 9586 " in settings["ExecStart"]
     assert settings["ExecStart"].startswith("/usr/bin/python3 -I -S " + FILES["metrics.py"][0])
+
+
+def test_the_socket_listens_on_the_lan_address_of_its_family_from_early_boot(tmp_path):
+    on = load_site(write(tmp_path, ON.replace("enabled = true", "enabled = true\nport = 9100")))
+    socket_unit = appliance_files(on, keys_for(on))["metrics.socket"]
+    assert "ListenStream=192.168.1.50:9100\n" in socket_unit
+    assert "FreeBind=yes\n" in socket_unit and "WantedBy=sockets.target\n" in socket_unit
+    v6 = ON.replace('address = "192.168.1.50/24"', 'address = "fd01:1::50/64"')
+    v6 = v6.replace('gateway = "192.168.1.1"', 'gateway = "fd01:1::1"')
+    v6 = v6.replace('dns = ["192.168.1.1"]', 'dns = ["fd01:1::1"]')
+    site6 = load_site(write(tmp_path, v6))
+    assert (
+        "ListenStream=[fd01:1::50]:9586\n"
+        in appliance_files(site6, keys_for(site6))["metrics.socket"]
+    )
 
 
 KEY_A = "9Tc5QqD3HExMFc2DfHkqEk7z2fTcb3xdN6q3e+4LZxk="
@@ -251,29 +268,46 @@ def test_the_exporter_runs_without_site_packages_and_says_how_to_call_it():
     assert p.returncode == 0 and "--listen" in p.stdout, p.stderr
 
 
-def test_the_exporter_tells_systemd_it_is_ready_only_once_it_listens(tmp_path):
-    """Its unit is Type=notify: READY=1 comes after the bind, so `systemctl start`, a boot's
-    end or sync's apply return with the port open, and a connect right after it is taken."""
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(tmp_path / "notify"))
-    notify.settimeout(60)
+def test_the_exporter_serves_on_the_socket_systemd_passes(tmp_path):
+    """As its socket unit starts it: systemd's own socket activation (systemd-socket-activate
+    listens, starts the exporter at the first connection and passes the socket as fd 3). The
+    exporter is told a port nothing listens on, so an answer came through the passed socket."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        unused = s.getsockname()[1]
     (tmp_path / "names.json").write_text("{}\n")
     (tmp_path / "image").write_text("0123abcd\n")
-    argv = ["--listen", "127.0.0.1", "--port", str(port)]
+    argv = ["--listen", "127.0.0.1", "--port", str(unused)]
     argv += ["--names", str(tmp_path / "names.json"), "--image", str(tmp_path / "image")]
-    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")}
-    p = subprocess.Popen([sys.executable, "-I", "-S", gm.__file__, *argv], env=env)
+    activate = ["systemd-socket-activate", "--listen", f"127.0.0.1:{port}"]
+    p = subprocess.Popen(
+        [*activate, sys.executable, "-I", "-S", gm.__file__, *argv],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
-        assert notify.recv(64) == b"READY=1"
-        with socket.create_connection(("127.0.0.1", port), timeout=5):
-            pass
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                r = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30)
+            except urllib.error.HTTPError as e:  # /metrics needs `wg`; 404 is the exporter's
+                body = e.read().decode()
+                break
+            except urllib.error.URLError:
+                assert time.monotonic() < deadline and p.poll() is None, p.stderr
+                time.sleep(0.2)
+                continue
+            raise AssertionError(f"/ answered {r.status}")
+        assert "try /metrics" in body, body
+        with pytest.raises(urllib.error.URLError):
+            urllib.request.urlopen(f"http://127.0.0.1:{unused}/", timeout=5)
     finally:
         p.kill()
         p.wait()
-        notify.close()
+    assert "on the socket systemd passed" in p.stderr.read()
 
 
 def _live_files(site, keys) -> dict[str, str]:

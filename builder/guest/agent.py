@@ -71,6 +71,7 @@ FILES = {
     "sysctl": ("/etc/sysctl.d/90-wg-appliance.conf", "root:root", 0o644),
     "metrics.py": ("/usr/local/lib/wg-appliance/metrics.py", "root:root", 0o644),
     "metrics.service": ("/etc/systemd/system/wg-appliance-metrics.service", "root:root", 0o644),
+    "metrics.socket": ("/etc/systemd/system/wg-appliance-metrics.socket", "root:root", 0o644),
     "names.json": ("/etc/wg-appliance/peers.json", "root:root", 0o644),
     "peers.json": ("/etc/wireguard/wg0.peers.json", "root:root", 0o600),
     "agent": ("/usr/local/sbin/wg-appliance-agent", "root:root", 0o755),
@@ -81,9 +82,11 @@ FILES = {
     # lan.dns: no resolver daemon runs, glibc reads this.
     "resolv.conf": ("/etc/resolv.conf", "root:root", 0o644),
 }
-# The exporter's unit; enabled means its link in multi-user.target.wants exists.
-METRICS_UNIT = "wg-appliance-metrics.service"
-METRICS_WANTS = "/etc/systemd/system/multi-user.target.wants/" + METRICS_UNIT
+# The exporter's socket, which systemd holds from early boot and which starts the exporter
+# at the first scrape; enabled means its link in sockets.target.wants exists.
+METRICS_UNIT = "wg-appliance-metrics.socket"
+METRICS_SERVICE = "wg-appliance-metrics.service"
+METRICS_WANTS = "/etc/systemd/system/sockets.target.wants/" + METRICS_UNIT
 # Written by the image build: the recipe digest the image was made from.
 IMAGE_FILE = "/etc/wg-appliance/image"
 UNITS = ("peers.service", "peers.timer", "agent.service", "agent.socket")
@@ -358,7 +361,8 @@ def facts(args):
 def metrics_facts(url):
     """Whether the exporter is enabled, and with a URL, what a scrape of it answers (from
     inside the guest: the ruleset admits loopback, so this judges the exporter, not `allow`).
-    Its unit is ready only once it listens, so a refusal is the answer."""
+    systemd holds its port from early boot (the first scrape starts it), so a refusal is the
+    answer."""
     out = {"enabled": os.path.lexists(METRICS_WANTS)}
     if url:
         t0 = time.monotonic()
@@ -660,13 +664,10 @@ class System:
             f.write(value + "\n")
 
     def enabled(self, unit):
-        """A unit of ours is enabled when its multi-user.target.wants link exists."""
-        return os.path.lexists("/etc/systemd/system/multi-user.target.wants/" + unit)
-
-    def running(self, unit):
-        """A service of ours runs when its cgroup holds a process: systemd makes the cgroup
-        when it starts the unit and removes it when the unit has stopped."""
-        return bool(read(f"/sys/fs/cgroup/system.slice/{unit}/cgroup.procs").strip())
+        """A unit of ours is enabled when its link in its target's wants folder exists
+        (sockets.target for a socket, multi-user.target for the rest)."""
+        target = "sockets.target" if unit.endswith(".socket") else "multi-user.target"
+        return os.path.lexists(f"/etc/systemd/system/{target}.wants/{unit}")
 
     def poke(self, address):
         """One empty UDP datagram into the tunnel to `address` (the discard port): wg0 then
@@ -921,7 +922,7 @@ def apply(new, system, old):
 
 def exporter_changed(old, new):
     """True when the exporter's program or unit differs from what was on disk."""
-    for key in ("metrics.py", "metrics.service"):
+    for key in ("metrics.py", "metrics.service", "metrics.socket"):
         was = old["files"][key]
         if was is None or was["data"] != new[key].encode():
             return True
@@ -929,18 +930,32 @@ def exporter_changed(old, new):
 
 
 def set_metrics(system, on, changed):
-    """The exporter's unit enabled and running with the files on disk, or disabled and
-    stopped; wg0 is not touched. `changed`: its files changed, and apply() has had systemd
-    load them."""
+    """The exporter's socket enabled and listening with the files on disk (the exporter
+    starts at the next scrape), or both disabled and stopped; wg0 is not touched. `changed`:
+    their files changed, and apply() has had systemd load them. A running exporter is
+    stopped first: it holds the old program, and an exporter from before the socket holds
+    the port itself."""
+    enabled = system.enabled(METRICS_UNIT)  # one systemctl less when a peer changes
     if on:
-        if not system.enabled(METRICS_UNIT):  # one systemctl less when a peer changes
-            system.run("systemctl", "enable", "--no-reload", "--quiet", METRICS_UNIT)
         if changed:
+            system.run("systemctl", "stop", METRICS_SERVICE)
             system.run("systemctl", "restart", METRICS_UNIT)
-        elif not system.running(METRICS_UNIT):  # a start would be a no-op: 0.14 s under TCG
+        elif not enabled:
             system.run("systemctl", "start", METRICS_UNIT)
-    elif system.read(FILES["metrics.service"][0]) is not None:
-        system.run("systemctl", "disable", "--no-reload", "--quiet", "--now", METRICS_UNIT)
+        # Enabled last: an enabled socket is one this function has started.
+        if not enabled:
+            system.run("systemctl", "enable", "--no-reload", "--quiet", METRICS_UNIT)
+    else:
+        units = [
+            unit
+            for unit, key in (
+                (METRICS_UNIT, "metrics.socket"),
+                (METRICS_SERVICE, "metrics.service"),
+            )
+            if system.read(FILES[key][0]) is not None
+        ]
+        if units:
+            system.run("systemctl", "disable", "--no-reload", "--quiet", "--now", *units)
 
 
 def restore_file(system, path, old):

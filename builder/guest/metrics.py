@@ -7,7 +7,9 @@ is the peer's name in the site file, from a map the seed writes and sync updates
 when it changes, so a synced peer has its name without a restart). One `wg show all dump` per
 scrape: the private key and preshared keys in it are dropped as each line is read.
 
-Run by systemd as a dynamic user with CAP_NET_ADMIN only (what reading WireGuard takes):
+Run by systemd as a dynamic user with CAP_NET_ADMIN only (what reading WireGuard takes),
+started by its socket at the first scrape and handed the listening socket (without one, as
+when run by hand, it binds --listen and --port itself):
     python3 -S metrics.py --listen 192.168.1.50 --port 9586 --names FILE --image FILE
 """
 
@@ -176,22 +178,28 @@ class Server6(Server):
     address_family = socket.AF_INET6
 
 
-def server_for(listen, port, handle):
-    """A server on the LAN address of either family (an IPv6-only LAN listens on IPv6)."""
-    return (Server6 if ":" in listen else Server)((listen, port), handle)
+# sd_listen_fds(3): the first socket systemd passes is descriptor 3.
+LISTEN_FDS_START = 3
 
 
-def notify_ready():
-    """Tell systemd the exporter listens (its unit is Type=notify): `systemctl start` and the
-    boot's end then wait for it, so nothing scrapes a port that still refuses."""
-    path = os.environ.get("NOTIFY_SOCKET", "")
-    if not path:
-        return
-    if path.startswith("@"):  # an abstract socket
-        path = "\0" + path[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        s.connect(path)
-        s.sendall(b"READY=1")
+def passed_socket():
+    """The listening socket systemd passed (LISTEN_FDS, meant for this process), or None."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()) or os.environ.get("LISTEN_FDS") != "1":
+        return None
+    return socket.socket(fileno=LISTEN_FDS_START)
+
+
+def server_for(listen, port, handle, sock=None):
+    """A server on the LAN address of either family (an IPv6-only LAN listens on IPv6), on
+    `sock` when systemd passed one, else bound here."""
+    cls = Server6 if ":" in listen else Server
+    if sock is None:
+        return cls((listen, port), handle)
+    server = cls(sock.getsockname()[:2], handle, bind_and_activate=False)
+    server.socket.close()
+    server.socket = sock
+    server.server_name, server.server_port = server.server_address[:2]
+    return server
 
 
 def main(argv=None):
@@ -201,10 +209,12 @@ def main(argv=None):
     ap.add_argument("--names", required=True)
     ap.add_argument("--image", required=True)
     args = ap.parse_args(argv)
-    server = server_for(args.listen, args.port, handler(Names(args.names), read_image(args.image)))
+    handle = handler(Names(args.names), read_image(args.image))
+    sock = passed_socket()
+    server = server_for(args.listen, args.port, handle, sock)
     host = f"[{args.listen}]" if ":" in args.listen else args.listen
-    print(f"serving http://{host}:{args.port}/metrics", file=sys.stderr, flush=True)
-    notify_ready()
+    how = "on the socket systemd passed" if sock else "bound here"
+    print(f"serving http://{host}:{args.port}/metrics ({how})", file=sys.stderr, flush=True)
     server.serve_forever()
 
 

@@ -149,7 +149,14 @@ def render_metrics_unit(site: Site) -> str:
         program=GUEST_FILES["metrics.py"][0],
         names=GUEST_FILES["names.json"][0],
         image=IMAGE_FILE,
+        socket=METRICS_UNIT,
     )
+
+
+def render_metrics_socket(site: Site) -> str:
+    ip = site.lan.address.ip
+    host = f"[{ip}]" if ip.version == 6 else str(ip)
+    return _render("metrics.socket.j2", site=site, listen=f"{host}:{site.metrics.port}")
 
 
 def render_peer_names(site: Site, keys: Keys) -> str:
@@ -166,13 +173,14 @@ def exporter_program() -> str:
 def appliance_files(site: Site, keys: Keys) -> dict[str, str]:
     """The appliance's own files by their name in the guest's file table: cloud-init writes
     them at first boot, sync replaces them. The exporter's files are there whether metrics
-    are on or not; the unit's state says whether it runs."""
+    are on or not; whether its socket is enabled says whether it runs."""
     return {
         "wg0.conf": render_wg_conf(site, keys),
         "nftables.conf": render_nftables(site),
         "sysctl": render_sysctl(site),
         "metrics.py": exporter_program(),
         "metrics.service": render_metrics_unit(site),
+        "metrics.socket": render_metrics_socket(site),
         "names.json": render_peer_names(site, keys),
         "peers.json": render_peers_json(site, keys),
         "agent": agent_source(),
