@@ -181,12 +181,8 @@ class FakeSystem:
     def _systemctl_disable(self, args, _):
         self._unit_file(args)
         assert "--now" in args, args
-        self.exporter = {"enabled": False, "listening": None}
-        self.process = None
-
-    def _systemctl_stop(self, args, _):
-        assert args == [ga.METRICS_SERVICE], args
-        self._unit_file(args)
+        if ga.METRICS_UNIT in args:
+            self.exporter = {"enabled": False, "listening": None}
         self.process = None
 
     def _systemctl_restart(self, args, _):
@@ -315,9 +311,8 @@ def test_an_unchanged_exporter_turned_on_is_started_then_enabled():
 def test_a_changed_exporter_is_stopped_and_its_socket_restarted():
     system = guest(exporter_on=True)
     assert run(system)["ok"]
-    assert system.ops.index(("systemctl", "stop", ga.METRICS_SERVICE)) < system.ops.index(
-        ("systemctl", "restart", ga.METRICS_UNIT)
-    )
+    stop = ("systemctl", "disable", "--no-reload", "--quiet", "--now", ga.METRICS_SERVICE)
+    assert system.ops.index(stop) < system.ops.index(("systemctl", "restart", ga.METRICS_UNIT))
     assert system.process is None and system.exporter["listening"] == NEW["metrics.socket"].encode()
 
 

@@ -933,12 +933,12 @@ def set_metrics(system, on, changed):
     """The exporter's socket enabled and listening with the files on disk (the exporter
     starts at the next scrape), or both disabled and stopped; wg0 is not touched. `changed`:
     their files changed, and apply() has had systemd load them. A running exporter is
-    stopped first: it holds the old program, and an exporter from before the socket holds
-    the port itself."""
+    stopped first: it holds the old program, and one from before the socket holds the port
+    itself and was enabled on its own (the link that started it at every boot goes too)."""
     enabled = system.enabled(METRICS_UNIT)  # one systemctl less when a peer changes
     if on:
         if changed:
-            system.run("systemctl", "stop", METRICS_SERVICE)
+            system.run("systemctl", "disable", "--no-reload", "--quiet", "--now", METRICS_SERVICE)
             system.run("systemctl", "restart", METRICS_UNIT)
         elif not enabled:
             system.run("systemctl", "start", METRICS_UNIT)
