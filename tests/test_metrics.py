@@ -112,8 +112,8 @@ def test_seed_ships_exporter_unit_and_names_and_starts_it_only_when_on(site_keys
     assert files["metrics.py"] == Path(gm.__file__).read_text()
     names = json.loads(files["names.json"])
     assert names == {keys.peers[p.name].public: p.name for p in site.peers}
-    assert METRICS_UNIT in next(c for c in doc["runcmd"] if c[:2] == ["systemctl", "enable"])
-    assert METRICS_UNIT in next(c for c in doc["runcmd"] if c[:2] == ["systemctl", "start"])
+    enable = next(c for c in doc["runcmd"] if c[:2] == ["systemctl", "enable"])
+    assert METRICS_UNIT in enable and "--now" in enable
     off = load_site(write(tmp_path, BASE))
     off_doc = yaml.safe_load(render_seed(off, keys_for(off))["user-data"])
     assert not [c for c in off_doc["runcmd"] if METRICS_UNIT in c]

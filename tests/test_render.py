@@ -98,12 +98,11 @@ def test_user_data_content(site, keys):
     # No resolver daemon in the image: glibc asks lan.dns from this file.
     resolv = files["/etc/resolv.conf"]["content"].splitlines()
     assert [ln for ln in resolv if not ln.startswith("#")] == ["nameserver 192.168.77.1"]
-    # Every unit enabled without a reload of systemd and started in one transaction (their
-    # units order the ruleset before wg0).
-    enable, start = data["runcmd"][1:]
-    assert enable[:4] == ["systemctl", "enable", "--no-reload", "--quiet"], data["runcmd"]
-    assert start[:2] == ["systemctl", "start"], data["runcmd"]
-    assert enable[4:] == start[2:]
+    # Every unit enabled without a reload of systemd and started in one transaction, by one
+    # systemctl (their units order the ruleset before wg0).
+    (enable,) = data["runcmd"][1:]
+    assert enable[:5] == ["systemctl", "enable", "--now", "--no-reload", "--quiet"], data["runcmd"]
+    start = enable[5:]
     assert {"nftables.service", "wg-quick@wg0.service", "wg-appliance-peers.timer"} <= set(start)
     assert {"wg-appliance-agent.socket", "wg-appliance-peers.service"} <= set(start)
     assert not [c for c in data["runcmd"] if c[0] == "nft"], "nftables.service loads the ruleset"
