@@ -240,25 +240,26 @@ def test_the_first_boot_started_every_unit_without_reloading_systemd(net, site):
     assert lines[:10] == ["active"] * 5 + ["enabled"] * 5, r.stdout + r.stderr
     assert lines[10] == "1", f"not the first boot: {r.stdout}"
     assert lines[11] == "0", f"systemd reloaded during the first boot: {r.stdout}"
+    done, exporter, ruleset, wg0 = _monotonic(
+        net,
+        site,
+        ("ActiveEnterTimestampMonotonic", "cloud-final"),
+        ("ExecMainStartTimestampMonotonic", "wg-appliance-metrics.service"),
+        ("ActiveEnterTimestampMonotonic", "nftables"),
+        ("InactiveExitTimestampMonotonic", "wg-quick@wg0"),
+    )
     # The exporter is not part of the boot: its socket listened, and a scrape (deploy's
     # verify) started it once cloud-init was done.
-    r = _ssh(
-        net,
-        site,
-        "systemctl show -P ActiveEnterTimestampMonotonic cloud-final; "
-        "systemctl show -P ExecMainStartTimestampMonotonic wg-appliance-metrics.service",
-    )
-    done, exporter = (int(x) for x in r.stdout.split())
-    assert 0 < done < exporter, r.stdout
+    assert 0 < done < exporter, (done, exporter)
     # The ruleset was in before wg0 began to start (no separate nft run in the seed).
-    r = _ssh(
-        net,
-        site,
-        "systemctl show -P ActiveEnterTimestampMonotonic nftables; "
-        "systemctl show -P InactiveExitTimestampMonotonic wg-quick@wg0",
-    )
-    ruleset, wg0 = (int(x) for x in r.stdout.split())
-    assert 0 < ruleset <= wg0, r.stdout
+    assert 0 < ruleset <= wg0, (ruleset, wg0)
+
+
+def _monotonic(net, site: Path, *properties: tuple[str, str]) -> list[int]:
+    """systemd's monotonic timestamps (microseconds of uptime, 0: never) of (property, unit)
+    pairs, from one SSH command."""
+    command = "; ".join(f"systemctl show -P {p} {unit}" for p, unit in properties)
+    return [int(x) for x in _ssh(net, site, command).stdout.split()]
 
 
 def test_an_emulated_appliance_maps_its_programs_at_fixed_addresses(net, site):
