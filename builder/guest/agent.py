@@ -25,9 +25,9 @@ handshake at once and announces the LAN address with gratuitous ARP; prints {"ki
 `sync` (sync): prints the light facts (peers, file digests, addresses, default routes,
 whether the metrics exporter is enabled) as one JSON line, then reads one line from stdin:
 empty means nothing to do; otherwise one text per FILES key, "mtu": int and "metrics": bool
-(the exporter enabled and running, or disabled and stopped), applied without restarting the
-tunnel or rolled back as a whole, and the outcome printed as one JSON line: {"ok", "rolled_back",
-"untouched", "error", "not_restored", "routes_added", "routes_removed"}.
+(the exporter's socket enabled and listening, or both disabled and stopped), applied without
+restarting the tunnel or rolled back as a whole, and the outcome printed as one JSON line:
+{"ok", "rolled_back", "untouched", "error", "not_restored", "routes_added", "routes_removed"}.
 
 `serve` (its own unit, started by wg-appliance-agent.socket): the agent kept loaded as root
 behind a Unix socket that only the admin user (and root) may open. The tool reaches it over
@@ -921,7 +921,7 @@ def apply(new, system, old):
 
 
 def exporter_changed(old, new):
-    """True when the exporter's program or unit differs from what was on disk."""
+    """True when the exporter's program or one of its units differs from what was on disk."""
     for key in ("metrics.py", "metrics.service", "metrics.socket"):
         was = old["files"][key]
         if was is None or was["data"] != new[key].encode():
