@@ -240,6 +240,10 @@ def test_the_first_boot_started_every_unit_without_reloading_systemd(net, site):
     assert lines[:10] == ["active"] * 5 + ["enabled"] * 5, r.stdout + r.stderr
     assert lines[10] == "1", f"not the first boot: {r.stdout}"
     assert lines[11] == "0", f"systemd reloaded during the first boot: {r.stdout}"
+    # The exporter is not part of the boot: its socket listened, and a scrape (this one, or one
+    # before it) started it once cloud-init was done.
+    scrape = _scrape(net)
+    assert scrape.returncode == 0, scrape.stdout + scrape.stderr
     done, exporter, ruleset, wg0 = _monotonic(
         net,
         site,
@@ -248,8 +252,6 @@ def test_the_first_boot_started_every_unit_without_reloading_systemd(net, site):
         ("ActiveEnterTimestampMonotonic", "nftables"),
         ("InactiveExitTimestampMonotonic", "wg-quick@wg0"),
     )
-    # The exporter is not part of the boot: its socket listened, and a scrape (deploy's
-    # verify) started it once cloud-init was done.
     assert 0 < done < exporter, (done, exporter)
     # The ruleset was in before wg0 began to start (no separate nft run in the seed).
     assert 0 < ruleset <= wg0, (ruleset, wg0)
