@@ -10,7 +10,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from builder.checks.drift import peer_drift
+from builder.checks.drift import lan_gateways, peer_drift
 from builder.checks.result import Check
 from builder.model.keys import Keys
 from builder.model.site import Site
@@ -172,13 +172,9 @@ def _lan(site: Site, facts: dict[str, Any]) -> Check:
     gateway: with IPv6, the appliance is a gateway of both families."""
     have = set((facts.get("addresses") or {}).get("lan0", []))
     missing = [f"address {a}" for a in site.lan.addresses if str(a) not in have]
-    defaults = {
-        (r.get("gateway"), r.get("dev")) for r in facts["routes"] if r.get("dst") == "default"
-    }
+    defaults = lan_gateways(facts["routes"])
     missing += [
-        f"IPv{g.version} default route via {g}"
-        for g in site.lan.gateways
-        if (str(g), "lan0") not in defaults
+        f"IPv{g.version} default route via {g}" for g in site.lan.gateways if str(g) not in defaults
     ]
     if missing:
         why = "lan0 has no " + ", no ".join(missing)

@@ -243,6 +243,11 @@ class Site:
         return self.appliance.name
 
     @property
+    def metrics_listen(self) -> Endpoint:
+        """Where the exporter listens: the LAN address (of `lan.address`'s family) and port."""
+        return Endpoint(str(self.lan.address.ip), self.metrics.port)
+
+    @property
     def uses_ipv6(self) -> bool:
         """IPv6 in the tunnel or on the LAN: then the appliance forwards it."""
         return any(a.version == 6 for a in self.wireguard.addresses + self.lan.addresses)

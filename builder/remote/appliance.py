@@ -230,8 +230,7 @@ def metrics_url(site: Site) -> str | None:
     """Where the exporter answers, when the site turns it on."""
     if not site.metrics.enabled:
         return None
-    ip = site.lan.address.ip
-    return f"http://{f'[{ip}]' if ip.version == 6 else ip}:{site.metrics.port}/metrics"
+    return f"http://{site.metrics_listen}/metrics"
 
 
 def probe_arg(site: Site, gateway: bool = True) -> str:

@@ -154,9 +154,7 @@ def render_metrics_unit(site: Site) -> str:
 
 
 def render_metrics_socket(site: Site) -> str:
-    ip = site.lan.address.ip
-    host = f"[{ip}]" if ip.version == 6 else str(ip)
-    return _render("metrics.socket.j2", site=site, listen=f"{host}:{site.metrics.port}")
+    return _render("metrics.socket.j2", site=site, listen=str(site.metrics_listen))
 
 
 def render_peer_names(site: Site, keys: Keys) -> str:
