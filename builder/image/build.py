@@ -34,7 +34,7 @@ import yaml
 from builder.errors import HostError
 from builder.image.edits import apply_edits, read_edits
 from builder.image.initramfs import initrd
-from builder.image.kmod import trim_modules
+from builder.image.kmod import store_plain, trim_modules
 from builder.local.run import run
 from builder.progress import Progress
 from builder.resources import checkout, data_dir
@@ -42,7 +42,7 @@ from builder.resources import checkout, data_dir
 RECIPE = data_dir("images")
 NAME = "wg-appliance"
 # Bump when a stage changes what it produces, so cached images built by older code go stale.
-BUILD_FORMAT = "8"
+BUILD_FORMAT = "9"
 # Files in images/ that do not change the image, so they stay out of the digest.
 NOT_RECIPE = {"README-section.md", "host-packages.txt"}
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
@@ -268,12 +268,14 @@ def drop_pam_modules(path: Path, modules: tuple[str, ...]) -> None:
 
 
 def trim(ctx: BuildContext) -> None:
-    """Delete what drop.txt names and every kernel module the allowlist does not need."""
+    """Delete what drop.txt names and every kernel module the allowlist does not need; store
+    the kept modules uncompressed."""
     for pattern in read_list(ctx.recipe / "drop.txt"):
         for path in ctx.root.glob(pattern):
             remove(path)
     kept, dropped = trim_modules(ctx.root, ctx.kernel, read_list(ctx.recipe / "modules.txt"))
-    ctx.progress.say(f"kernel modules: kept {len(kept)}, deleted {dropped}")
+    plain = store_plain(ctx.root / "usr/lib/modules" / ctx.kernel, kept)
+    ctx.progress.say(f"kernel modules: kept {len(kept)} ({plain} uncompressed), deleted {dropped}")
     run(["depmod", "--basedir", ctx.root, ctx.kernel])
 
 

@@ -7,12 +7,11 @@ klibc and a few of its programs, the disk modules in load order, and a shell scr
 from __future__ import annotations
 
 import gzip
-import lzma
 import re
 from pathlib import Path
 
 from builder.errors import HostError
-from builder.image.kmod import module_load_order, uncompressed
+from builder.image.kmod import module_bytes, module_load_order, uncompressed
 
 
 class Cpio:
@@ -54,18 +53,6 @@ def klibc_interpreter(program: Path, library: str) -> str:
     return found.group(0).decode().lstrip("/")
 
 
-def module_bytes(path: Path) -> bytes:
-    """A module as klibc's insmod can load it: init_module takes no compressed modules."""
-    data = path.read_bytes()
-    if path.suffix == ".xz":
-        return lzma.decompress(data)
-    if path.suffix == ".gz":
-        return gzip.decompress(data)
-    if path.suffix == ".zst":
-        raise HostError(f"{path.name}: zstd-compressed modules are not supported in the initrd")
-    return data
-
-
 def initrd(
     root: Path, kernel: str, modules: list[str], programs: list[str], init: bytes
 ) -> tuple[bytes, list[str]]:
@@ -86,7 +73,10 @@ def initrd(
     for name in programs:
         archive.file(f"bin/{name}", (root / "usr/lib/klibc/bin" / name).read_bytes(), 0o755)
     for mod in order:
-        archive.file(f"lib/modules/{Path(uncompressed(mod)).name}", module_bytes(base / mod), 0o644)
+        plain = module_bytes(base / mod)
+        if plain is None:
+            raise HostError(f"{mod}: zstd-compressed modules are not supported in the initrd")
+        archive.file(f"lib/modules/{Path(uncompressed(mod)).name}", plain, 0o644)
     load_order = "".join(Path(uncompressed(mod)).name + "\n" for mod in order)
     archive.file("lib/modules/load-order", load_order.encode(), 0o644)
     archive.file("init", init, 0o755)

@@ -6,6 +6,8 @@ what the initrd loads follow the kernel that was installed, not a hand-kept list
 
 from __future__ import annotations
 
+import gzip
+import lzma
 import os
 import re
 from pathlib import Path
@@ -21,6 +23,33 @@ def uncompressed(path: str) -> str:
         if path.endswith(suffix):
             return path.removesuffix(suffix)
     return path
+
+
+def module_bytes(path: Path) -> bytes | None:
+    """A module's plain ELF bytes, from an xz- or gzip-compressed file or a plain one; None
+    for zstd, which Python's standard library cannot read."""
+    data = path.read_bytes()
+    if path.suffix == ".xz":
+        return lzma.decompress(data)
+    if path.suffix == ".gz":
+        return gzip.decompress(data)
+    return None if path.suffix == ".zst" else data
+
+
+def store_plain(base: Path, modules: set[str]) -> int:
+    """Write `modules` (paths relative to `base`) uncompressed in place of their .xz or .gz
+    files: every boot loads some thirty of them, and the kernel's decompression of each under
+    TCG costs more than the qcow2's own compression gives back. depmod must run afterwards,
+    since the paths change. Returns how many were rewritten."""
+    count = 0
+    for mod in sorted(modules):
+        path = base / mod
+        plain = module_bytes(path) if path.suffix in (".xz", ".gz") else None
+        if plain is not None:
+            path.with_suffix("").write_bytes(plain)
+            path.unlink()
+            count += 1
+    return count
 
 
 def module_name(path: str) -> str:
